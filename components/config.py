@@ -1,0 +1,316 @@
+"""params.yaml -> validated pydantic models. The one place defaults and limits live.
+
+Every problem a user can cause here (typo in a key, wrong type, value out of range)
+becomes one line naming the dotted key and what is allowed, raised as ConfigError.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from components.contracts import UserError
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class ConfigError(UserError):
+    pass
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- sources
+class SyntheticSource(Section):
+    kind: Literal["synthetic"]
+    n: int = Field(1200, ge=1, le=1_000_000)
+    seed: int = 0
+    size: int = Field(256, ge=64, le=1024)
+
+
+class FolderSource(Section):
+    kind: Literal["folder"]
+    path: str
+    include: list[str] = ["*.png", "*.jpg", "*.jpeg", "*.webp", "*.gif", "*.bmp"]
+    exclude: list[str] = []
+
+
+Source = Annotated[SyntheticSource | FolderSource, Field(discriminator="kind")]
+
+
+class Scrape(Section):
+    sources: list[Source] = Field(min_length=1)
+    max_image_bytes: int = Field(20_000_000, ge=1_000)
+
+
+class Brand(Section):
+    palette: dict[str, str] = Field(min_length=2)
+    font: str
+
+    @model_validator(mode="after")
+    def _hex(self) -> Brand:
+        for name, value in self.palette.items():
+            v = value.lstrip("#")
+            if len(v) != 6 or any(c not in "0123456789abcdefABCDEF" for c in v):
+                raise ValueError(f"palette.{name}: {value!r} is not a #rrggbb colour")
+        return self
+
+    def rgb(self) -> dict[str, tuple[int, int, int]]:
+        return {k: tuple(int(v.lstrip("#")[i : i + 2], 16) for i in (0, 2, 4))
+                for k, v in self.palette.items()}
+
+
+class Synthetic(Section):
+    vocabulary: list[str] = Field(min_length=3)
+    gradient_share: float = Field(0.25, ge=0, le=1)
+    logo_share: float = Field(0.4, ge=0, le=1)
+
+
+class Ocr(Section):
+    lang: str = "eng"
+    psm: int = Field(6, ge=0, le=13)
+    min_conf: float = Field(30, ge=0, le=100)
+    upscale_below: int = Field(512, ge=0, le=4096)
+    invert_dark: bool = True
+    autocontrast: bool = True
+    workers: int = Field(0, ge=0, le=256)
+    timeout_s: float = Field(30, gt=0)
+
+
+class Validate(Section):
+    min_side: int = Field(32, ge=1)
+    max_side: int = Field(8192, ge=1)
+    max_aspect: float = Field(4.0, ge=1)
+    formats: list[str] = ["PNG", "JPEG", "WEBP", "GIF", "BMP"]
+
+
+class Split(Section):
+    train: float = Field(0.8, gt=0, le=1)
+    val: float = Field(0.1, ge=0, le=1)
+    test: float = Field(0.1, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sum(self) -> Split:
+        if abs(self.train + self.val + self.test - 1.0) > 1e-6:
+            raise ValueError("train + val + test must add up to 1")
+        return self
+
+
+class Labels(Section):
+    split: Split = Split()
+    caption_template: str
+    gradient_threshold: float = Field(40, ge=0)
+    saturation_levels: dict[str, float]
+
+
+class TextEncoder(Section):
+    name: str = "minilm"
+    max_tokens: int = Field(256, ge=8)
+    policy: Literal["truncate", "error"] = "truncate"
+    batch_size: int = Field(64, ge=1)
+
+
+class Vae(Section):
+    image_size: int = Field(64, ge=16, le=1024)
+    base_channels: int = Field(32, ge=8, le=512)
+    channel_mult: list[int] = Field([1, 2, 2], min_length=1, max_length=6)
+    latent_channels: int = Field(4, ge=1, le=64)
+    loss: Literal["mse", "bce", "l1"] = "mse"
+    beta: float = Field(1e-5, ge=0)
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    bf16: bool = True
+    seed: int = 0
+
+
+class Latents(Section):
+    batch_size: int = Field(64, ge=1)
+
+
+class Diffusion(Section):
+    timesteps: int = Field(500, ge=10, le=4000)
+    schedule: Literal["linear", "cosine"] = "linear"
+    beta_start: float = Field(1e-4, gt=0, lt=1)
+    beta_end: float = Field(0.02, gt=0, lt=1)
+
+
+class Sampler(Section):
+    name: Literal["ddpm", "ddim"] = "ddim"
+    steps: int = Field(50, ge=1, le=4000)
+    guidance: float = Field(3.0, ge=0, le=50)
+    eta: float = Field(0.0, ge=0, le=1)
+
+
+class Unet(Section):
+    n_feat: int = Field(64, ge=8, le=1024)
+    steps: int = Field(3000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    warmup: int = Field(100, ge=0)
+    cond_drop: float = Field(0.1, ge=0, lt=1)
+    ema: float = Field(0.999, ge=0, lt=1)
+    bf16: bool = True
+    seed: int = 0
+
+
+class Evaluate(Section):
+    prompts: list[str] = Field(min_length=1)
+    seed: int = 0
+    adherence_per_colour: int = Field(4, ge=1, le=64)
+
+
+class Register(Section):
+    model_name: str = "tinyldm"
+    experiment: str = "tinyldm"
+    gate_metric: str = "prompt_adherence_background"
+    gate_direction: Literal["max", "min"] = "max"
+    min_margin: float = Field(0.0, ge=0)
+
+
+class Params(Section):
+    scrape: Scrape
+    brand: Brand
+    synthetic: Synthetic
+    ocr: Ocr = Ocr()
+    validate_: Validate = Field(Validate(), alias="validate")
+    labels: Labels
+    text_encoder: TextEncoder = TextEncoder()
+    vae: Vae = Vae()
+    latents: Latents = Latents()
+    diffusion: Diffusion = Diffusion()
+    sampler: Sampler = Sampler()
+    unet: Unet = Unet()
+    evaluate: Evaluate
+    register_: Register = Field(Register(), alias="register")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+# ---------------------------------------------------------------- loading
+def parse_set(items: list[str] | None) -> dict[str, Any]:
+    """`a.b=VALUE` strings (VALUE is YAML) -> nested override dict."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set vae.epochs=2")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key}: value is not valid YAML ({e.problem})") from None
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: conflicts with another --set")
+        node[parts[-1]] = value
+    return out
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+SOURCE_KINDS: dict[str, type[BaseModel]] = {"synthetic": SyntheticSource, "folder": FolderSource}
+
+
+def _allowed(loc: tuple) -> str:
+    """Names of the keys allowed at `loc` (the parent of an unknown key)."""
+    node: Any = Params
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if node is None and part in SOURCE_KINDS:  # discriminated union tag
+            node = SOURCE_KINDS[part]
+            continue
+        fields = getattr(node, "model_fields", {})
+        f = next((fi for n, fi in fields.items() if (fi.alias or n) == part), None)
+        if f is None:
+            return ""
+        ann = f.annotation
+        node = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    if node is None:
+        return ""
+    return ", ".join(sorted(fi.alias or n for n, fi in node.model_fields.items()))
+
+
+def format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        raw = tuple(e["loc"])
+        # drop the union tag pydantic inserts after a list index: scrape.sources.0.synthetic.n
+        loc = tuple(p for i, p in enumerate(raw)
+                    if not (i and isinstance(raw[i - 1], int) and p in SOURCE_KINDS))
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed(raw[:-1])
+            lines.append(f"{source}: unknown key '{key}'"
+                         + (f"; allowed here: {allowed}" if allowed else ""))
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = e.get("input")
+            shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+            lines.append(f"{source}: {key}: {msg}{shown}")
+    return "; ".join(lines)
+
+
+def load_params(path: Path | str = PARAMS_FILE, overrides: list[str] | None = None) -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: not found; run from the tinyldm repository root "
+                          "(where params.yaml lives)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})") \
+            from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    data = merge(raw, parse_set(overrides))
+    try:
+        return Params.model_validate(data)
+    except ValidationError as e:
+        src = f"{path}" + (" (with --set)" if overrides else "")
+        raise ConfigError(format_errors(e, src)) from None
+
+
+def write_overrides(path: Path | str, overrides: list[str]) -> None:
+    """Persist --set values into params.yaml, keeping its comments (ruamel round trip),
+    so DVC records exactly what ran."""
+    from ruamel.yaml import YAML
+
+    if not overrides:
+        return
+    load_params(path, overrides)  # validate first: never write a broken params.yaml
+    ry = YAML()
+    ry.preserve_quotes = True
+    path = Path(path)
+    doc = ry.load(path.read_text())
+
+    def apply(node, over):
+        for k, v in over.items():
+            if isinstance(v, dict) and isinstance(node.get(k), dict):
+                apply(node[k], v)
+            else:
+                node[k] = v
+
+    apply(doc, parse_set(overrides))
+    buf = io.StringIO()
+    ry.dump(doc, buf)
+    from components.contracts import atomic_write_text
+
+    atomic_write_text(path, buf.getvalue())

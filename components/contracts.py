@@ -1,0 +1,221 @@
+"""What stages exchange: paths, table schemas, hashing and atomic writes.
+
+A stage never writes its final path directly: it writes a temp sibling and renames it,
+so a killed run leaves the previous output or none, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+class UserError(Exception):
+    """A failure the user can fix; the CLI prints it as one line, no traceback."""
+
+
+STAGES = ["scrape", "ocr", "validate", "labels", "vae", "latents", "unet", "evaluate",
+          "register"]
+
+# ------------------------------------------------------------------ paths
+DATA = Path("data")
+RAW = DATA / "raw"
+RAW_IMAGES = RAW / "images"
+RAW_MANIFEST = RAW / "manifest.parquet"
+GROUND_TRUTH = RAW / "ground_truth.parquet"
+OCR = DATA / "ocr"
+OCR_TABLE = OCR / "ocr.parquet"
+VALIDATED = DATA / "validated"
+VALID_MANIFEST = VALIDATED / "manifest.parquet"
+QUARANTINE = VALIDATED / "quarantine.parquet"
+LABELS = DATA / "labels"
+CAPTIONS = LABELS / "captions.parquet"
+LS_TASKS = LABELS / "labelstudio_tasks.json"
+MANUAL_LABELS = Path("labels") / "manual"
+LATENTS = DATA / "latents"
+MODELS = Path("models")
+VAE_DIR = MODELS / "vae"
+UNET_DIR = MODELS / "unet"
+REPORTS = Path("reports")
+VALIDATION_REPORT = REPORTS / "validation"
+EVAL_DIR = REPORTS / "eval"
+METRICS = REPORTS / "metrics"
+
+
+def metrics_path(stage: str) -> Path:
+    return METRICS / f"{stage}.json"
+
+
+# ------------------------------------------------------------------ schemas
+SCHEMAS: dict[str, pa.Schema] = {
+    "raw_manifest": pa.schema([
+        ("id", pa.string()), ("path", pa.string()), ("source", pa.string()),
+        ("source_url", pa.string()), ("page_url", pa.string()), ("alt_text", pa.string()),
+        ("fetched_at", pa.string()), ("bytes", pa.int64()), ("width", pa.int64()),
+        ("height", pa.int64()), ("mode", pa.string()), ("format", pa.string()),
+        ("phash", pa.string()),
+    ]),
+    "ground_truth": pa.schema([
+        ("id", pa.string()), ("text", pa.string()), ("background", pa.string()),
+        ("background_kind", pa.string()), ("gradient_to", pa.string()),
+        ("layout", pa.string()), ("n_figures", pa.int64()), ("figure_size", pa.string()),
+        ("saturation", pa.string()), ("logo", pa.bool_()), ("logo_corner", pa.string()),
+    ]),
+    "ocr": pa.schema([
+        ("id", pa.string()), ("text", pa.string()), ("mean_conf", pa.float64()),
+        ("n_words", pa.int64()), ("words", pa.string()), ("engine_version", pa.string()),
+        ("settings_hash", pa.string()), ("error", pa.string()),
+    ]),
+    "quarantine": pa.schema([("id", pa.string()), ("path", pa.string()),
+                             ("reasons", pa.string())]),
+    "captions": pa.schema([
+        ("id", pa.string()), ("path", pa.string()), ("caption", pa.string()),
+        ("split", pa.string()), ("text", pa.string()), ("text_provenance", pa.string()),
+        ("background", pa.string()), ("background_provenance", pa.string()),
+        ("background_conf", pa.float64()),
+        ("background_kind", pa.string()), ("background_kind_provenance", pa.string()),
+        ("background_kind_conf", pa.float64()),
+        ("layout", pa.string()), ("layout_provenance", pa.string()),
+        ("layout_conf", pa.float64()),
+        ("saturation", pa.string()), ("saturation_provenance", pa.string()),
+        ("saturation_conf", pa.float64()),
+    ]),
+    "latent_index": pa.schema([
+        ("id", pa.string()), ("row", pa.int64()), ("split", pa.string()),
+        ("caption", pa.string()), ("key", pa.string()),
+    ]),
+}
+SCHEMAS["validated_manifest"] = SCHEMAS["raw_manifest"]
+
+
+class SchemaError(UserError):
+    pass
+
+
+def check_schema(df: pd.DataFrame, table: str) -> None:
+    want = SCHEMAS[table]
+    missing = [n for n in want.names if n not in df.columns]
+    extra = [c for c in df.columns if c not in want.names]
+    if missing or extra:
+        raise SchemaError(f"table {table}: missing columns {missing}, unexpected {extra}")
+
+
+def write_table(df: pd.DataFrame, path: Path, table: str) -> None:
+    """Write a Parquet table in its declared schema (column order and types enforced)."""
+    check_schema(df, table)
+    schema = SCHEMAS[table]
+    t = pa.Table.from_pandas(df[schema.names], schema=schema, preserve_index=False)
+    with atomic_path(path) as tmp:
+        pq.write_table(t, tmp)
+
+
+def read_table(path: Path, table: str) -> pd.DataFrame:
+    if not Path(path).exists():
+        raise UserError(f"{path}: missing; run the stage that writes it first "
+                        f"(tinyldm run, or dvc repro)")
+    df = pq.read_table(path).to_pandas()
+    check_schema(df, table)
+    return df
+
+
+# ------------------------------------------------------------------ hashing
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def settings_hash(obj: Any) -> str:
+    """Stable short hash of a JSON-able settings object (pydantic models included)."""
+    if hasattr(obj, "model_dump"):
+        obj = obj.model_dump(mode="json")
+    return sha256_bytes(json.dumps(obj, sort_keys=True, default=str).encode())[:16]
+
+
+def content_path(root: Path, digest: str, ext: str) -> Path:
+    return root / digest[:2] / f"{digest}.{ext}"
+
+
+# ------------------------------------------------------------------ atomic writes
+def _tmp_sibling(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _ensure_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.parent / f".write-probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{path.parent}: cannot write there ({e.strerror}); "
+                        "fix its permissions or free disk space") from None
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temp file path; on success rename it onto `path`."""
+    path = Path(path)
+    _ensure_parent(path)
+    tmp = _tmp_sibling(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield an empty temp directory; on success it replaces `path` whole."""
+    path = Path(path)
+    _ensure_parent(path)
+    tmp = _tmp_sibling(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    if not Path(path).exists():
+        raise UserError(f"{path}: missing; run the stage that writes it first")
+    return json.loads(Path(path).read_text())
+
+
+def write_metrics(stage: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    write_json(metrics_path(stage), metrics)
+    return metrics
