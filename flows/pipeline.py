@@ -1,0 +1,77 @@
+"""The Prefect flow: the DAG of dvc.yaml, one task per stage, DVC deciding what is stale.
+
+No stage logic and no second copy of the DAG live here: the order comes from DVC's own
+graph, and each task asks DVC to reproduce exactly one stage, so `tinyldm run` and
+`dvc repro` write the same dvc.lock.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import networkx as nx
+from prefect import flow, get_run_logger, task
+
+from components.contracts import EVAL_DIR, UserError, metrics_path, read_json
+
+
+def stage_order(root: Path = Path(".")) -> list[str]:
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        graph = repo.index.graph  # edges point from a stage to the stages it depends on
+        return [s.addressing for s in nx.topological_sort(graph.reverse())]
+
+
+@task(task_run_name="{name}")
+def run_stage(name: str, force: bool = False) -> dict:
+    from dvc.exceptions import ReproductionError
+    from dvc.repo import Repo
+
+    log = get_run_logger()
+    t0 = time.monotonic()
+    try:
+        with Repo(".") as repo:
+            ran = repo.reproduce(targets=[name], single_item=True, force=force)
+    except ReproductionError as e:
+        raise UserError(f"stage {name} failed ({e}); see its message above, fix it and run "
+                        "again: finished stages are not redone") from None
+    seconds = round(time.monotonic() - t0, 1)
+    log.info("stage %s: %s in %.1f s", name, "ran" if ran else "up to date", seconds)
+    return {"stage": name, "ran": bool(ran), "seconds": seconds}
+
+
+def _metric(stage: str, key: str):
+    path = metrics_path(stage)
+    return read_json(path).get(key) if path.exists() else None
+
+
+def summary(results: list[dict]) -> str:
+    def fmt(v, spec=""):
+        return "n/a" if v is None else format(v, spec)
+
+    val_in, quarantined = _metric("validate", "images_in"), _metric("validate", "quarantined")
+    lines = ["", "tinyldm run summary",
+             "  stages:       " + ", ".join(f"{r['stage']} {'ran' if r['ran'] else 'cached'}"
+                                           f" {r['seconds']}s" for r in results),
+             f"  images:       {fmt(val_in)} in, {fmt(quarantined)} quarantined",
+             f"  OCR CER:      {fmt(_metric('ocr', 'cer'), '.4f')} (vs generator ground truth)",
+             f"  VAE PSNR:     {fmt(_metric('vae', 'val_psnr'), '.2f')} dB (val)",
+             f"  adherence:    {fmt(_metric('evaluate', 'prompt_adherence_background'), '.3f')}"
+             " (background colour of generated images)",
+             f"  model:        {_metric('register', 'model_uri') or 'n/a'} -> alias "
+             f"{_metric('register', 'alias') or 'n/a'}",
+             f"  sample grid:  {EVAL_DIR / 'samples.png'}"]
+    return "\n".join(lines)
+
+
+@flow(name="tinyldm-pipeline", log_prints=True)
+def pipeline(force: bool = False) -> list[dict]:
+    order = stage_order()
+    results = []
+    for i, name in enumerate(order, 1):
+        print(f"[{i}/{len(order)}] {name}")
+        results.append(run_stage(name, force))
+    print(summary(results))
+    return results
