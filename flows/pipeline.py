@@ -13,7 +13,9 @@ from pathlib import Path
 import networkx as nx
 from prefect import flow, get_run_logger, task
 
-from components.contracts import EVAL_DIR, UserError, metrics_path, read_json
+from components.contracts import EVAL_DIR, REPORTS, UserError, metrics_path, read_json, write_json
+
+RUN_LOG = REPORTS / "pipeline_run.json"  # per-stage wall times of the last run (bench/ reads it)
 
 
 def stage_order(root: Path = Path(".")) -> list[str]:
@@ -73,5 +75,6 @@ def pipeline(force: bool = False) -> list[dict]:
     for i, name in enumerate(order, 1):
         print(f"[{i}/{len(order)}] {name}")
         results.append(run_stage(name, force))
+    write_json(RUN_LOG, results)
     print(summary(results))
     return results
