@@ -78,7 +78,14 @@ class Ocr(Section):
     min_conf: float = Field(30, ge=0, le=100)
     upscale_below: int = Field(512, ge=0, le=4096)
     invert_dark: bool = True
-    autocontrast: bool = True
+    autocontrast: bool = False
+    flatten: bool = False  # subtract the per-row background: dark text on white, any colours
+    remove_shapes: float = Field(0.0, ge=0, le=0.5)  # paint over solids thicker than this
+    # share of the short side (filled shapes read as letters); 0: off
+    max_height_ratio: float = Field(1.4, ge=0)  # drop 1-letter words taller than this x the
+    # median word height (shapes read as "A"/"O"); 0: off
+    binarize: bool = False  # Otsu threshold before Tesseract (its own is usually as good)
+    oem: int = Field(1, ge=0, le=3)  # 1: LSTM engine only (the packaged eng model)
     workers: int = Field(0, ge=0, le=256)
     timeout_s: float = Field(30, gt=0)
 
@@ -88,6 +95,8 @@ class Validate(Section):
     max_side: int = Field(8192, ge=1)
     max_aspect: float = Field(4.0, ge=1)
     formats: list[str] = ["PNG", "JPEG", "WEBP", "GIF", "BMP"]
+    # the suite fails (rows are kept) when more than this share of OCR runs failed
+    max_ocr_error_share: float = Field(0.05, ge=0, le=1)
 
 
 class Split(Section):

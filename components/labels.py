@@ -79,12 +79,15 @@ def label_background(img: Image.Image, brand: Brand, cfg: Labels) -> dict:
 def label_layout(words: list[dict], width: int, height: int) -> tuple[str, float]:
     """Where the text block sits, from the OCR word boxes: compare the free margins on
     opposite sides (a left-aligned block has a small left and a large right margin)."""
+    # one-character "words" are mostly shapes read as letters (a triangle as "A")
+    words = [w for w in words if len(w["text"].strip()) > 1] or words
     if not words or width <= 0 or height <= 0:
         return "centre", 0.0
-    x0 = min(w["left"] for w in words) / width
-    x1 = max(w["left"] + w["width"] for w in words) / width
-    y0 = min(w["top"] for w in words) / height
-    y1 = max(w["top"] + w["height"] for w in words) / height
+    boxes = [w["box"] for w in words]  # [left, top, width, height] in image pixels
+    x0 = min(b[0] for b in boxes) / width
+    x1 = max(b[0] + b[2] for b in boxes) / width
+    y0 = min(b[1] for b in boxes) / height
+    y1 = max(b[1] + b[3] for b in boxes) / height
     horiz = x0 - (1 - x1)  # < 0: more room on the right -> block sits left
     vert = y0 - (1 - y1)
     threshold = 0.15

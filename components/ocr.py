@@ -1,0 +1,250 @@
+"""Read the text on every image with Tesseract, so captions can quote it.
+
+Tesseract runs as a subprocess per image; a thread pool therefore parallelises it, and
+OMP_THREAD_LIMIT=1 stops each process from spawning its own OpenMP threads (which only
+fight each other on a small box). Results are cached per (image bytes, engine version,
+settings), so a re-run OCRs only new or changed images. A failure on one image (timeout,
+Tesseract error, undecodable file) is recorded in its `error` column; the run goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from statistics import mean, median
+
+import numpy as np
+import pandas as pd
+import pytesseract
+from PIL import Image, ImageFilter, ImageOps
+from rapidfuzz.distance import Levenshtein
+
+from components.config import Ocr, Params
+from components.contracts import (
+    GROUND_TRUTH,
+    OCR_TABLE,
+    RAW_MANIFEST,
+    SCHEMAS,
+    UserError,
+    atomic_write_text,
+    read_table,
+    settings_hash,
+    sha256_bytes,
+    write_table,
+)
+from components.scrape import progress
+
+CACHE = Path(".cache") / "ocr"
+# Knobs that change what Tesseract reads; workers/timeout only change how fast.
+OUTPUT_SETTINGS = {"lang", "psm", "min_conf", "upscale_below", "invert_dark", "autocontrast",
+                   "oem", "binarize", "flatten", "remove_shapes", "max_height_ratio"}
+
+
+# ------------------------------------------------------------------ scoring
+def normalise(text: str) -> str:
+    """Collapse all whitespace (line breaks included) to single spaces."""
+    return " ".join(text.split())
+
+
+def cer(pred: str, truth: str) -> float:
+    """Character error rate: Levenshtein distance / len(truth), whitespace-normalised,
+    case-sensitive. An empty truth scores 0 for an empty prediction, else 1."""
+    p, t = normalise(pred), normalise(truth)
+    if not t:
+        return 0.0 if not p else 1.0
+    return Levenshtein.distance(p, t) / len(t)
+
+
+# ------------------------------------------------------------------ engine
+def engine_version() -> str:
+    try:
+        return str(pytesseract.get_tesseract_version())
+    except (pytesseract.TesseractNotFoundError, OSError):
+        raise UserError("tesseract not found: install it (apt-get install tesseract-ocr) "
+                        "or run make run, which installs it") from None
+
+
+@contextlib.contextmanager
+def _single_threaded_tesseract() -> Iterator[None]:
+    """pytesseract hands os.environ to every subprocess; set the limit for this stage only."""
+    old = os.environ.get("OMP_THREAD_LIMIT")
+    os.environ["OMP_THREAD_LIMIT"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("OMP_THREAD_LIMIT", None)
+        else:
+            os.environ["OMP_THREAD_LIMIT"] = old
+
+
+def _otsu(grey: np.ndarray) -> int:
+    hist = np.bincount(grey.ravel(), minlength=256).astype(float)
+    levels = np.arange(256)
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * levels)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (m0 / w0 - (m0[-1] - m0) / w1) ** 2 * w0 * w1
+    return int(np.nanargmax(between))
+
+
+def light_text_likely(rgb: np.ndarray) -> bool:
+    """Designers pick the text colour with more contrast against the background: white
+    text wins (WCAG contrast) when the background's relative luminance is below ~0.18."""
+    bg = np.median(rgb.reshape(-1, 3), axis=0) / 255
+    lin = np.where(bg <= 0.03928, bg / 12.92, ((bg + 0.055) / 1.055) ** 2.4)
+    lum = float(lin @ [0.2126, 0.7152, 0.0722])
+    return 1.05 / (lum + 0.05) > (lum + 0.05) / 0.05
+
+
+def _clean(grey: Image.Image, cfg: Ocr) -> Image.Image:
+    """Flatten the background per row (gradients, either text polarity) and/or paint over
+    solid shapes thicker than text strokes (Tesseract reads a filled triangle as "A")."""
+    a = np.asarray(grey).astype(np.int32)
+    bg = np.median(a, axis=1, keepdims=True).astype(np.int32)
+    diff = np.abs(a - bg)
+    if cfg.flatten:  # text is darker than its background now; anything lighter is not text
+        dark = np.clip(bg - a, 0, 255)
+        a = 255 - dark * 255 // max(int(dark.max()), 1)
+        bg = np.full_like(bg, 255)
+    if cfg.remove_shapes:
+        k = max(3, round(cfg.remove_shapes * min(grey.size)) | 1)
+        fg = Image.fromarray(np.where(diff > 32, 255, 0).astype(np.uint8))
+        solid = fg.filter(ImageFilter.MinFilter(k)).filter(ImageFilter.MaxFilter(k))
+        solid = np.asarray(solid.filter(ImageFilter.MaxFilter(k))) > 0
+        a = np.where(solid, np.broadcast_to(bg, a.shape), a)
+    return Image.fromarray(a.clip(0, 255).astype(np.uint8))
+
+
+def preprocess(im: Image.Image, cfg: Ocr) -> tuple[Image.Image, float]:
+    """Greyscale, dark text on light, contrast stretched, upscaled; returns (image, scale)."""
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        flat = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(flat, im.convert("RGBA"))
+    rgb = im.convert("RGB")
+    grey = rgb.convert("L")
+    if cfg.invert_dark and light_text_likely(np.asarray(rgb)):
+        grey = ImageOps.invert(grey)
+    if cfg.flatten or cfg.remove_shapes:
+        grey = _clean(grey, cfg)
+    if cfg.autocontrast:
+        grey = ImageOps.autocontrast(grey, cutoff=1)
+    if cfg.binarize:
+        a = np.asarray(grey)
+        grey = Image.fromarray(np.where(a > _otsu(a), 255, 0).astype(np.uint8))
+    scale = 1.0
+    short = min(grey.size)
+    if cfg.upscale_below and short < cfg.upscale_below:
+        scale = cfg.upscale_below / short
+        grey = grey.resize((round(grey.width * scale), round(grey.height * scale)),
+                           Image.Resampling.LANCZOS)
+    return grey, scale
+
+
+def drop_tall_singles(words: list[dict], ratio: float) -> list[dict]:
+    """Drop one-character words much taller than the real words around them: filled
+    triangles and ring logos come back from Tesseract as a confident "A" or "O"."""
+    heights = [w["box"][3] for w in words if len(w["text"]) > 1]
+    if not ratio or not heights:
+        return words
+    limit = ratio * median(heights)
+    return [w for w in words if len(w["text"]) > 1 or w["box"][3] <= limit]
+
+
+def read_words(im: Image.Image, cfg: Ocr) -> dict:
+    """OCR one decoded image -> {text, mean_conf, n_words, words}; boxes in original pixels."""
+    prepared, scale = preprocess(im, cfg)
+    data = pytesseract.image_to_data(
+        prepared, lang=cfg.lang, config=f"--psm {cfg.psm} --oem {cfg.oem}",
+        output_type=pytesseract.Output.DICT, timeout=cfg.timeout_s)
+    words = []
+    for i, raw in enumerate(data["text"]):
+        word, conf = str(raw).strip(), float(data["conf"][i])
+        # a word without a letter or digit is a shape read as a glyph (logo ring -> "©")
+        if conf < cfg.min_conf or not any(c.isalnum() for c in word):
+            continue
+        box = [round(data[k][i] / scale) for k in ("left", "top", "width", "height")]
+        line = [data["block_num"][i], data["par_num"][i], data["line_num"][i]]
+        words.append({"text": word, "conf": round(conf, 2), "box": box, "line": line})
+    words = drop_tall_singles(words, cfg.max_height_ratio)
+    lines: dict[tuple[int, ...], list[str]] = {}
+    for w in words:
+        lines.setdefault(tuple(w["line"]), []).append(w["text"])
+    return {"text": "\n".join(" ".join(ws) for ws in lines.values()),  # Tesseract's order
+            "mean_conf": round(mean(w["conf"] for w in words), 2) if words else 0.0,
+            "n_words": len(words), "words": json.dumps(words)}
+
+
+# ------------------------------------------------------------------ cache
+def _cache_file(image_id: str, version: str, shash: str) -> Path:
+    key = sha256_bytes(f"{image_id}|{version}|{shash}".encode())
+    return CACHE / key[:2] / f"{key}.json"
+
+
+def _ocr_one(row: dict, cfg: Ocr, version: str, shash: str) -> tuple[dict, bool]:
+    """Return (result row, cache hit). Never raises: failures land in `error`."""
+    out = {"id": row["id"], "text": "", "mean_conf": 0.0, "n_words": 0, "words": "[]",
+           "engine_version": version, "settings_hash": shash, "error": ""}
+    if not row["format"]:
+        return {**out, "error": "not an image"}, False
+    cached = _cache_file(row["id"], version, shash)
+    if cached.exists():
+        with contextlib.suppress(OSError, ValueError):
+            return {**out, **json.loads(cached.read_text())}, True
+    try:
+        with Image.open(row["path"]) as im:
+            im.load()
+            result = read_words(im, cfg)
+    except RuntimeError as e:  # pytesseract's timeout
+        msg = f"timeout after {cfg.timeout_s:g} s" if "timeout" in str(e).lower() else str(e)
+        return {**out, "error": msg}, False
+    except pytesseract.TesseractNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - one bad image must not stop the run
+        return {**out, "error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}, False
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(cached, json.dumps(result))
+    return {**out, **result}, False
+
+
+# ------------------------------------------------------------------ stage
+def _ground_truth() -> dict[str, str]:
+    if not GROUND_TRUTH.exists():
+        return {}
+    gt = read_table(GROUND_TRUTH, "ground_truth")
+    return dict(zip(gt["id"], gt["text"], strict=True))
+
+
+def ocr(params: Params) -> dict:
+    cfg = params.ocr
+    version = engine_version()
+    manifest = read_table(RAW_MANIFEST, "raw_manifest")
+    shash = settings_hash(cfg.model_dump(include=OUTPUT_SETTINGS))
+    workers = cfg.workers or os.cpu_count() or 1
+    rows = manifest[["id", "path", "format"]].to_dict("records")
+    start = time.perf_counter()
+    with _single_threaded_tesseract(), ThreadPoolExecutor(workers) as pool:
+        done = list(progress(pool.map(lambda r: _ocr_one(r, cfg, version, shash), rows),
+                             total=len(rows), desc="ocr", unit="img"))
+    seconds = time.perf_counter() - start
+    table = pd.DataFrame([r for r, _hit in done], columns=SCHEMAS["ocr"].names)
+    write_table(table, OCR_TABLE, "ocr")
+
+    metrics: dict = {"images": len(table), "ocr_errors": int((table["error"] != "").sum()),
+                     "cache_hits": sum(hit for _r, hit in done), "seconds": round(seconds, 2),
+                     "images_per_s": round(len(table) / seconds, 2) if seconds else 0.0,
+                     "engine_version": version, "workers": workers}
+    truth = _ground_truth()
+    scored = [(cer(r["text"], truth[r["id"]]), normalise(r["text"]) == normalise(truth[r["id"]]))
+              for r, _hit in done if r["id"] in truth]
+    if scored:
+        metrics |= {"cer": round(mean(c for c, _ in scored), 4),
+                    "cer_median": round(median(c for c, _ in scored), 4),
+                    "exact_match": round(mean(m for _, m in scored), 4)}
+    return metrics

@@ -1,0 +1,54 @@
+"""The generator as an MLflow pyfunc model, logged as a *model from code*.
+
+MLflow copies this file (and the `components` package, via code_paths) into the model, so
+the model loads anywhere `tinyldm`'s dependencies are installed; nothing is pickled.
+Input: a DataFrame with a string column `prompt`; params seed, steps, guidance, width,
+height (defaults live in the logged signature); output: a column `image` holding each
+PNG as base64 text, which is what survives JSON serving.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.pyfunc import PythonModel, PythonModelContext
+
+
+def png_b64(image: Any) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class GeneratorModel(PythonModel):
+    def load_context(self, context: PythonModelContext) -> None:
+        from components.config import Sampler
+        from components.generator import Generator
+
+        # model_config carries params.sampler as it was when the model was logged
+        cfg = context.model_config or {}
+        sampler = Sampler(**cfg["sampler"]) if cfg.get("sampler") else None
+        self.generator = Generator.load(Path(context.artifacts["vae"]),
+                                        Path(context.artifacts["unet"]), sampler)
+
+    def predict(self, context: PythonModelContext, model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> pd.DataFrame:
+        p = params or {}
+        prompts = [str(x) for x in model_input["prompt"].tolist()]
+        images = self.generator.generate(
+            prompts,
+            seed=int(p.get("seed", 0)),
+            steps=int(p["steps"]) if p.get("steps") is not None else None,
+            guidance=float(p["guidance"]) if p.get("guidance") is not None else None,
+            width=int(p["width"]) if p.get("width") is not None else None,
+            height=int(p["height"]) if p.get("height") is not None else None,
+        )
+        return pd.DataFrame({"image": [png_b64(im) for im in images]})
+
+
+mlflow.models.set_model(GeneratorModel())

@@ -1,0 +1,171 @@
+"""Decide which collected images are fit to train on, and say why the others are not.
+
+A Great Expectations suite runs over the raw manifest joined with OCR error info. Every
+row an expectation flags goes to the quarantine table with a reason a person can act on
+("too small: 20x20 < 32"); the rest form the validated manifest. The GX result and suite
+are kept as JSON beside the data so a run can be audited later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from components.config import Params, Validate
+from components.contracts import (
+    OCR_TABLE,
+    QUARANTINE,
+    RAW_MANIFEST,
+    VALID_MANIFEST,
+    VALIDATION_REPORT,
+    UserError,
+    read_table,
+    write_json,
+    write_table,
+)
+
+GX_RESULTS = VALIDATION_REPORT / "gx_results.json"
+GX_SUITE = VALIDATION_REPORT / "suite.json"
+ID_PATTERN = r"^[0-9a-f]{64}$"
+
+
+def build_frame(manifest: pd.DataFrame, ocr: pd.DataFrame | None) -> pd.DataFrame:
+    """Manifest plus the derived columns the suite checks (aspect, file presence, OCR)."""
+    df = manifest.reset_index(drop=True).copy()
+    short = df[["width", "height"]].min(axis=1).astype(float)
+    long = df[["width", "height"]].max(axis=1).astype(float)
+    df["aspect"] = (long / short.replace(0, np.nan)).astype(float)
+    df["file_exists"] = [bool(p) and Path(p).is_file() for p in df["path"]]
+    if ocr is None:
+        df["ocr_error"] = "ocr not run"
+    else:
+        errors = ocr.drop_duplicates("id").set_index("id")["error"]
+        df["ocr_error"] = df["id"].map(errors).fillna("missing from ocr table")
+    return df
+
+
+def build_suite(cfg: Validate) -> Any:
+    """The expectations; meta.reason names the quarantine reason kind of each."""
+    import great_expectations as gx
+    import great_expectations.expectations as gxe
+
+    def meta(kind: str) -> dict:
+        return {"reason": kind}
+
+    suite = gx.ExpectationSuite(name="raw_manifest")
+    for e in [
+        gxe.ExpectColumnValuesToNotBeNull(column="id", meta=meta("null_id")),
+        gxe.ExpectColumnValuesToBeUnique(column="id", meta=meta("duplicate_id")),
+        gxe.ExpectColumnValuesToMatchRegex(column="id", regex=ID_PATTERN,
+                                           meta=meta("bad_id")),
+        gxe.ExpectColumnValuesToBeInSet(column="format", value_set=list(cfg.formats),
+                                        meta=meta("format")),
+        gxe.ExpectColumnValuesToBeBetween(column="width", min_value=cfg.min_side,
+                                          max_value=cfg.max_side, meta=meta("size")),
+        gxe.ExpectColumnValuesToBeBetween(column="height", min_value=cfg.min_side,
+                                          max_value=cfg.max_side, meta=meta("size")),
+        gxe.ExpectColumnValuesToBeBetween(column="aspect", max_value=cfg.max_aspect,
+                                          meta=meta("aspect")),
+        gxe.ExpectColumnValuesToBeBetween(column="bytes", min_value=1,
+                                          meta=meta("empty_file")),
+        gxe.ExpectColumnValuesToBeInSet(column="file_exists", value_set=[True],
+                                        meta=meta("file_missing")),
+        # Dataset health, not a row verdict: an image whose OCR failed can still train.
+        gxe.ExpectColumnValuesToBeInSet(column="ocr_error", value_set=["", "not an image"],
+                                        mostly=1 - cfg.max_ocr_error_share,
+                                        meta={"reason": None}),
+        gxe.ExpectTableRowCountToBeBetween(min_value=1, meta={"reason": None}),
+    ]:
+        suite.add_expectation(e)
+    return suite
+
+
+def run_suite(df: pd.DataFrame, cfg: Validate) -> Any:
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)  # ms of work
+    asset = context.data_sources.add_pandas("tinyldm").add_dataframe_asset("raw_manifest")
+    batch = asset.add_batch_definition_whole_dataframe("all")
+    suite = context.suites.add(build_suite(cfg))
+    vd = context.validation_definitions.add(
+        gx.ValidationDefinition(name="validate", data=batch, suite=suite))
+    return vd.run(batch_parameters={"dataframe": df},
+                  result_format={"result_format": "COMPLETE"}), suite
+
+
+def row_reason(kind: str, row: pd.Series, cfg: Validate) -> str:
+    """One human-readable sentence for one failed check on one row."""
+    w, h = int(row["width"]), int(row["height"])
+    if kind == "format":
+        return f"format {row['format']} not in {list(cfg.formats)}"
+    if kind == "size":
+        if min(w, h) < cfg.min_side:
+            return f"too small: {w}x{h} < {cfg.min_side}"
+        return f"too large: {w}x{h} > {cfg.max_side}"
+    if kind == "aspect":
+        return f"aspect ratio {row['aspect']:.2f} > {cfg.max_aspect:g}"
+    return {"null_id": "missing id", "duplicate_id": "duplicate id",
+            "bad_id": f"id {row['id']!r} is not a sha256 hex digest",
+            "empty_file": "empty file (0 bytes)",
+            "file_missing": f"file {row['path']} is missing"}.get(kind, kind)
+
+
+def quarantine_reasons(df: pd.DataFrame, result: Any,
+                       cfg: Validate) -> dict[int, list[tuple[str, str]]]:
+    """Row index -> [(reason kind, reason text)], from each unexpected_index_list."""
+    out: dict[int, list[tuple[str, str]]] = {}
+    undecodable = set(df.index[df["format"] == ""])
+    first_of_id = ~df["id"].duplicated(keep="first")
+    for i in undecodable:  # one reason says it all; sizes of nothing are noise
+        out[i] = [("not_an_image", "not an image")]
+    for r in result.results:
+        kind = (r.expectation_config.meta or {}).get("reason")
+        if r.success or not kind:
+            continue
+        for idx in r.result.get("unexpected_index_list") or []:
+            i = int(idx["index"] if isinstance(idx, dict) else idx)
+            if i in undecodable or (kind == "duplicate_id" and first_of_id[i]):
+                continue  # keep the first copy of a duplicated id
+            item = (kind, row_reason(kind, df.loc[i], cfg))
+            if item not in out.setdefault(i, []):
+                out[i].append(item)
+    return out
+
+
+def validate(params: Params) -> dict:
+    cfg = params.validate_
+    manifest = read_table(RAW_MANIFEST, "raw_manifest")
+    ocr = read_table(OCR_TABLE, "ocr") if OCR_TABLE.exists() else None
+    df = build_frame(manifest, ocr)
+    result, suite = run_suite(df, cfg)
+    reasons = quarantine_reasons(df, result, cfg)
+
+    bad = sorted(reasons)
+    quarantine = pd.DataFrame({"id": df.loc[bad, "id"].astype(str),
+                               "path": df.loc[bad, "path"].astype(str),
+                               "reasons": ["; ".join(t for _k, t in reasons[i]) for i in bad]})
+    valid = manifest.reset_index(drop=True).drop(index=bad)
+    write_table(quarantine, QUARANTINE, "quarantine")
+    write_json(GX_RESULTS, result.to_json_dict())
+    write_json(GX_SUITE, json.loads(json.dumps(suite.to_json_dict(), default=str)))
+    if valid.empty:
+        raise UserError(f"validate: no image passed validation; see the reasons in "
+                        f"{QUARANTINE} (and {GX_RESULTS})")
+    write_table(valid, VALID_MANIFEST, "validated_manifest")
+
+    failed = [r for r in result.results if not r.success]
+    counts = Counter(k for i in bad for k, _t in reasons[i])
+    return {"images_in": len(df), "valid": len(valid), "quarantined": len(bad),
+            "quarantine_reasons": dict(sorted(counts.items())),
+            "gx_success": bool(result.success), "expectations": len(result.results),
+            "expectations_failed": len(failed),
+            "ocr_errors": int((~df["ocr_error"].isin(["", "not an image"])).sum())}

@@ -1,0 +1,215 @@
+"""The register stage: the promotion gate (pure), the run tree, and a registration round
+trip of a tiny real generator against a throwaway SQLite store."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from components import registry
+from components.config import load_params
+from components.contracts import UserError
+from components.registry import decide
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/m.db")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+# ------------------------------------------------------------------ gate
+def test_better_value_becomes_champion() -> None:
+    assert decide(0.8, 0.5).promote
+
+
+def test_worse_or_equal_value_stays_challenger() -> None:
+    assert not decide(0.4, 0.5).promote
+    assert not decide(0.5, 0.5).promote  # must beat, not tie
+
+
+def test_no_champion_means_champion() -> None:
+    assert decide(0.1, None).promote
+    assert decide(0.1, math.nan).promote
+
+
+def test_min_direction() -> None:
+    assert decide(0.2, 0.3, "min").promote
+    assert not decide(0.4, 0.3, "min").promote
+
+
+def test_margin_must_be_exceeded() -> None:
+    assert not decide(0.55, 0.5, "max", min_margin=0.1).promote
+    assert decide(0.65, 0.5, "max", min_margin=0.1).promote
+    assert not decide(0.45, 0.5, "min", min_margin=0.1).promote
+
+
+def test_nan_new_value_never_promotes() -> None:
+    assert not decide(math.nan, None).promote
+
+
+# ------------------------------------------------------------------ helpers
+def test_flatten_uses_dotted_keys_and_keeps_lists() -> None:
+    assert registry.flatten({"a": {"b": 1, "c": [1, 2]}, "d": "x"}) == \
+        {"a.b": 1, "a.c": [1, 2], "d": "x"}
+
+
+def test_stage_params_follow_dvc_yaml(tmp_path: Path) -> None:
+    assert registry.stage_sections("vae", tmp_path) == ["vae"]
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(
+        {"stages": {"unet": {"cmd": "x", "params": ["unet", "diffusion.timesteps"]}}}))
+    sel = registry.select_params({"unet": {"lr": 1}, "diffusion": {"timesteps": 5, "x": 1},
+                                  "vae": {"lr": 2}},
+                                 registry.stage_sections("unet", tmp_path))
+    assert sel == {"unet.lr": 1, "diffusion.timesteps": 5}
+
+
+def test_data_version_reads_dvc_lock_and_ocr_cer(tmp_path: Path) -> None:
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+        "scrape": {"cmd": "x", "outs": [{"path": "data/raw", "md5": "abc.dir"}]}}}))
+    (tmp_path / "reports/metrics").mkdir(parents=True)
+    (tmp_path / "reports/metrics/ocr.json").write_text(json.dumps({"cer": 0.12}))
+    v = registry.data_version(tmp_path)
+    assert v["dvc.data/raw"] == "abc.dir"
+    assert v["data.ocr_cer"] == "0.12"
+
+
+def test_resolve_model_uri() -> None:
+    params = load_params(PARAMS)
+    name = params.register_.model_name
+    assert registry.resolve_model_uri(None, params) == f"models:/{name}@champion"
+    assert registry.resolve_model_uri("@challenger", params) == f"models:/{name}@challenger"
+    assert registry.resolve_model_uri("3", params) == f"models:/{name}/3"
+    assert registry.resolve_model_uri("runs:/abc/generator", params) == "runs:/abc/generator"
+
+
+def test_default_store_is_a_sqlite_file_in_cwd(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert registry.tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert registry.tracking_uri() == "http://mlflow:5000"
+
+
+def test_empty_registry_is_a_user_error(store: Path) -> None:
+    params = load_params(PARAMS)
+    with pytest.raises(UserError, match="no model registered yet"):
+        registry.load_generator_model(registry.resolve_model_uri(None, params))
+
+
+def test_size_outside_limits_is_a_user_error() -> None:
+    with pytest.raises(UserError, match="width"):
+        registry.generate_png("models:/x@champion", "red poster", width=4)
+    with pytest.raises(UserError, match="height"):
+        registry.generate_png("models:/x@champion", "red poster", height=801)
+
+
+def test_missing_gate_metric_is_a_user_error(store: Path) -> None:
+    params = load_params(PARAMS)
+    _write_metrics(store, {"vae_psnr": 20.0})
+    with pytest.raises(UserError, match="register.gate_metric"):
+        registry.register(params)
+
+
+# ------------------------------------------------------------------ round trip
+def _write_metrics(root: Path, evaluate: dict) -> None:
+    m = root / "reports/metrics"
+    m.mkdir(parents=True, exist_ok=True)
+    (m / "evaluate.json").write_text(json.dumps(evaluate))
+    (m / "ocr.json").write_text(json.dumps({"cer": 0.1, "n_images": 3}))
+    (m / "vae.json").write_text(json.dumps({"psnr": 21.5, "loss": {"val": 0.01}}))
+    (root / "reports/eval").mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), "red").save(root / "reports/eval/grid.png")
+    (root / "reports/validation").mkdir(parents=True, exist_ok=True)
+    (root / "reports/validation/raw.json").write_text("{}")
+
+
+def _tiny_models(root: Path) -> None:
+    """A real VAE + Context U-Net with random weights, saved where the stages put them."""
+    import torch
+
+    from components.config import Diffusion, Vae
+    from components.unet import ContextUnet, save_unet
+    from components.vae import VAE, save_vae
+
+    torch.manual_seed(0)
+    vae_cfg = Vae(image_size=16, base_channels=8, channel_mult=[1, 2], latent_channels=4)
+    vae = VAE(vae_cfg)
+    save_vae(vae, vae_cfg, root / "models/vae")
+    shape = list(vae.latent_shape())
+    unet = ContextUnet(in_channels=shape[0], n_feat=8, context_dim=384, height=shape[1])
+    # a separate EMA copy: save_unet(model, None, ...) aliases the two weight sets, which
+    # safetensors refuses
+    config = {"diffusion": Diffusion(timesteps=10).model_dump(mode="json"),
+              "scale_factor": 1.0, "latent_shape": shape, "text_encoder": "minilm"}
+    save_unet(unet, copy.deepcopy(unet), config, root / "models/unet")
+    Image.new("RGB", (8, 8)).save(root / "models/vae/recon.png")
+    Image.new("RGB", (8, 8)).save(root / "models/unet/samples.png")
+
+
+def test_register_round_trip_moves_aliases_by_the_gate(store: Path) -> None:
+    from mlflow import MlflowClient
+
+    params = load_params(PARAMS, ["sampler.steps=2"])
+    name = params.register_.model_name
+    _tiny_models(store)
+    client = MlflowClient(registry.tracking_uri())
+
+    _write_metrics(store, {"prompt_adherence_background": 0.5, "vae_psnr": 20.0})
+    first = registry.register(params)
+    assert first["alias"] == "champion" and first["champion_before"] is None
+    assert first["model_uri"] == f"models:/{name}/{first['version']}"
+
+    _write_metrics(store, {"prompt_adherence_background": 0.4, "vae_psnr": 20.0})
+    worse = registry.register(params)
+    assert worse["alias"] == "challenger" and worse["champion_before"] == first["version"]
+    aliases = client.get_registered_model(name).aliases
+    assert aliases == {"champion": first["version"], "challenger": worse["version"]}
+    tags = client.get_model_version(name, str(worse["version"])).tags
+    assert tags["gate.decision"] == "rejected" and float(tags["gate.champion_value"]) == 0.5
+
+    _write_metrics(store, {"prompt_adherence_background": 0.7, "vae_psnr": 20.0})
+    better = registry.register(params)
+    assert better["alias"] == "champion"
+    assert client.get_registered_model(name).aliases["champion"] == better["version"]
+
+    run = client.get_run(better["run_id"])
+    assert run.data.metrics["evaluate.prompt_adherence_background"] == 0.7
+    assert run.data.metrics["vae.loss.val"] == 0.01
+    assert run.data.params["vae.epochs"] == str(params.vae.epochs)
+    assert run.data.tags["data.ocr_cer"] == "0.1" and run.data.tags["gate.decision"] == "promoted"
+    children = client.search_runs([run.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert {c.info.run_name for c in children} >= {"vae", "unet", "evaluate"}
+    arts = {a.path for folder in ["eval", "vae", "unet", "validation"]
+            for a in client.list_artifacts(run.info.run_id, folder)}
+    assert {"eval/grid.png", "vae/recon.png", "unet/samples.png",
+            "validation/raw.json"} <= arts
+
+    uri = registry.resolve_model_uri(None, params)
+    png = registry.generate_png(uri, "vivid red solid poster", seed=1, width=40, height=24)
+    with Image.open(io.BytesIO(png)) as im:
+        assert im.format == "PNG" and im.size == (40, 24)
+    assert registry.generate_png(uri, "vivid red solid poster", seed=1, width=40,
+                                 height=24) == png  # same seed, same image
+    with pytest.raises(UserError, match="no alias 'nope'"):
+        registry.load_generator_model(f"models:/{name}@nope")
+    with pytest.raises(UserError, match="no registered model 'other'"):
+        registry.load_generator_model("models:/other@champion")
