@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,14 @@ REPORTS = Path("reports")
 VALIDATION_REPORT = REPORTS / "validation"
 EVAL_DIR = REPORTS / "eval"
 METRICS = REPORTS / "metrics"
+
+
+def progress(iterable=None, **kw):
+    """A tqdm bar for a loop a person waits for; silent in CI and when stderr is no
+    terminal (logs stay readable)."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, disable=bool(os.environ.get("CI")) or not sys.stderr.isatty(), **kw)
 
 
 def metrics_path(stage: str) -> Path:

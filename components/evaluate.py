@@ -20,16 +20,7 @@ from components.config import Params
 from components.contracts import CAPTIONS, EVAL_DIR, UNET_DIR, VAE_DIR, atomic_dir, read_table
 from components.generator import Generator
 from components.labels import caption, label_background
-from components.vae import load_batch, load_vae
-
-
-def image_grid(rows: list[list[Image.Image]], cell: int = 128) -> Image.Image:
-    n_cols = max(len(r) for r in rows)
-    grid = Image.new("RGB", (n_cols * cell, len(rows) * cell), "white")
-    for y, row in enumerate(rows):
-        for x, im in enumerate(row):
-            grid.paste(im.convert("RGB").resize((cell, cell), Image.NEAREST), (x * cell, y * cell))
-    return grid
+from components.vae import image_grid, load_batch, load_vae
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ text encoder and the caption, so a changed input can never pass for a cached one
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,14 +21,36 @@ from components.contracts import (
     VAE_DIR,
     UserError,
     atomic_dir,
+    progress,
+    read_json,
     read_table,
     sha256_bytes,
     sha256_file,
     write_table,
 )
-from components.scrape import progress
 from components.text_encoders import get_encoder
 from components.vae import load_batch, load_vae
+
+CACHE_FILES = ["mean.npy", "logvar.npy", "text.npy", "index.parquet", "meta.json"]
+
+
+class LatentCache:
+    """The latents stage's output, memory-mapped (the U-Net stage reads only its rows)."""
+
+    def __init__(self, latents_dir: Path):
+        d = Path(latents_dir)
+        missing = [n for n in CACHE_FILES if not (d / n).exists()]
+        if missing:
+            raise UserError(f"{d}: latent cache incomplete (missing {', '.join(missing)}); "
+                            "run the latents stage first")
+        self.mean = np.load(d / "mean.npy", mmap_mode="r")
+        self.logvar = np.load(d / "logvar.npy", mmap_mode="r")
+        self.text = np.load(d / "text.npy", mmap_mode="r")
+        self.index = pd.read_parquet(d / "index.parquet")
+        self.meta = read_json(d / "meta.json")
+
+    def rows(self, split: str) -> np.ndarray:
+        return self.index.loc[self.index["split"] == split, "row"].to_numpy(np.int64)
 
 
 def latents(params: Params) -> dict:

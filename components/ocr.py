@@ -32,12 +32,12 @@ from components.contracts import (
     SCHEMAS,
     UserError,
     atomic_write_text,
+    progress,
     read_table,
     settings_hash,
     sha256_bytes,
     write_table,
 )
-from components.scrape import progress
 
 CACHE = Path(".cache") / "ocr"
 # Knobs that change what Tesseract reads; workers/timeout only change how fast.

@@ -19,7 +19,6 @@ from pathlib import Path
 import imagehash
 import pandas as pd
 from PIL import Image
-from tqdm import tqdm
 
 from components.config import FolderSource, Params, SyntheticSource
 from components.contracts import (
@@ -31,16 +30,13 @@ from components.contracts import (
     UserError,
     atomic_dir,
     content_path,
+    progress,
     sha256_bytes,
     write_table,
 )
 from components.synthetic import render, truth_row
 
 EXT = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp"}
-
-
-def progress(iterable, **kw):
-    return tqdm(iterable, disable=bool(os.environ.get("CI")) or None, **kw)
 
 
 def inspect_image(data: bytes) -> dict:

@@ -1,0 +1,170 @@
+"""Noise schedule and samplers (diffusers-style: the U-Net knows nothing of sampling).
+
+- `NoiseSchedule`: betas and alpha-bar for T training timesteps; `q_sample` noises x0.
+- `training_loss`: the epsilon-prediction objective with caption dropout.
+- Samplers share one contract: `set_timesteps(n)` fills `.timesteps` (descending ints),
+  then for each pair (t, t_prev) of `.pairs()` call `step(eps, t, t_prev, sample,
+  generator) -> prev_sample`; t_prev = -1 means "to the clean sample". Adding a sampler
+  is adding one class.
+- `sample` runs a sampler with classifier-free guidance, cond and uncond in one batch.
+
+The network is any module called as `model(x_t, t in [0, 1], context)`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from components.config import Diffusion as DiffusionCfg
+from components.config import Sampler as SamplerCfg
+
+Generators = torch.Generator | list[torch.Generator] | None
+
+
+def randn(shape: tuple[int, ...] | torch.Size, generator: Generators) -> torch.Tensor:
+    """Gaussian noise; with a list of generators, row i comes from generator i alone, so
+    an image does not depend on what else is in the batch."""
+    if isinstance(generator, list):
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in generator])
+    return torch.randn(tuple(shape), generator=generator)
+
+
+# ---------------------------------------------------------------- schedule
+class NoiseSchedule:
+    def __init__(self, cfg: DiffusionCfg):
+        self.cfg = cfg
+        T = self.num_timesteps = cfg.timesteps
+        if cfg.schedule == "linear":
+            betas = torch.linspace(cfg.beta_start, cfg.beta_end, T, dtype=torch.float64)
+        else:  # cosine, Nichol & Dhariwal 2021
+            s = 0.008
+            steps = torch.arange(T + 1, dtype=torch.float64) / T
+            f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+            betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+        self.betas = betas.float()
+        self.alphas_cumprod = torch.cumprod(1 - betas, dim=0).float()
+
+    def alpha_bar(self, t: torch.Tensor | int) -> torch.Tensor:
+        """alpha-bar at t; t = -1 (before the first step) is 1."""
+        t = torch.as_tensor(t)
+        return torch.where(t >= 0, self.alphas_cumprod[t.clamp(min=0)], torch.ones(()))
+
+    def normalise(self, t: torch.Tensor) -> torch.Tensor:
+        """Integer timesteps -> the float in [0, 1] the U-Net takes."""
+        return t.float() / (self.num_timesteps - 1)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+                 ) -> torch.Tensor:
+        """x_t = sqrt(ab) x0 + sqrt(1 - ab) noise (the course version forgot the sqrt)."""
+        ab = self.alpha_bar(t).to(x0.dtype).view(-1, *[1] * (x0.dim() - 1))
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+
+def training_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor,
+                  c: torch.Tensor, cond_drop: float, generator: torch.Generator | None
+                  ) -> torch.Tensor:
+    """Epsilon-prediction MSE; each caption is zeroed with probability cond_drop so the
+    same network also learns the unconditional prediction used by guidance."""
+    b = x0.shape[0]
+    t = torch.randint(0, schedule.num_timesteps, (b,), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    keep = (torch.rand(b, generator=generator) >= cond_drop).to(c.dtype)[:, None]
+    eps = model(schedule.q_sample(x0, t, noise), schedule.normalise(t), c * keep)
+    return F.mse_loss(eps.float(), noise)
+
+
+# ---------------------------------------------------------------- samplers
+class Sampler:
+    """Base: evenly spaced descending timesteps; subclasses define `step`."""
+
+    def __init__(self, schedule: NoiseSchedule):
+        self.schedule = schedule
+        self.timesteps = torch.arange(schedule.num_timesteps - 1, -1, -1)
+
+    def set_timesteps(self, n: int) -> None:
+        T = self.schedule.num_timesteps
+        n = max(1, min(n, T))
+        self.timesteps = torch.from_numpy(
+            np.unique(np.linspace(0, T - 1, n).round().astype(np.int64))[::-1].copy())
+
+    def pairs(self) -> list[tuple[int, int]]:
+        ts = self.timesteps.tolist()
+        return list(zip(ts, ts[1:] + [-1], strict=True))
+
+    def predict_x0(self, eps: torch.Tensor, t: int, sample: torch.Tensor) -> torch.Tensor:
+        ab = self.schedule.alpha_bar(t)
+        return (sample - (1 - ab).sqrt() * eps) / ab.sqrt()
+
+    def step(self, eps: torch.Tensor, t: int, t_prev: int, sample: torch.Tensor,
+             generator: Generators = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class DDIMSampler(Sampler):
+    """Song et al. 2020; eta=0 is deterministic, eta=1 matches DDPM's variance."""
+
+    def __init__(self, schedule: NoiseSchedule, eta: float = 0.0):
+        super().__init__(schedule)
+        self.eta = eta
+
+    def step(self, eps: torch.Tensor, t: int, t_prev: int, sample: torch.Tensor,
+             generator: Generators = None) -> torch.Tensor:
+        ab, ab_prev = self.schedule.alpha_bar(t), self.schedule.alpha_bar(t_prev)
+        x0 = self.predict_x0(eps, t, sample)
+        sigma = self.eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
+        direction = (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps
+        prev = ab_prev.sqrt() * x0 + direction
+        if self.eta > 0 and t_prev >= 0:
+            prev = prev + sigma * randn(sample.shape, generator)
+        return prev
+
+
+class DDPMSampler(Sampler):
+    """Ho et al. 2020 ancestral sampling from the posterior q(x_prev | x_t, x0), on a
+    possibly respaced timestep grid (beta between the two visited steps)."""
+
+    def step(self, eps: torch.Tensor, t: int, t_prev: int, sample: torch.Tensor,
+             generator: Generators = None) -> torch.Tensor:
+        ab, ab_prev = self.schedule.alpha_bar(t), self.schedule.alpha_bar(t_prev)
+        beta = 1 - ab / ab_prev
+        x0 = self.predict_x0(eps, t, sample)
+        mean = (ab_prev.sqrt() * beta / (1 - ab)) * x0 \
+            + ((1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)) * sample
+        if t_prev < 0:
+            return mean
+        var = beta * (1 - ab_prev) / (1 - ab)
+        return mean + var.sqrt() * randn(sample.shape, generator)
+
+
+def make_sampler(cfg: SamplerCfg, schedule: NoiseSchedule) -> Sampler:
+    sampler: Sampler = (DDIMSampler(schedule, cfg.eta) if cfg.name == "ddim"
+                        else DDPMSampler(schedule))
+    sampler.set_timesteps(cfg.steps)
+    return sampler
+
+
+@torch.no_grad()
+def sample(model: nn.Module, schedule: NoiseSchedule, sampler: Sampler,
+           context: torch.Tensor, shape: tuple[int, ...], guidance: float,
+           generator: Generators = None) -> torch.Tensor:
+    """Latents (B, *shape) for captions `context` (B, D), with classifier-free guidance
+    eps = eps_u + g (eps_c - eps_u); g=0 is unconditional, g=1 purely conditional."""
+    b = context.shape[0]
+    x = randn((b, *shape), generator)
+    uncond = torch.zeros_like(context)
+    for t, t_prev in sampler.pairs():
+        tt = schedule.normalise(torch.full((b,), t))
+        if guidance == 1.0 or guidance == 0.0:
+            c = context if guidance == 1.0 else uncond
+            eps = model(x, tt, c).float()
+        else:
+            eps_c, eps_u = model(torch.cat([x, x]), torch.cat([tt, tt]),
+                                 torch.cat([context, uncond])).float().chunk(2)
+            eps = eps_u + guidance * (eps_c - eps_u)
+        x = sampler.step(eps, t, t_prev, x, generator)
+    return x

@@ -1,0 +1,83 @@
+"""The one composition of text encoder + U-Net + sampler + VAE (a diffusers "pipeline").
+
+evaluate, generate and the served MLflow model all call `Generator`, so what is
+measured is what is shipped. Prompt i of a call draws its noise from a generator seeded
+by (seed, i): the same seed gives the same images, and an image does not depend on the
+other prompts in the batch (up to float rounding of batched convolutions).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from components.config import Diffusion as DiffusionCfg
+from components.config import Sampler as SamplerCfg
+from components.config import TextEncoder as TextEncoderCfg
+from components.diffusion import NoiseSchedule, make_sampler, sample
+from components.unet import ContextUnet, load_unet, read_unet_config
+from components.vae import VAE, load_vae, to_pil
+
+
+def prompt_seed(seed: int, i: int) -> int:
+    """A 63-bit seed for prompt i of a call with `seed` (independent streams)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{i}".encode()).digest()[:8], "big") >> 1
+
+
+class Generator:
+    def __init__(self, vae: VAE, unet: ContextUnet, unet_config: dict, text_encoder: Any,
+                 sampler: SamplerCfg | None = None):
+        self.vae, self.unet, self.config = vae.eval(), unet.eval(), unet_config
+        self.text_encoder = text_encoder
+        self.sampler_cfg = sampler or SamplerCfg()
+        self.schedule = NoiseSchedule(DiffusionCfg(**unet_config["diffusion"]))
+        self.scale_factor = float(unet_config["scale_factor"])
+        self.latent_shape = tuple(unet_config["latent_shape"])
+
+    @classmethod
+    def load(cls, vae_dir: Path | str, unet_dir: Path | str,
+             sampler: SamplerCfg | None = None, text_encoder: Any = None) -> Generator:
+        """`text_encoder` is anything with `.encode(list[str]).vectors`; by default the
+        encoder the U-Net was trained with (its config.json names it)."""
+        config = read_unet_config(Path(unet_dir))
+        if text_encoder is None:
+            from components.text_encoders import get_encoder
+
+            text_encoder = get_encoder(TextEncoderCfg(name=config["text_encoder"]))
+        return cls(load_vae(Path(vae_dir)), load_unet(Path(unet_dir), ema=True), config,
+                   text_encoder, sampler)
+
+    @property
+    def native_size(self) -> int:
+        return self.latent_shape[-1] * self.vae.down_factor
+
+    @torch.no_grad()
+    def decode_latents(self, z: torch.Tensor) -> list[Image.Image]:
+        return to_pil(self.vae.decode(z / self.scale_factor))
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seed: int = 0, steps: int | None = None,
+                 guidance: float | None = None, width: int | None = None,
+                 height: int | None = None) -> list[Image.Image]:
+        """Images at the model's native size, resized (LANCZOS) to width x height when
+        either is given (the other defaults to the native size)."""
+        if not prompts:
+            return []
+        cfg = self.sampler_cfg
+        if steps is not None:
+            cfg = cfg.model_copy(update={"steps": int(steps)})
+        g = cfg.guidance if guidance is None else float(guidance)
+        context = torch.from_numpy(self.text_encoder.encode(list(prompts)).vectors).float()
+        gens = [torch.Generator().manual_seed(prompt_seed(seed, i))
+                for i in range(len(prompts))]
+        sampler = make_sampler(cfg, self.schedule)
+        z = sample(self.unet, self.schedule, sampler, context, self.latent_shape, g, gens)
+        images = self.decode_latents(z)
+        if width is not None or height is not None:
+            size = (int(width or self.native_size), int(height or self.native_size))
+            images = [im.resize(size, Image.Resampling.LANCZOS) for im in images]
+        return images

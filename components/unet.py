@@ -1,0 +1,293 @@
+"""The Context U-Net: predicts the noise in a latent, given the timestep and a caption.
+
+    x ─ init_conv ─ down1 ─ down2 ─ to_vec ─ up0 ─┐
+         │           │       └──────────────── up1(ctx1 * h + time1) ─┐
+         │           └──────────────────────────────── up2(ctx2 * h + time2) ─┐
+         └──────────────────────────────────────────────────────────── out(h, x)
+
+Time (a float in [0, 1], through sinusoidal features) and the caption embedding each go
+through small MLPs; the context *multiplies* and the time *adds* to the decoder features.
+An all-zero caption embedding is the unconditional input used for classifier-free
+guidance. Two bugs of the widely copied course version are fixed here: the 1x1 shortcut
+conv of a residual block is built in __init__ (so it is trained and saved), and norms
+are GroupNorm (BatchNorm statistics would differ between training and EMA sampling).
+
+Saved as one safetensors file holding both weight sets: `model.<name>` (raw, to resume)
+and `ema.<name>` (what sampling uses), plus config.json with the constructor arguments.
+The `unet` stage at the bottom trains it on the latent cache (the objective and the
+samplers live in diffusion.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from components.config import Diffusion as DiffusionCfg
+from components.config import Params
+from components.config import Unet as UnetCfg
+from components.contracts import (
+    LATENTS,
+    UNET_DIR,
+    VAE_DIR,
+    UserError,
+    atomic_dir,
+    progress,
+    write_json,
+)
+
+WEIGHTS = "weights.safetensors"
+CONFIG = "config.json"
+
+
+def norm(ch: int) -> nn.GroupNorm:
+    return nn.GroupNorm(next(g for g in (8, 4, 2, 1) if ch % g == 0), ch)
+
+
+class ResidualConvBlock(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), norm(cout), nn.GELU())
+        self.conv2 = nn.Sequential(nn.Conv2d(cout, cout, 3, padding=1), norm(cout), nn.GELU())
+        # the course version built this inside forward(): untrained and never saved
+        self.shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv2(self.conv1(x))
+        return (self.shortcut(x) + h) / math.sqrt(2)
+
+
+class UnetDown(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.net = nn.Sequential(ResidualConvBlock(cin, cout), ResidualConvBlock(cout, cout),
+                                 nn.MaxPool2d(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class UnetUp(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.ConvTranspose2d(cin, cout, 2, 2),
+                                 ResidualConvBlock(cout, cout), ResidualConvBlock(cout, cout))
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([x, skip], dim=1))
+
+
+class EmbedFC(nn.Module):
+    """A small MLP that maps a vector (time features or caption) to a channel vector."""
+
+    def __init__(self, din: int, dout: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(din, dout), nn.GELU(), nn.Linear(dout, dout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)[:, :, None, None]
+
+
+def time_features(t: torch.Tensor, dim: int = 32) -> torch.Tensor:
+    """t in [0, 1] (B,) -> sinusoidal features (B, dim); easier for an MLP than a scalar."""
+    freqs = torch.exp(torch.arange(dim // 2, dtype=torch.float32) * (math.log(1000.0)
+                                                                       / (dim // 2 - 1)))
+    angles = t.float()[:, None] * freqs[None] * math.pi
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class ContextUnet(nn.Module):
+    def __init__(self, in_channels: int, n_feat: int, context_dim: int, height: int):
+        super().__init__()
+        if height % 4:
+            raise UserError(f"unet: latent height {height} is not a multiple of 4; "
+                            "change vae.image_size or vae.channel_mult")
+        self.in_channels, self.n_feat = in_channels, n_feat
+        self.context_dim, self.height = context_dim, height
+        n = n_feat
+        self.init_conv = ResidualConvBlock(in_channels, n)
+        self.down1 = UnetDown(n, n)            # h/2
+        self.down2 = UnetDown(n, 2 * n)        # h/4
+        self.to_vec = nn.Sequential(nn.AvgPool2d(height // 4), nn.GELU())
+
+        self.time_embed1 = EmbedFC(32, 2 * n)
+        self.time_embed2 = EmbedFC(32, n)
+        self.context_embed1 = EmbedFC(context_dim, 2 * n)
+        self.context_embed2 = EmbedFC(context_dim, n)
+
+        self.up0 = nn.Sequential(nn.ConvTranspose2d(2 * n, 2 * n, height // 4, height // 4),
+                                 norm(2 * n), nn.GELU())
+        self.up1 = UnetUp(4 * n, n)
+        self.up2 = UnetUp(2 * n, n)
+        self.out = nn.Sequential(nn.Conv2d(2 * n, n, 3, padding=1), norm(n), nn.GELU(),
+                                 nn.Conv2d(n, in_channels, 3, padding=1))
+
+    def config(self) -> dict:
+        return {"in_channels": self.in_channels, "n_feat": self.n_feat,
+                "context_dim": self.context_dim, "height": self.height}
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) noisy latent; t: (B,) in [0, 1]; c: (B, context_dim)."""
+        x = self.init_conv(x)
+        down1 = self.down1(x)
+        down2 = self.down2(down1)
+        hidden = self.to_vec(down2)
+
+        tf = time_features(t).to(x.dtype)
+        c = c.to(x.dtype)
+        temb1, temb2 = self.time_embed1(tf), self.time_embed2(tf)
+        cemb1, cemb2 = self.context_embed1(c), self.context_embed2(c)
+
+        up1 = self.up0(hidden)
+        up2 = self.up1(cemb1 * up1 + temb1, down2)
+        up3 = self.up2(cemb2 * up2 + temb2, down1)
+        return self.out(torch.cat([up3, x], dim=1))
+
+
+# ---------------------------------------------------------------- save / load
+def save_unet(model: ContextUnet, ema_model: ContextUnet | None, config: dict,
+              out_dir: Path) -> None:
+    """One weights.safetensors with `model.*` (raw) and `ema.*` keys, and config.json
+    (`config` plus the constructor arguments under "unet")."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    ema = ema_model if ema_model is not None else model
+    tensors |= {f"ema.{k}": v.detach().clone().contiguous()
+                for k, v in ema.state_dict().items()}
+    save_file(tensors, str(out_dir / WEIGHTS))
+    write_json(out_dir / CONFIG, {**config, "unet": model.config()})
+
+
+def read_unet_config(model_dir: Path) -> dict:
+    model_dir = Path(model_dir)
+    if not (model_dir / WEIGHTS).exists() or not (model_dir / CONFIG).exists():
+        raise UserError(f"{model_dir}: no trained U-Net there (needs {WEIGHTS} and "
+                        f"{CONFIG}); run the unet stage first")
+    return json.loads((model_dir / CONFIG).read_text())
+
+
+def load_unet(model_dir: Path, ema: bool = True) -> ContextUnet:
+    """The EMA weights (ema=True, for sampling) or the raw ones, in eval mode."""
+    config = read_unet_config(model_dir)
+    model = ContextUnet(**config["unet"])
+    prefix = "ema." if ema else "model."
+    tensors = load_file(str(Path(model_dir) / WEIGHTS))
+    model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
+                           if k.startswith(prefix)})
+    return model.eval()
+
+
+# ---------------------------------------------------------------- stage
+def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Path,
+               text_encoder_name: str, vae_dir: Path) -> dict:
+    """Train the Context U-Net on the cached train-split latents; write out_dir whole."""
+    from components.diffusion import NoiseSchedule, training_loss
+    from components.latents import LatentCache
+    from components.vae import cosine_with_warmup, load_vae
+
+    cache = LatentCache(latents_dir)
+    rows = cache.rows("train")
+    if len(rows) == 0:
+        raise UserError(f"{latents_dir}/index.parquet: no rows with split == 'train'; "
+                        "check labels.split")
+    cached_encoder = cache.meta.get("text_encoder")
+    if cached_encoder and cached_encoder != text_encoder_name:
+        raise UserError(f"{latents_dir}: text embeddings were made with {cached_encoder!r}, "
+                        f"not text_encoder.name={text_encoder_name!r}; re-run the latents "
+                        "stage")
+    vae = load_vae(vae_dir)
+    # the whole train split fits in memory at these sizes (960 x 4x16x16 floats = 4 MB)
+    mean = torch.from_numpy(np.ascontiguousarray(cache.mean[rows]))
+    std = torch.from_numpy(np.ascontiguousarray(cache.logvar[rows])).mul(0.5).exp()
+    text = torch.from_numpy(np.ascontiguousarray(cache.text[rows])).float()
+    scale = float(cache.meta["scale_factor"])
+    latent_shape = tuple(int(s) for s in mean.shape[1:])
+
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    schedule = NoiseSchedule(diff)
+    model = ContextUnet(latent_shape[0], cfg.n_feat, text.shape[1], latent_shape[1]).train()
+    ema = ContextUnet(**model.config()).eval()
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    sched = cosine_with_warmup(opt, cfg.warmup, cfg.steps)
+    params, ema_params = list(model.parameters()), list(ema.parameters())
+
+    log: list[tuple[int, float]] = []
+    running, n_running = 0.0, 0
+    start = time.perf_counter()
+    bar = progress(range(cfg.steps), desc="unet", unit="step")
+    for step in bar:
+        idx = torch.randint(0, len(rows), (cfg.batch_size,), generator=gen)
+        eps = torch.randn(mean[idx].shape, generator=gen)
+        x0 = (mean[idx] + std[idx] * eps) * scale  # a fresh posterior sample each time
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss = training_loss(model, schedule, x0, text[idx], cfg.cond_drop, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            # warm-up of the EMA decay: early weights are not averaged in for long
+            decay = min(cfg.ema, (1 + step) / (10 + step))
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        running += loss.item()
+        n_running += 1
+        if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
+            log.append((step + 1, running / n_running))
+            bar.set_postfix(loss=f"{log[-1][1]:.4f}")
+            running, n_running = 0.0, 0
+    seconds = time.perf_counter() - start
+
+    config = {"diffusion": diff.model_dump(mode="json"), "scale_factor": scale,
+              "latent_shape": list(latent_shape), "text_encoder": text_encoder_name,
+              "text_dim": int(text.shape[1]), "image_size": vae.cfg.image_size,
+              "train": cfg.model_dump(mode="json")}
+    metrics = {"final_loss": log[-1][1], "steps": cfg.steps, "seconds": round(seconds, 2),
+               "steps_per_s": round(cfg.steps / seconds, 3), "train_latents": len(rows)}
+
+    with atomic_dir(Path(out_dir)) as tmp:
+        save_unet(model, ema, config, tmp)
+        with open(tmp / "loss.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["step", "loss"])
+            w.writerows([(s, f"{v:.6f}") for s, v in log])
+        preview_samples(ema, vae, schedule, cache, scale, latent_shape, tmp / "samples.png")
+        write_json(tmp / "metrics.json", metrics)
+    return metrics
+
+
+@torch.no_grad()
+def preview_samples(model: ContextUnet, vae: nn.Module, schedule, cache, scale: float,
+                    latent_shape: tuple[int, ...], out: Path, n: int = 8) -> None:
+    """The first n val captions (train if no val), DDIM 25 steps, guidance 3, one row."""
+    from components.diffusion import DDIMSampler, sample
+    from components.vae import image_grid, to_pil
+
+    rows = cache.rows("val")
+    if len(rows) == 0:
+        rows = cache.rows("train")
+    rows = rows[:n]
+    context = torch.from_numpy(np.ascontiguousarray(cache.text[rows])).float()
+    sampler = DDIMSampler(schedule, 0.0)
+    sampler.set_timesteps(25)
+    gens = [torch.Generator().manual_seed(i) for i in range(len(rows))]
+    z = sample(model, schedule, sampler, context, latent_shape, 3.0, gens)
+    image_grid([to_pil(vae.decode(z / scale))], cell=64).save(out)
+
+
+def unet(params: Params) -> dict:
+    """The stage: latent cache in, models/unet/ out."""
+    return train_unet(params.unet, params.diffusion, LATENTS, UNET_DIR,
+                      params.text_encoder.name, VAE_DIR)

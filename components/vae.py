@@ -1,0 +1,335 @@
+"""The VAE: images <-> latents, and the `vae` stage that trains it.
+
+Encoder and decoder mirror each other: one residual block (GroupNorm + SiLU + 3x3 conv,
+twice) per resolution, a stride-2 conv between resolutions on the way down and
+nearest-upsample + conv on the way up. `channel_mult` has one entry per resolution, so
+the down factor is 2^(len(channel_mult) - 1): [1, 2, 2] turns 64x64x3 into 16x16xC.
+
+Loss = reconstruction (mse / l1 on [-1, 1], or bce on logits vs [0, 1] targets) +
+beta * KL, with the KL summed over latent elements and divided by the image's element
+count, so beta means the same thing at any image size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from components.config import Params
+from components.config import Vae as VaeCfg
+from components.contracts import (
+    CAPTIONS,
+    VAE_DIR,
+    UserError,
+    atomic_dir,
+    progress,
+    read_table,
+    write_json,
+)
+
+WEIGHTS = "weights.safetensors"
+CONFIG = "config.json"
+
+
+# ---------------------------------------------------------------- images
+def load_image_tensor(path: Path | str, size: int) -> torch.Tensor:
+    """One image as a 3 x size x size float tensor in [-1, 1]. Transparency and palette
+    images are flattened on white (how a brand graphic is meant to be seen)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("RGBA", "LA", "P", "PA") or "transparency" in im.info:
+                im = im.convert("RGBA")
+                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(bg, im)
+            im = im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read image ({e}); re-run validate to quarantine it") \
+            from None
+    arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def load_batch(paths: list[Path] | list[str], size: int) -> torch.Tensor:
+    if not paths:
+        return torch.zeros(0, 3, size, size)
+    return torch.stack([load_image_tensor(p, size) for p in paths])
+
+
+def to_pil(x: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> PIL images."""
+    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in arr]
+
+
+def image_grid(rows: list[list[Image.Image]], cell: int = 128) -> Image.Image:
+    """Rows of images as one picture, each cell `cell` pixels square (nearest: the pixels
+    a small model made stay visible as pixels)."""
+    n_cols = max(len(r) for r in rows)
+    grid = Image.new("RGB", (n_cols * cell, len(rows) * cell), "white")
+    for y, row in enumerate(rows):
+        for x, im in enumerate(row):
+            grid.paste(im.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST),
+                       (x * cell, y * cell))
+    return grid
+
+
+# ---------------------------------------------------------------- network
+def norm(ch: int) -> nn.GroupNorm:
+    groups = next(g for g in (32, 16, 8, 4, 2, 1) if ch % g == 0)
+    return nn.GroupNorm(groups, ch)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.norm1, self.conv1 = norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class Encoder(nn.Module):
+    def __init__(self, base: int, mult: list[int], latent: int):
+        super().__init__()
+        chs = [base * m for m in mult]
+        self.conv_in = nn.Conv2d(3, chs[0], 3, padding=1)
+        self.blocks = nn.ModuleList()
+        self.downs = nn.ModuleList()
+        cin = chs[0]
+        for i, ch in enumerate(chs):
+            self.blocks.append(ResBlock(cin, ch))
+            last = i == len(chs) - 1
+            self.downs.append(nn.Identity() if last else nn.Conv2d(ch, ch, 3, 2, padding=1))
+            cin = ch
+        self.mid = ResBlock(cin, cin)
+        self.norm_out = norm(cin)
+        self.conv_out = nn.Conv2d(cin, 2 * latent, 3, padding=1)  # mean and logvar
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for block, down in zip(self.blocks, self.downs, strict=True):
+            h = down(block(h))
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, base: int, mult: list[int], latent: int):
+        super().__init__()
+        chs = [base * m for m in reversed(mult)]
+        self.conv_in = nn.Conv2d(latent, chs[0], 3, padding=1)
+        self.mid = ResBlock(chs[0], chs[0])
+        self.blocks = nn.ModuleList()
+        self.ups = nn.ModuleList()
+        cin = chs[0]
+        for i, ch in enumerate(chs):
+            self.blocks.append(ResBlock(cin, ch))
+            last = i == len(chs) - 1
+            self.ups.append(nn.Identity() if last else nn.Sequential(
+                nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)))
+            cin = ch
+        self.norm_out = norm(cin)
+        self.conv_out = nn.Conv2d(cin, 3, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))
+        for block, up in zip(self.blocks, self.ups, strict=True):
+            h = up(block(h))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class VAE(nn.Module):
+    def __init__(self, cfg: VaeCfg):
+        super().__init__()
+        self.cfg = cfg
+        self.down_factor = 2 ** (len(cfg.channel_mult) - 1)
+        self.encoder = Encoder(cfg.base_channels, cfg.channel_mult, cfg.latent_channels)
+        self.decoder = Decoder(cfg.base_channels, cfg.channel_mult, cfg.latent_channels)
+
+    def latent_shape(self, image_size: int | None = None) -> tuple[int, int, int]:
+        s = (image_size or self.cfg.image_size) // self.down_factor
+        return (self.cfg.latent_channels, s, s)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x in [-1, 1] -> (mean, logvar) of the latent posterior."""
+        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+        """What the reconstruction loss sees: logits for bce, [-1, 1] values otherwise."""
+        return self.decoder(z)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z -> image in [-1, 1] whatever the training loss."""
+        raw = self.decoder(z)
+        if self.cfg.loss == "bce":
+            return torch.sigmoid(raw) * 2 - 1
+        return raw.clamp(-1, 1)
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mean, logvar = self.encode(x)
+        eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+        z = mean + torch.exp(0.5 * logvar) * eps
+        return self.decode_raw(z), mean, logvar
+
+
+def vae_loss(model: VAE, x: torch.Tensor, generator: torch.Generator | None = None
+             ) -> torch.Tensor:
+    raw, mean, logvar = model(x, generator)
+    raw, mean, logvar = raw.float(), mean.float(), logvar.float()
+    loss_name = model.cfg.loss
+    if loss_name == "bce":
+        recon = F.binary_cross_entropy_with_logits(raw, (x + 1) / 2)
+    elif loss_name == "l1":
+        recon = F.l1_loss(raw, x)
+    else:
+        recon = F.mse_loss(raw, x)
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
+    return recon + model.cfg.beta * kl / x[0].numel()
+
+
+# ---------------------------------------------------------------- save / load
+def save_vae(model: VAE, cfg: VaeCfg, out_dir: Path) -> None:
+    """weights.safetensors + config.json (the Vae section; enough to rebuild)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out_dir / WEIGHTS))
+    write_json(out_dir / CONFIG, {"vae": cfg.model_dump(mode="json"),
+                                  "down_factor": model.down_factor,
+                                  "latent_shape": list(model.latent_shape())})
+
+
+def load_vae(model_dir: Path) -> VAE:
+    model_dir = Path(model_dir)
+    if not (model_dir / WEIGHTS).exists() or not (model_dir / CONFIG).exists():
+        raise UserError(f"{model_dir}: no trained VAE there (needs {WEIGHTS} and {CONFIG}); "
+                        "run the vae stage first")
+    cfg = VaeCfg(**json.loads((model_dir / CONFIG).read_text())["vae"])
+    model = VAE(cfg)
+    model.load_state_dict(load_file(str(model_dir / WEIGHTS)))
+    return model.eval()
+
+
+# ---------------------------------------------------------------- stage
+def cosine_with_warmup(opt: torch.optim.Optimizer, warmup: int, total: int
+                       ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to the base rate, then cosine decay to 5% of it (VAE and U-Net)."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        done = (step - warmup) / max(1, total - warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def recon_grid(originals: torch.Tensor, recons: torch.Tensor, zoom: int = 2) -> Image.Image:
+    """Top row originals, bottom row reconstructions, upscaled for visibility."""
+    return image_grid([to_pil(originals), to_pil(recons)],
+                      cell=originals.shape[-1] * zoom)
+
+
+@torch.no_grad()
+def evaluate_recon(model: VAE, images: torch.Tensor, batch_size: int, bf16: bool
+                   ) -> tuple[float, float, torch.Tensor]:
+    """Val PSNR and SSIM on [0, 1] (torchmetrics) from the posterior mean."""
+    from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+    psnr = PeakSignalNoiseRatio(data_range=1.0)
+    ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+    model.eval()
+    recons = []
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            rec = model.decode(model.encode(x)[0])
+        rec = rec.float().clamp(-1, 1)
+        psnr.update((rec + 1) / 2, (x + 1) / 2)
+        ssim.update((rec + 1) / 2, (x + 1) / 2)
+        recons.append(rec)
+    model.train()
+    return float(psnr.compute()), float(ssim.compute()), torch.cat(recons)
+
+
+def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_dir: Path
+              ) -> dict:
+    """The vae stage: train on train_paths, measure on val_paths, write out_dir whole."""
+    if not train_paths:
+        raise UserError("vae: no training images (the train split is empty); "
+                        "check data/labels/captions.parquet and labels.split")
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train = load_batch(list(train_paths), cfg.image_size)
+    val = load_batch(list(val_paths), cfg.image_size)
+    model = VAE(cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    sched = cosine_with_warmup(opt, min(50, max(1, total // 20)), total)
+
+    start = time.perf_counter()
+    seen = 0
+    losses: list[float] = []
+    val_psnr = val_ssim = float("nan")
+    recons = torch.zeros(0)
+    bar = progress(total=total, desc="vae", unit="step")
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(len(train), generator=gen)
+        epoch_loss = 0.0
+        for i in range(0, len(train), cfg.batch_size):
+            x = train[order[i : i + cfg.batch_size]]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss = vae_loss(model, x, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            seen += len(x)
+            epoch_loss += loss.item() * len(x)
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
+        losses.append(epoch_loss / len(train))
+        if len(val):
+            val_psnr, val_ssim, recons = evaluate_recon(model, val, 64, cfg.bf16)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}",
+                            psnr=f"{val_psnr:.2f}", ssim=f"{val_ssim:.3f}")
+    bar.close()
+    seconds = time.perf_counter() - start
+    model.eval()
+
+    metrics = {"val_psnr": val_psnr, "val_ssim": val_ssim, "train_loss": losses[-1],
+               "epochs": cfg.epochs, "seconds": round(seconds, 2),
+               "images_per_s": round(seen / seconds, 2), "train_images": len(train),
+               "val_images": len(val), "epoch_losses": losses}
+    shown = val[:8] if len(val) else train[:8]
+    if not len(val):
+        with torch.no_grad():
+            recons = model.decode(model.encode(shown)[0])
+    with atomic_dir(Path(out_dir)) as tmp:
+        save_vae(model, cfg, tmp)
+        recon_grid(shown, recons[: len(shown)]).save(tmp / "recon.png")
+        write_json(tmp / "metrics.json", metrics)
+    return metrics
+
+
+def vae(params: Params) -> dict:
+    """The stage: train on the train split of the captions table, validate on val."""
+    caps = read_table(CAPTIONS, "captions")
+    return train_vae(params.vae, caps.loc[caps["split"] == "train", "path"].tolist(),
+                     caps.loc[caps["split"] == "val", "path"].tolist(), VAE_DIR)

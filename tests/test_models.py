@@ -1,0 +1,205 @@
+"""Model behaviour: shapes, save/load, the two course bugs, determinism, a tiny stage."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from components.config import Diffusion, Sampler, Unet, Vae
+from components.contracts import UserError
+from components.diffusion import (
+    DDIMSampler,
+    DDPMSampler,
+    NoiseSchedule,
+    make_sampler,
+    sample,
+)
+from components.generator import Generator
+from components.unet import ContextUnet, load_unet, save_unet, train_unet
+from components.vae import VAE, load_image_tensor, load_vae, save_vae, train_vae
+
+TINY_VAE = Vae(image_size=32, base_channels=8, channel_mult=[1, 2, 2], latent_channels=4,
+               epochs=1, batch_size=4, bf16=False)
+
+
+@pytest.mark.parametrize("cfg, latent", [
+    (TINY_VAE, (4, 8, 8)),
+    (Vae(image_size=32, base_channels=8, channel_mult=[1, 2], latent_channels=3,
+         loss="bce"), (3, 16, 16)),
+])
+def test_vae_shapes(cfg: Vae, latent: tuple[int, int, int]) -> None:
+    vae = VAE(cfg).eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    mean, logvar = vae.encode(x)
+    assert mean.shape == logvar.shape == (2, *latent)
+    assert vae.latent_shape() == latent
+    y = vae.decode(mean)
+    assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1
+
+
+def test_vae_save_load_round_trip(tmp_path: Path) -> None:
+    vae = VAE(TINY_VAE).eval()
+    save_vae(vae, TINY_VAE, tmp_path)
+    again = load_vae(tmp_path)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(vae.decode(vae.encode(x)[0]), again.decode(again.encode(x)[0]))
+
+
+def test_load_image_flattens_transparency_on_white(tmp_path: Path) -> None:
+    Image.new("RGBA", (40, 40), (255, 0, 0, 0)).save(tmp_path / "clear.png")
+    Image.new("L", (40, 40), 0).save(tmp_path / "grey.png")
+    assert torch.allclose(load_image_tensor(tmp_path / "clear.png", 16), torch.ones(3, 16, 16))
+    assert load_image_tensor(tmp_path / "grey.png", 16).shape == (3, 16, 16)
+
+
+def test_train_vae_writes_outputs(tmp_path: Path) -> None:
+    paths = []
+    for i, colour in enumerate(["red", "blue", "green", "yellow", "white", "black"]):
+        p = tmp_path / f"{i}.png"
+        Image.new("RGB", (64, 64), colour).save(p)
+        paths.append(p)
+    m = train_vae(TINY_VAE, paths[:4], paths[4:], tmp_path / "vae")
+    assert {"weights.safetensors", "config.json", "recon.png"} <= {
+        p.name for p in (tmp_path / "vae").iterdir()}
+    assert m["epochs"] == 1 and m["images_per_s"] > 0 and np.isfinite(m["val_psnr"])
+    with pytest.raises(UserError):
+        train_vae(TINY_VAE, [], paths, tmp_path / "none")
+
+
+def test_q_sample_uses_sqrt_one_minus_alpha_bar() -> None:
+    schedule = NoiseSchedule(Diffusion(timesteps=100))
+    t = torch.full((20000,), 10)
+    noise = torch.randn(20000, 1, generator=torch.Generator().manual_seed(0))
+    xt = schedule.q_sample(torch.zeros(20000, 1), t, noise)
+    want = 1 - schedule.alphas_cumprod[10]  # small t: (1 - ab)^2 would be ~100x smaller
+    assert xt.var().item() == pytest.approx(want.item(), rel=0.05)
+
+
+def test_cosine_schedule_is_monotone() -> None:
+    ab = NoiseSchedule(Diffusion(timesteps=50, schedule="cosine")).alphas_cumprod
+    assert (ab[1:] < ab[:-1]).all() and 0 < ab[-1] < 0.01
+
+
+def test_unet_shortcut_conv_is_a_saved_parameter() -> None:
+    net = ContextUnet(in_channels=4, n_feat=8, context_dim=6, height=16)
+    keys = set(net.state_dict())
+    assert "init_conv.shortcut.weight" in keys  # 4 -> 8 channels needs the 1x1 conv
+    before = len(list(net.modules()))
+    out = net(torch.randn(2, 4, 16, 16), torch.rand(2), torch.randn(2, 6))
+    assert out.shape == (2, 4, 16, 16)
+    assert len(list(net.modules())) == before
+
+
+@pytest.mark.parametrize("height", [8, 12, 16, 32])
+def test_unet_handles_multiples_of_four(height: int) -> None:
+    net = ContextUnet(in_channels=3, n_feat=8, context_dim=5, height=height)
+    assert net(torch.randn(1, 3, height, height), torch.rand(1), torch.zeros(1, 5)).shape \
+        == (1, 3, height, height)
+
+
+def test_ddim_eta0_is_deterministic_and_ddpm_seeded() -> None:
+    net = ContextUnet(in_channels=4, n_feat=8, context_dim=6, height=8).eval()
+    schedule = NoiseSchedule(Diffusion(timesteps=50))
+    c = torch.randn(2, 6)
+
+    def run(sampler, seed: int) -> torch.Tensor:
+        sampler.set_timesteps(5)
+        return sample(net, schedule, sampler, c, (4, 8, 8), 3.0,
+                      torch.Generator().manual_seed(seed))
+
+    ddim = DDIMSampler(schedule, eta=0.0)
+    assert torch.equal(run(ddim, 0), run(ddim, 0))
+    # eta=0: the only randomness is the starting noise
+    x = torch.randn(2, 4, 8, 8)
+    eps = torch.randn(2, 4, 8, 8)
+    a = ddim.step(eps, 40, 30, x, torch.Generator().manual_seed(1))
+    b = ddim.step(eps, 40, 30, x, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+    ddpm = DDPMSampler(schedule)
+    assert torch.equal(run(ddpm, 3), run(ddpm, 3))
+    assert not torch.equal(run(ddpm, 3), run(ddpm, 4))
+    assert make_sampler(Sampler(name="ddpm", steps=7), schedule).timesteps.numel() == 7
+
+
+def write_tiny_cache(root: Path, n: int = 24, dim: int = 6, shape=(4, 8, 8)) -> Path:
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    np.save(root / "mean.npy", rng.normal(size=(n, *shape)).astype(np.float32))
+    np.save(root / "logvar.npy", np.full((n, *shape), -4.0, np.float32))
+    np.save(root / "text.npy", rng.normal(size=(n, dim)).astype(np.float32))
+    split = ["train"] * (n - 8) + ["val"] * 4 + ["test"] * 4
+    pd.DataFrame({"id": [f"i{i}" for i in range(n)], "row": np.arange(n), "split": split,
+                  "caption": [f"caption {i}" for i in range(n)],
+                  "key": [f"k{i}" for i in range(n)]}).to_parquet(root / "index.parquet")
+    (root / "meta.json").write_text(json.dumps({
+        "scale_factor": 0.9, "latent_shape": list(shape), "text_dim": dim,
+        "text_encoder": "stub"}))
+    return root
+
+
+@dataclass
+class _Encoded:
+    vectors: np.ndarray
+
+
+class StubEncoder:
+    """Deterministic 6-d 'embedding' per prompt, so tests need no pretrained model."""
+
+    def encode(self, texts: list[str]) -> _Encoded:
+        vecs = [np.random.default_rng(abs(hash(t)) % 2**32).normal(size=6) for t in texts]
+        return _Encoded(np.asarray(vecs, dtype=np.float32))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path, dict]:
+    root = tmp_path_factory.mktemp("models")
+    cache = write_tiny_cache(root / "latents")
+    vae = VAE(Vae(image_size=32, base_channels=8, channel_mult=[1, 2, 2]))
+    save_vae(vae, vae.cfg, root / "vae")
+    metrics = train_unet(Unet(n_feat=8, steps=60, batch_size=4, warmup=5, bf16=False),
+                         Diffusion(timesteps=50), cache, root / "unet", "stub",
+                         vae_dir=root / "vae")
+    return root / "vae", root / "unet", metrics
+
+
+def test_train_unet_writes_its_files(trained) -> None:
+    _, unet_dir, metrics = trained
+    assert {"weights.safetensors", "config.json", "loss.csv", "samples.png"} <= {
+        p.name for p in unet_dir.iterdir()}
+    assert metrics["steps"] == 60 and np.isfinite(metrics["final_loss"])
+    config = json.loads((unet_dir / "config.json").read_text())
+    assert config["scale_factor"] == 0.9 and config["latent_shape"] == [4, 8, 8]
+    assert config["image_size"] == 32 and config["text_encoder"] == "stub"
+    assert pd.read_csv(unet_dir / "loss.csv")["step"].tolist() == [50, 60]
+    raw, ema = load_unet(unet_dir, ema=False), load_unet(unet_dir, ema=True)
+    assert not torch.equal(raw.out[0].weight, ema.out[0].weight)
+
+
+def test_save_unet_round_trip(tmp_path: Path) -> None:
+    net = ContextUnet(4, 8, 6, 8).eval()
+    save_unet(net, None, {"note": 1}, tmp_path)
+    again = load_unet(tmp_path)
+    args = torch.randn(1, 4, 8, 8), torch.rand(1), torch.randn(1, 6)
+    with torch.no_grad():
+        assert torch.equal(net(*args), again(*args))
+
+
+def test_generator_same_seed_same_image_and_size(trained) -> None:
+    vae_dir, unet_dir, _ = trained
+    gen = Generator.load(vae_dir, unet_dir, Sampler(steps=4), text_encoder=StubEncoder())
+    a = gen.generate(["red poster", "blue poster"], seed=7)
+    b = gen.generate(["red poster", "blue poster"], seed=7)
+    assert a[0].size == (32, 32)
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b, strict=True))
+    other = gen.generate(["red poster"], seed=8)[0]
+    assert not np.array_equal(np.asarray(other), np.asarray(a[0]))
+    sized = gen.generate(["red poster"], seed=7, width=48, height=40, steps=3, guidance=2.0)
+    assert sized[0].size == (48, 40)
