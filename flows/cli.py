@@ -48,7 +48,8 @@ def cmd_stage(args) -> int:
     module, func = STAGE_FUNCS[args.name].split(":")
     metrics = getattr(importlib.import_module(module), func)(params)
     write_metrics(args.name, metrics)
-    shown = ", ".join(f"{k}={v}" for k, v in metrics.items() if not isinstance(v, dict))
+    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                      for k, v in metrics.items() if not isinstance(v, dict | list))
     print(f"{args.name}: {shown}")
     return 0
 
@@ -60,9 +61,9 @@ def cmd_run(args) -> int:
     if args.set:
         write_overrides(args.params, args.set)
         print(f"{args.params}: set {', '.join(args.set)} (recorded so dvc.lock matches)")
-    from flows.pipeline import pipeline
+    from flows.pipeline import run_pipeline
 
-    pipeline(force=args.force)
+    run_pipeline(force=args.force)
     return 0
 
 

@@ -7,15 +7,26 @@ graph, and each task asks DVC to reproduce exactly one stage, so `tinyldm run` a
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
 import time
 from pathlib import Path
 
 import networkx as nx
 from prefect import flow, get_run_logger, task
+from prefect.states import Failed, State
 
 from components.contracts import EVAL_DIR, REPORTS, UserError, metrics_path, read_json, write_json
 
 RUN_LOG = REPORTS / "pipeline_run.json"  # per-stage wall times of the last run (bench/ reads it)
+
+
+def _quiet_dvc() -> None:
+    """DVC prints its own lines; stop Prefect's handler printing each a second time, and
+    drop the per-stage 'git add dvc.lock' hint (the summary says what ran)."""
+    logging.getLogger("dvc").propagate = False
+    logging.getLogger("dvc.repo.scm_context").setLevel(logging.WARNING)
 
 
 def stage_order(root: Path = Path(".")) -> list[str]:
@@ -27,18 +38,21 @@ def stage_order(root: Path = Path(".")) -> list[str]:
 
 
 @task(task_run_name="{name}")
-def run_stage(name: str, force: bool = False) -> dict:
+def run_stage(name: str, force: bool = False) -> dict | State:
+    """DVC reproduces one stage (or skips it when nothing changed). A failed stage has
+    already printed its own one-line error; the task fails with that pointer, no trace."""
     from dvc.exceptions import ReproductionError
     from dvc.repo import Repo
 
     log = get_run_logger()
+    _quiet_dvc()
     t0 = time.monotonic()
     try:
         with Repo(".") as repo:
             ran = repo.reproduce(targets=[name], single_item=True, force=force)
-    except ReproductionError as e:
-        raise UserError(f"stage {name} failed ({e}); see its message above, fix it and run "
-                        "again: finished stages are not redone") from None
+    except ReproductionError:
+        return Failed(message=f"stage {name} failed; its error is printed above. Fix it and "
+                              "run again: finished stages are not redone")
     seconds = round(time.monotonic() - t0, 1)
     log.info("stage %s: %s in %.1f s", name, "ran" if ran else "up to date", seconds)
     return {"stage": name, "ran": bool(ran), "seconds": seconds}
@@ -69,12 +83,28 @@ def summary(results: list[dict]) -> str:
 
 
 @flow(name="tinyldm-pipeline", log_prints=True)
-def pipeline(force: bool = False) -> list[dict]:
+def pipeline(force: bool = False) -> list[dict] | State:
+    # dvc.yaml calls `tinyldm stage ...` through the shell: make this environment's
+    # tinyldm the one it finds, also when the venv is not activated
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     order = stage_order()
     results = []
     for i, name in enumerate(order, 1):
         print(f"[{i}/{len(order)}] {name}")
-        results.append(run_stage(name, force))
+        state = run_stage(name, force, return_state=True)
+        if state.is_failed():
+            return Failed(message=state.message)
+        results.append(state.result())
     write_json(RUN_LOG, results)
     print(summary(results))
     return results
+
+
+def run_pipeline(force: bool = False) -> list[dict]:
+    """The flow, with a failed stage turned into one UserError line for the CLI."""
+    state = pipeline(force=force, return_state=True)
+    if state.is_failed():
+        raise UserError(state.message or "pipeline failed; see the messages above")
+    return state.result()
