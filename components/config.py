@@ -144,10 +144,11 @@ class Latents(Section):
 
 
 class Diffusion(Section):
-    timesteps: int = Field(500, ge=10, le=4000)
-    schedule: Literal["linear", "cosine"] = "linear"
+    timesteps: int = Field(1000, ge=10, le=4000)
+    schedule: Literal["linear", "cosine"] = "cosine"
     beta_start: float = Field(1e-4, gt=0, lt=1)
     beta_end: float = Field(0.02, gt=0, lt=1)
+    prediction: Literal["eps", "v"] = "v"
 
 
 class Sampler(Section):

@@ -3,9 +3,9 @@
 - `NoiseSchedule`: betas and alpha-bar for T training timesteps; `q_sample` noises x0.
 - `training_loss`: the epsilon-prediction objective with caption dropout.
 - Samplers share one contract: `set_timesteps(n)` fills `.timesteps` (descending ints),
-  then for each pair (t, t_prev) of `.pairs()` call `step(eps, t, t_prev, sample,
-  generator) -> prev_sample`; t_prev = -1 means "to the clean sample". Adding a sampler
-  is adding one class.
+  then for each pair (t, t_prev) of `.pairs()` call `step(x0, eps, t, t_prev, sample,
+  generator) -> prev_sample` with the model's two predictions at t; t_prev = -1 means
+  "to the clean sample". Adding a sampler is adding one class.
 - `sample` runs a sampler with classifier-free guidance, cond and uncond in one batch.
 
 The network is any module called as `model(x_t, t in [0, 1], context)`.
@@ -61,21 +61,48 @@ class NoiseSchedule:
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
                  ) -> torch.Tensor:
         """x_t = sqrt(ab) x0 + sqrt(1 - ab) noise (the course version forgot the sqrt)."""
-        ab = self.alpha_bar(t).to(x0.dtype).view(-1, *[1] * (x0.dim() - 1))
+        ab = self._ab(t, x0)
         return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+    def _ab(self, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
+        ab = self.alpha_bar(t).to(like.dtype)
+        return ab.view(-1, *[1] * (like.dim() - 1)) if ab.dim() else ab
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the network learns to output: the noise (eps) or the velocity
+        v = sqrt(ab) noise - sqrt(1 - ab) x0. At high noise v is about -x0, so a v-model
+        must decide the image's global content (its background colour) from the caption;
+        an eps-model is barely penalised there and takes it from the leftover signal in
+        the noise, which ignores the prompt at sampling time."""
+        if self.cfg.prediction == "eps":
+            return noise
+        ab = self._ab(t, x0)
+        return ab.sqrt() * noise - (1 - ab).sqrt() * x0
+
+    def predictions(self, output: torch.Tensor, t: int, sample: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network's output at step t as (x0, eps), what every sampler steps with.
+        Each is computed directly from v (no division by sqrt(ab), which is ~1e-4 at the
+        last cosine step and would blow float32 rounding up into the image)."""
+        ab = self._ab(t, sample)
+        if self.cfg.prediction == "eps":
+            return (sample - (1 - ab).sqrt() * output) / ab.sqrt(), output
+        return (ab.sqrt() * sample - (1 - ab).sqrt() * output,
+                ab.sqrt() * output + (1 - ab).sqrt() * sample)
 
 
 def training_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor,
                   c: torch.Tensor, cond_drop: float, generator: torch.Generator | None
                   ) -> torch.Tensor:
-    """Epsilon-prediction MSE; each caption is zeroed with probability cond_drop so the
-    same network also learns the unconditional prediction used by guidance."""
+    """MSE to the schedule's target (eps or v); each caption is zeroed with probability
+    cond_drop so the same network also learns the unconditional prediction used by
+    guidance."""
     b = x0.shape[0]
     t = torch.randint(0, schedule.num_timesteps, (b,), generator=generator)
     noise = torch.randn(x0.shape, generator=generator)
     keep = (torch.rand(b, generator=generator) >= cond_drop).to(c.dtype)[:, None]
-    eps = model(schedule.q_sample(x0, t, noise), schedule.normalise(t), c * keep)
-    return F.mse_loss(eps.float(), noise)
+    out = model(schedule.q_sample(x0, t, noise), schedule.normalise(t), c * keep)
+    return F.mse_loss(out.float(), schedule.target(x0, noise, t))
 
 
 # ---------------------------------------------------------------- samplers
@@ -96,12 +123,9 @@ class Sampler:
         ts = self.timesteps.tolist()
         return list(zip(ts, ts[1:] + [-1], strict=True))
 
-    def predict_x0(self, eps: torch.Tensor, t: int, sample: torch.Tensor) -> torch.Tensor:
-        ab = self.schedule.alpha_bar(t)
-        return (sample - (1 - ab).sqrt() * eps) / ab.sqrt()
-
-    def step(self, eps: torch.Tensor, t: int, t_prev: int, sample: torch.Tensor,
-             generator: Generators = None) -> torch.Tensor:
+    def step(self, x0: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int,
+             sample: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+        """x_{t_prev} from x_t (`sample`) and the model's (x0, eps) at t."""
         raise NotImplementedError
 
 
@@ -112,10 +136,9 @@ class DDIMSampler(Sampler):
         super().__init__(schedule)
         self.eta = eta
 
-    def step(self, eps: torch.Tensor, t: int, t_prev: int, sample: torch.Tensor,
-             generator: Generators = None) -> torch.Tensor:
+    def step(self, x0: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int,
+             sample: torch.Tensor, generator: Generators = None) -> torch.Tensor:
         ab, ab_prev = self.schedule.alpha_bar(t), self.schedule.alpha_bar(t_prev)
-        x0 = self.predict_x0(eps, t, sample)
         sigma = self.eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
         direction = (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps
         prev = ab_prev.sqrt() * x0 + direction
@@ -128,11 +151,10 @@ class DDPMSampler(Sampler):
     """Ho et al. 2020 ancestral sampling from the posterior q(x_prev | x_t, x0), on a
     possibly respaced timestep grid (beta between the two visited steps)."""
 
-    def step(self, eps: torch.Tensor, t: int, t_prev: int, sample: torch.Tensor,
-             generator: Generators = None) -> torch.Tensor:
+    def step(self, x0: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int,
+             sample: torch.Tensor, generator: Generators = None) -> torch.Tensor:
         ab, ab_prev = self.schedule.alpha_bar(t), self.schedule.alpha_bar(t_prev)
         beta = 1 - ab / ab_prev
-        x0 = self.predict_x0(eps, t, sample)
         mean = (ab_prev.sqrt() * beta / (1 - ab)) * x0 \
             + ((1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)) * sample
         if t_prev < 0:
@@ -153,7 +175,7 @@ def sample(model: nn.Module, schedule: NoiseSchedule, sampler: Sampler,
            context: torch.Tensor, shape: tuple[int, ...], guidance: float,
            generator: Generators = None) -> torch.Tensor:
     """Latents (B, *shape) for captions `context` (B, D), with classifier-free guidance
-    eps = eps_u + g (eps_c - eps_u); g=0 is unconditional, g=1 purely conditional."""
+    out = out_u + g (out_c - out_u); g=0 is unconditional, g=1 purely conditional."""
     b = context.shape[0]
     x = randn((b, *shape), generator)
     uncond = torch.zeros_like(context)
@@ -161,10 +183,11 @@ def sample(model: nn.Module, schedule: NoiseSchedule, sampler: Sampler,
         tt = schedule.normalise(torch.full((b,), t))
         if guidance == 1.0 or guidance == 0.0:
             c = context if guidance == 1.0 else uncond
-            eps = model(x, tt, c).float()
+            out = model(x, tt, c).float()
         else:
-            eps_c, eps_u = model(torch.cat([x, x]), torch.cat([tt, tt]),
+            out_c, out_u = model(torch.cat([x, x]), torch.cat([tt, tt]),
                                  torch.cat([context, uncond])).float().chunk(2)
-            eps = eps_u + guidance * (eps_c - eps_u)
-        x = sampler.step(eps, t, t_prev, x, generator)
+            out = out_u + guidance * (out_c - out_u)  # linear: same for eps or v
+        x0, eps = schedule.predictions(out, t, x)
+        x = sampler.step(x0, eps, t, t_prev, x, generator)
     return x

@@ -83,6 +83,21 @@ def test_q_sample_uses_sqrt_one_minus_alpha_bar() -> None:
     assert xt.var().item() == pytest.approx(want.item(), rel=0.05)
 
 
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_predictions_invert_the_training_target(prediction: str) -> None:
+    schedule = NoiseSchedule(Diffusion(timesteps=1000, schedule="cosine",
+                                       prediction=prediction))
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    # v stays exact at the very last step, where sqrt(alpha-bar) is ~5e-5
+    for step in ([10, 500, 999] if prediction == "v" else [10, 500]):
+        t = torch.full((3,), step)
+        xt = schedule.q_sample(x0, t, noise)
+        got_x0, got_eps = schedule.predictions(schedule.target(x0, noise, t), step, xt)
+        assert torch.allclose(got_x0, x0, atol=1e-3) and torch.allclose(got_eps, noise,
+                                                                         atol=1e-3)
+
+
 def test_cosine_schedule_is_monotone() -> None:
     ab = NoiseSchedule(Diffusion(timesteps=50, schedule="cosine")).alphas_cumprod
     assert (ab[1:] < ab[:-1]).all() and 0 < ab[-1] < 0.01
@@ -120,8 +135,9 @@ def test_ddim_eta0_is_deterministic_and_ddpm_seeded() -> None:
     # eta=0: the only randomness is the starting noise
     x = torch.randn(2, 4, 8, 8)
     eps = torch.randn(2, 4, 8, 8)
-    a = ddim.step(eps, 40, 30, x, torch.Generator().manual_seed(1))
-    b = ddim.step(eps, 40, 30, x, torch.Generator().manual_seed(2))
+    x0 = torch.randn(2, 4, 8, 8)
+    a = ddim.step(x0, eps, 40, 30, x, torch.Generator().manual_seed(1))
+    b = ddim.step(x0, eps, 40, 30, x, torch.Generator().manual_seed(2))
     assert torch.equal(a, b)
     ddpm = DDPMSampler(schedule)
     assert torch.equal(run(ddpm, 3), run(ddpm, 3))
