@@ -135,7 +135,7 @@ class Vae(Section):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-3, gt=0)
-    bf16: bool = False  # 2.3x slower than fp32 on CPUs without bf16 units (see params.yaml)
+    bf16: bool | Literal["auto"] = "auto"  # auto: when the CPU has bf16 units
     seed: int = 0
 
 
@@ -152,7 +152,7 @@ class Diffusion(Section):
 
 
 class Sampler(Section):
-    name: Literal["ddpm", "ddim"] = "ddim"
+    name: Literal["ddpm", "ddim", "dpmpp2m"] = "ddim"
     steps: int = Field(50, ge=1, le=4000)
     guidance: float = Field(3.0, ge=0, le=50)
     eta: float = Field(0.0, ge=0, le=1)
@@ -166,14 +166,14 @@ class Unet(Section):
     warmup: int = Field(100, ge=0)
     cond_drop: float = Field(0.1, ge=0, lt=1)
     ema: float = Field(0.999, ge=0, lt=1)
-    bf16: bool = False
+    bf16: bool | Literal["auto"] = "auto"
     seed: int = 0
 
 
 class Evaluate(Section):
     prompts: list[str] = Field(min_length=1)
     seed: int = 0
-    adherence_per_colour: int = Field(4, ge=1, le=64)
+    adherence_seeds: int = Field(2, ge=1, le=64)
 
 
 class Register(Section):

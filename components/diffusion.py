@@ -119,6 +119,9 @@ class Sampler:
         self.timesteps = torch.from_numpy(
             np.unique(np.linspace(0, T - 1, n).round().astype(np.int64))[::-1].copy())
 
+    def reset(self) -> None:
+        """Forget any state from a previous trajectory (multistep samplers keep some)."""
+
     def pairs(self) -> list[tuple[int, int]]:
         ts = self.timesteps.tolist()
         return list(zip(ts, ts[1:] + [-1], strict=True))
@@ -163,9 +166,44 @@ class DDPMSampler(Sampler):
         return mean + var.sqrt() * randn(sample.shape, generator)
 
 
+class DPMSolverPP2M(Sampler):
+    """DPM-Solver++(2M), Lu et al. 2022: a second-order multistep solver on the model's
+    x0 predictions in log-SNR time; ~20 steps match DDIM-50. Deterministic; remembers
+    the previous step's x0, so `reset()` starts a new trajectory."""
+
+    def __init__(self, schedule: NoiseSchedule):
+        super().__init__(schedule)
+        self.reset()
+
+    def reset(self) -> None:
+        self._last: tuple[float, torch.Tensor] | None = None
+
+    def _lam(self, ab: torch.Tensor) -> float:
+        return float(0.5 * (torch.log(ab) - torch.log1p(-ab)))  # log(alpha / sigma)
+
+    def step(self, x0: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int,
+             sample: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+        if t_prev < 0:  # the last step lands on the model's clean estimate
+            return x0
+        ab, ab_prev = self.schedule.alpha_bar(t), self.schedule.alpha_bar(t_prev)
+        lam, lam_prev = self._lam(ab), self._lam(ab_prev)
+        h = lam_prev - lam
+        d = x0
+        if self._last is not None:  # second order: extrapolate x0 along log-SNR
+            lam_last, x0_last = self._last
+            r = (lam - lam_last) / h
+            d = x0 + (x0 - x0_last) / (2 * r)
+        self._last = (lam, x0)
+        return ((1 - ab_prev) / (1 - ab)).sqrt() * sample \
+            - ab_prev.sqrt() * math.expm1(-h) * d
+
+
+SAMPLERS = {"ddim": DDIMSampler, "ddpm": DDPMSampler, "dpmpp2m": DPMSolverPP2M}
+
+
 def make_sampler(cfg: SamplerCfg, schedule: NoiseSchedule) -> Sampler:
     sampler: Sampler = (DDIMSampler(schedule, cfg.eta) if cfg.name == "ddim"
-                        else DDPMSampler(schedule))
+                        else SAMPLERS[cfg.name](schedule))
     sampler.set_timesteps(cfg.steps)
     return sampler
 
@@ -179,6 +217,7 @@ def sample(model: nn.Module, schedule: NoiseSchedule, sampler: Sampler,
     b = context.shape[0]
     x = randn((b, *shape), generator)
     uncond = torch.zeros_like(context)
+    sampler.reset()
     for t, t_prev in sampler.pairs():
         tt = schedule.normalise(torch.full((b,), t))
         if guidance == 1.0 or guidance == 0.0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+import pandas as pd
 import torch
 from PIL import Image
 from torchmetrics.functional.image import (
@@ -19,7 +20,7 @@ from torchmetrics.functional.image import (
 from components.config import Params
 from components.contracts import CAPTIONS, EVAL_DIR, UNET_DIR, VAE_DIR, atomic_dir, read_table
 from components.generator import Generator
-from components.labels import caption, label_background
+from components.labels import LAYOUTS, caption, label_background
 from components.vae import image_grid, load_batch, load_vae
 
 
@@ -35,11 +36,56 @@ def vae_quality(params: Params, paths: list[str]) -> dict:
                               4)}
 
 
-def adherence_prompts(params: Params) -> list[tuple[str, str]]:
-    """(expected colour, prompt) for every palette colour, in the captions' own words."""
-    return [(c, caption({"saturation": "vivid", "background": c, "background_kind": "solid",
-                         "layout": "centre", "text": "SALE"}, params.labels.caption_template))
-            for c in params.brand.palette]
+ADHERENCE_FIELDS = ["background", "background_kind", "saturation"]
+
+
+def adherence_cases(params: Params) -> list[dict]:
+    """Held-out prompts in the captions' own words: every palette colour, solid and
+    gradient, saturation and layout cycling through their values, so most combinations
+    are not the ones of any one training image."""
+    levels = list(params.labels.saturation_levels)
+    cases = []
+    for i, colour in enumerate(params.brand.palette):
+        for j, kind in enumerate(["solid", "gradient"]):
+            row = {"background": colour, "background_kind": kind,
+                   "saturation": levels[(i + j) % len(levels)],
+                   "layout": LAYOUTS[(2 * i + j) % len(LAYOUTS)], "text": "SALE"}
+            cases.append({**row, "prompt": caption(row, params.labels.caption_template)})
+    return cases
+
+
+def prompt_adherence(gen: Generator, params: Params, train: pd.DataFrame
+                     ) -> tuple[dict, list[list[Image.Image]]]:
+    """Share of generated images whose auto-label equals what the prompt asked, per
+    field; also per colour, and on combinations that no training caption has."""
+    cfg = params.evaluate
+    seen = set(map(tuple, train[ADHERENCE_FIELDS + ["layout"]].to_numpy().tolist()))
+    hits: dict[str, list[bool]] = {}
+    rows = []
+    for case in adherence_cases(params):
+        ims = gen.generate([case["prompt"]] * cfg.adherence_seeds, seed=cfg.seed)
+        rows.append(ims)
+        unseen = tuple(case[f] for f in ADHERENCE_FIELDS + ["layout"]) not in seen
+        for im in ims:
+            got = label_background(im, params.brand, params.labels)
+            for f in ADHERENCE_FIELDS:
+                ok = got[f] == case[f]
+                hits.setdefault(f, []).append(ok)
+                if unseen:
+                    hits.setdefault(f"unseen_{f}", []).append(ok)
+            hits.setdefault(f"colour_{case['background']}", []).append(
+                got["background"] == case["background"])
+
+    def share(v: list[bool]) -> float:
+        return round(sum(v) / len(v), 4)
+
+    metrics = {f"prompt_adherence_{f}": share(hits[f]) for f in ADHERENCE_FIELDS}
+    metrics |= {f"prompt_adherence_{k}": share(v) for k, v in hits.items()
+                if k.startswith("unseen_")}
+    metrics |= {f"adherence_{k.removeprefix('colour_')}": share(v) for k, v in hits.items()
+                if k.startswith("colour_")}
+    metrics["adherence_images"] = len(hits["background"])
+    return metrics, rows
 
 
 def evaluate(params: Params) -> dict:
@@ -52,19 +98,9 @@ def evaluate(params: Params) -> dict:
 
     gen = Generator.load(VAE_DIR, UNET_DIR, params.sampler)
     t0 = time.monotonic()
-    n_images = 0
-
-    per_colour: dict[str, float] = {}
-    colour_rows = []
-    for colour, prompt in adherence_prompts(params):
-        ims = gen.generate([prompt] * cfg.adherence_per_colour, seed=cfg.seed)
-        n_images += len(ims)
-        got = [label_background(im, params.brand, params.labels)["background"] for im in ims]
-        per_colour[colour] = sum(g == colour for g in got) / len(got)
-        colour_rows.append(ims)
-    metrics["prompt_adherence_background"] = round(
-        sum(per_colour.values()) / len(per_colour), 4)
-    metrics.update({f"adherence_{c}": round(v, 4) for c, v in per_colour.items()})
+    adherence, colour_rows = prompt_adherence(gen, params, caps[caps["split"] == "train"])
+    metrics |= adherence
+    n_images = adherence["adherence_images"]
 
     n_seeds = 4
     prompt_rows = []
@@ -83,7 +119,7 @@ def evaluate(params: Params) -> dict:
         image_grid([reals, fakes]).save(tmp / "real_vs_generated.png")
         (tmp / "prompts.txt").write_text(
             "samples.png rows (4 seeds each):\n" + "\n".join(cfg.prompts) + "\n\n"
-            "adherence.png rows:\n" + "\n".join(p for _, p in adherence_prompts(params))
+            "adherence.png rows:\n" + "\n".join(c["prompt"] for c in adherence_cases(params))
             + "\n\nreal_vs_generated.png: top real val images, bottom generated from their "
             "captions:\n" + "\n".join(real["caption"]) + "\n")
     return metrics

@@ -192,7 +192,7 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
     """Train the Context U-Net on the cached train-split latents; write out_dir whole."""
     from components.diffusion import NoiseSchedule, training_loss
     from components.latents import LatentCache
-    from components.vae import cosine_with_warmup, load_vae
+    from components.vae import bf16_enabled, cosine_with_warmup, load_vae
 
     cache = LatentCache(latents_dir)
     rows = cache.rows("train")
@@ -212,6 +212,7 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
     scale = float(cache.meta["scale_factor"])
     latent_shape = tuple(int(s) for s in mean.shape[1:])
 
+    bf16 = bf16_enabled(cfg.bf16)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     schedule = NoiseSchedule(diff)
@@ -231,7 +232,7 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
         idx = torch.randint(0, len(rows), (cfg.batch_size,), generator=gen)
         eps = torch.randn(mean[idx].shape, generator=gen)
         x0 = (mean[idx] + std[idx] * eps) * scale  # a fresh posterior sample each time
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = training_loss(model, schedule, x0, text[idx], cfg.cond_drop, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -254,7 +255,8 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
               "latent_shape": list(latent_shape), "text_encoder": text_encoder_name,
               "text_dim": int(text.shape[1]), "image_size": vae.cfg.image_size,
               "train": cfg.model_dump(mode="json")}
-    metrics = {"final_loss": log[-1][1], "steps": cfg.steps, "seconds": round(seconds, 2),
+    metrics = {"final_loss": log[-1][1], "steps": cfg.steps, "bf16": bf16,
+               "seconds": round(seconds, 2),
                "steps_per_s": round(cfg.steps / seconds, 3), "train_latents": len(rows)}
 
     with atomic_dir(Path(out_dir)) as tmp:

@@ -227,6 +227,15 @@ def load_vae(model_dir: Path) -> VAE:
 
 
 # ---------------------------------------------------------------- stage
+def bf16_enabled(setting: bool | str) -> bool:
+    """`auto`: bf16 autocast only where the CPU computes bf16 natively (AVX512-BF16 or
+    AMX): 1.6-1.8x faster training steps there, 2-3x slower where it is emulated."""
+    if setting != "auto":
+        return bool(setting)
+    return any(getattr(torch.cpu, f, lambda: False)()
+               for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 def cosine_with_warmup(opt: torch.optim.Optimizer, warmup: int, total: int
                        ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up to the base rate, then cosine decay to 5% of it (VAE and U-Net)."""
@@ -272,6 +281,7 @@ def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_d
     if not train_paths:
         raise UserError("vae: no training images (the train split is empty); "
                         "check data/labels/captions.parquet and labels.split")
+    bf16 = bf16_enabled(cfg.bf16)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     train = load_batch(list(train_paths), cfg.image_size)
@@ -293,7 +303,7 @@ def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_d
         epoch_loss = 0.0
         for i in range(0, len(train), cfg.batch_size):
             x = train[order[i : i + cfg.batch_size]]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = vae_loss(model, x, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -306,7 +316,7 @@ def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_d
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
         losses.append(epoch_loss / len(train))
         if len(val):
-            val_psnr, val_ssim, recons = evaluate_recon(model, val, 64, cfg.bf16)
+            val_psnr, val_ssim, recons = evaluate_recon(model, val, 64, bf16)
             bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}",
                             psnr=f"{val_psnr:.2f}", ssim=f"{val_ssim:.3f}")
     bar.close()
@@ -314,7 +324,7 @@ def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_d
     model.eval()
 
     metrics = {"val_psnr": val_psnr, "val_ssim": val_ssim, "train_loss": losses[-1],
-               "epochs": cfg.epochs, "seconds": round(seconds, 2),
+               "epochs": cfg.epochs, "bf16": bf16, "seconds": round(seconds, 2),
                "images_per_s": round(seen / seconds, 2), "train_images": len(train),
                "val_images": len(val), "epoch_losses": losses}
     shown = val[:8] if len(val) else train[:8]

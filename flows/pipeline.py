@@ -74,8 +74,10 @@ def summary(results: list[dict]) -> str:
              f"  images:       {fmt(val_in)} in, {fmt(quarantined)} quarantined",
              f"  OCR CER:      {fmt(_metric('ocr', 'cer'), '.4f')} (vs generator ground truth)",
              f"  VAE PSNR:     {fmt(_metric('vae', 'val_psnr'), '.2f')} dB (val)",
-             f"  adherence:    {fmt(_metric('evaluate', 'prompt_adherence_background'), '.3f')}"
-             " (background colour of generated images)",
+             "  adherence:    " + ", ".join(
+                 f"{f} {fmt(_metric('evaluate', f'prompt_adherence_{f}'), '.3f')}"
+                 for f in ("background", "background_kind", "saturation"))
+             + " (auto-labels of generated images = the prompt)",
              f"  model:        {_metric('register', 'model_uri') or 'n/a'} -> alias "
              f"{_metric('register', 'alias') or 'n/a'}",
              f"  sample grid:  {EVAL_DIR / 'samples.png'}"]

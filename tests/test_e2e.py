@@ -19,7 +19,7 @@ TINY = [
     "scrape.sources=[{kind: synthetic, n: 48, seed: 3, size: 128}]",
     "vae.epochs=2", "vae.batch_size=16",
     "unet.steps=40", "unet.batch_size=16", "unet.n_feat=32",
-    "sampler.steps=4", "evaluate.adherence_per_colour=1",
+    "sampler.steps=4", "evaluate.adherence_seeds=1",
     "evaluate.prompts=['vivid red solid poster, text at the centre, reading \"SALE\"']",
 ]
 

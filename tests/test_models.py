@@ -219,3 +219,32 @@ def test_generator_same_seed_same_image_and_size(trained) -> None:
     assert not np.array_equal(np.asarray(other), np.asarray(a[0]))
     sized = gen.generate(["red poster"], seed=7, width=48, height=40, steps=3, guidance=2.0)
     assert sized[0].size == (48, 40)
+
+
+@pytest.mark.parametrize("name, steps", [("ddpm", 30), ("ddim", 10), ("dpmpp2m", 10)])
+def test_every_sampler_gives_finite_images_of_the_right_size(trained, name: str,
+                                                              steps: int) -> None:
+    vae_dir, unet_dir, _ = trained
+    gen = Generator.load(vae_dir, unet_dir, Sampler(name=name, steps=steps),
+                         text_encoder=StubEncoder())
+    images = gen.generate(["red poster", "blue poster"], seed=1)
+    arrays = [np.asarray(im) for im in images]
+    assert all(a.shape == (32, 32, 3) and np.isfinite(a).all() for a in arrays)
+    again = gen.generate(["red poster", "blue poster"], seed=1)  # multistep state reset
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(arrays, again, strict=True))
+
+
+def test_dpm_solver_converges_to_ddim_with_many_steps() -> None:
+    """Both integrate the same ODE: with enough steps their answers meet."""
+    net = ContextUnet(in_channels=4, n_feat=8, context_dim=6, height=8).eval()
+    schedule = NoiseSchedule(Diffusion(timesteps=200, schedule="cosine", prediction="v"))
+    c = torch.randn(2, 6)
+
+    def run(name: str, steps: int) -> torch.Tensor:
+        return sample(net, schedule, make_sampler(Sampler(name=name, steps=steps), schedule),
+                      c, (4, 8, 8), 1.0, torch.Generator().manual_seed(0))
+
+    ref = run("ddim", 200)
+    err_dpm = (run("dpmpp2m", 25) - ref).abs().mean()
+    err_ddim = (run("ddim", 25) - ref).abs().mean()
+    assert err_dpm < err_ddim  # second order beats first order at the same step count
