@@ -136,6 +136,7 @@ class Vae(Section):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-3, gt=0)
     bf16: bool | Literal["auto"] = "auto"  # auto: when the CPU has bf16 units
+    checkpoint_every: int = Field(1, ge=0)  # epochs; 0: never
     seed: int = 0
 
 
@@ -167,6 +168,7 @@ class Unet(Section):
     cond_drop: float = Field(0.1, ge=0, lt=1)
     ema: float = Field(0.999, ge=0, lt=1)
     bf16: bool | Literal["auto"] = "auto"
+    checkpoint_every: int = Field(250, ge=0)  # steps; 0: never
     seed: int = 0
 
 

@@ -49,6 +49,11 @@ class LatentCache:
         self.index = pd.read_parquet(d / "index.parquet")
         self.meta = read_json(d / "meta.json")
 
+    def identity(self) -> str:
+        """A hash of what was encoded (every row's cache key) and how (meta.json)."""
+        return sha256_bytes("\n".join([*self.index["key"], json.dumps(
+            self.meta, sort_keys=True)]).encode())
+
     def rows(self, split: str) -> np.ndarray:
         return self.index.loc[self.index["split"] == split, "row"].to_numpy(np.int64)
 

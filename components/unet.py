@@ -192,7 +192,8 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
     """Train the Context U-Net on the cached train-split latents; write out_dir whole."""
     from components.diffusion import NoiseSchedule, training_loss
     from components.latents import LatentCache
-    from components.vae import bf16_enabled, cosine_with_warmup, load_vae
+    from components.training import Checkpoint, bf16_enabled, cosine_with_warmup
+    from components.vae import load_vae
 
     cache = LatentCache(latents_dir)
     rows = cache.rows("train")
@@ -225,9 +226,22 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
     params, ema_params = list(model.parameters()), list(ema.parameters())
 
     log: list[tuple[int, float]] = []
-    running, n_running = 0.0, 0
+    running, n_running, first = 0.0, 0, 0
+    ckpt = Checkpoint("unet", {"unet": cfg.model_dump(exclude={"checkpoint_every"}),
+                               "diffusion": diff.model_dump(), "text_encoder": text_encoder_name,
+                               "latents": cache.identity()})
+    if (state := ckpt.load()) is not None:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        gen.set_state(state["rng"])
+        first, running, n_running = state["step"], state["running"], state["n_running"]
+        log = [tuple(x) for x in state["log"]]
+        print(f"unet: resuming at step {first} of {cfg.steps} from {ckpt.path}")
     start = time.perf_counter()
-    bar = progress(range(cfg.steps), desc="unet", unit="step")
+    bar = progress(range(first, cfg.steps), initial=first, total=cfg.steps, desc="unet",
+                   unit="step")
     for step in bar:
         idx = torch.randint(0, len(rows), (cfg.batch_size,), generator=gen)
         eps = torch.randn(mean[idx].shape, generator=gen)
@@ -249,6 +263,12 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
             log.append((step + 1, running / n_running))
             bar.set_postfix(loss=f"{log[-1][1]:.4f}")
             running, n_running = 0.0, 0
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 \
+                and step + 1 < cfg.steps:
+            ckpt.save({"model": model.state_dict(), "ema": ema.state_dict(),
+                       "opt": opt.state_dict(), "sched": sched.state_dict(),
+                       "rng": gen.get_state(), "step": step + 1, "running": running,
+                       "n_running": n_running, "log": log})
     seconds = time.perf_counter() - start
 
     config = {"diffusion": diff.model_dump(mode="json"), "scale_factor": scale,
@@ -256,8 +276,9 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
               "text_dim": int(text.shape[1]), "image_size": vae.cfg.image_size,
               "train": cfg.model_dump(mode="json")}
     metrics = {"final_loss": log[-1][1], "steps": cfg.steps, "bf16": bf16,
-               "seconds": round(seconds, 2),
-               "steps_per_s": round(cfg.steps / seconds, 3), "train_latents": len(rows)}
+               "resumed_at": first, "seconds": round(seconds, 2),
+               "steps_per_s": round((cfg.steps - first) / seconds, 3),
+               "train_latents": len(rows)}
 
     with atomic_dir(Path(out_dir)) as tmp:
         save_unet(model, ema, config, tmp)
@@ -267,6 +288,7 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
             w.writerows([(s, f"{v:.6f}") for s, v in log])
         preview_samples(ema, vae, schedule, cache, scale, latent_shape, tmp / "samples.png")
         write_json(tmp / "metrics.json", metrics)
+    ckpt.clear()
     return metrics
 
 

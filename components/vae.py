@@ -35,6 +35,7 @@ from components.contracts import (
     read_table,
     write_json,
 )
+from components.training import Checkpoint, bf16_enabled, cosine_with_warmup
 
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"
@@ -227,26 +228,6 @@ def load_vae(model_dir: Path) -> VAE:
 
 
 # ---------------------------------------------------------------- stage
-def bf16_enabled(setting: bool | str) -> bool:
-    """`auto`: bf16 autocast only where the CPU computes bf16 natively (AVX512-BF16 or
-    AMX): 1.6-1.8x faster training steps there, 2-3x slower where it is emulated."""
-    if setting != "auto":
-        return bool(setting)
-    return any(getattr(torch.cpu, f, lambda: False)()
-               for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-
-def cosine_with_warmup(opt: torch.optim.Optimizer, warmup: int, total: int
-                       ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up to the base rate, then cosine decay to 5% of it (VAE and U-Net)."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        done = (step - warmup) / max(1, total - warmup)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
 def recon_grid(originals: torch.Tensor, recons: torch.Tensor, zoom: int = 2) -> Image.Image:
     """Top row originals, bottom row reconstructions, upscaled for visibility."""
     return image_grid([to_pil(originals), to_pil(recons)],
@@ -292,13 +273,23 @@ def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_d
     total = steps_per_epoch * cfg.epochs
     sched = cosine_with_warmup(opt, min(50, max(1, total // 20)), total)
 
-    start = time.perf_counter()
-    seen = 0
+    seen, first = 0, 0
     losses: list[float] = []
     val_psnr = val_ssim = float("nan")
-    recons = torch.zeros(0)
-    bar = progress(total=total, desc="vae", unit="step")
-    for epoch in range(cfg.epochs):
+    ckpt = Checkpoint("vae", {"vae": cfg.model_dump(exclude={"checkpoint_every"}),
+                              "train": [str(p) for p in train_paths],
+                              "val": [str(p) for p in val_paths]})
+    if (state := ckpt.load()) is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        gen.set_state(state["rng"])
+        first, losses = state["epoch"], list(state["losses"])
+        val_psnr, val_ssim = state["val_psnr"], state["val_ssim"]
+        print(f"vae: resuming at epoch {first} of {cfg.epochs} from {ckpt.path}")
+    start = time.perf_counter()
+    bar = progress(total=total, initial=first * steps_per_epoch, desc="vae", unit="step")
+    for epoch in range(first, cfg.epochs):
         order = torch.randperm(len(train), generator=gen)
         epoch_loss = 0.0
         for i in range(0, len(train), cfg.batch_size):
@@ -316,25 +307,31 @@ def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_d
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
         losses.append(epoch_loss / len(train))
         if len(val):
-            val_psnr, val_ssim, recons = evaluate_recon(model, val, 64, bf16)
+            val_psnr, val_ssim, _ = evaluate_recon(model, val, 64, bf16)
             bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}",
                             psnr=f"{val_psnr:.2f}", ssim=f"{val_ssim:.3f}")
+        if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0 \
+                and epoch + 1 < cfg.epochs:
+            ckpt.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                       "sched": sched.state_dict(), "rng": gen.get_state(),
+                       "epoch": epoch + 1, "losses": losses, "val_psnr": val_psnr,
+                       "val_ssim": val_ssim})
     bar.close()
     seconds = time.perf_counter() - start
     model.eval()
 
     metrics = {"val_psnr": val_psnr, "val_ssim": val_ssim, "train_loss": losses[-1],
-               "epochs": cfg.epochs, "bf16": bf16, "seconds": round(seconds, 2),
-               "images_per_s": round(seen / seconds, 2), "train_images": len(train),
-               "val_images": len(val), "epoch_losses": losses}
+               "epochs": cfg.epochs, "bf16": bf16, "resumed_at_epoch": first,
+               "seconds": round(seconds, 2), "images_per_s": round(seen / seconds, 2),
+               "train_images": len(train), "val_images": len(val), "epoch_losses": losses}
     shown = val[:8] if len(val) else train[:8]
-    if not len(val):
-        with torch.no_grad():
-            recons = model.decode(model.encode(shown)[0])
+    with torch.no_grad():
+        recons = model.decode(model.encode(shown)[0])
     with atomic_dir(Path(out_dir)) as tmp:
         save_vae(model, cfg, tmp)
-        recon_grid(shown, recons[: len(shown)]).save(tmp / "recon.png")
+        recon_grid(shown, recons).save(tmp / "recon.png")
         write_json(tmp / "metrics.json", metrics)
+    ckpt.clear()
     return metrics
 
 

@@ -248,3 +248,76 @@ def test_dpm_solver_converges_to_ddim_with_many_steps() -> None:
     err_dpm = (run("dpmpp2m", 25) - ref).abs().mean()
     err_ddim = (run("ddim", 25) - ref).abs().mean()
     assert err_dpm < err_ddim  # second order beats first order at the same step count
+
+
+def _interrupt_after(monkeypatch: pytest.MonkeyPatch, module, name: str, calls: int) -> None:
+    """Make module.name raise KeyboardInterrupt (a user's Ctrl-C) on call number `calls`."""
+    real, count = getattr(module, name), {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] == calls:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(a / "weights.safetensors")), load_file(str(b / "weights.safetensors"))
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_unet_killed_and_resumed_equals_straight_run(tmp_path: Path, monkeypatch) -> None:
+    import components.diffusion as diffusion
+
+    monkeypatch.chdir(tmp_path)
+    cache = write_tiny_cache(tmp_path / "latents")
+    vae = VAE(Vae(image_size=32, base_channels=8, channel_mult=[1, 2, 2]))
+    save_vae(vae, vae.cfg, tmp_path / "vae")
+    cfg = Unet(n_feat=8, steps=40, batch_size=4, warmup=5, bf16=False, checkpoint_every=20)
+    args = (Diffusion(timesteps=50), cache)
+    train_unet(cfg, *args, tmp_path / "straight", "stub", tmp_path / "vae")
+    assert not (tmp_path / ".cache" / "checkpoints" / "unet").exists()  # cleared when done
+
+    with monkeypatch.context() as m:
+        _interrupt_after(m, diffusion, "training_loss", 27)
+        with pytest.raises(KeyboardInterrupt):
+            train_unet(cfg, *args, tmp_path / "resumed", "stub", tmp_path / "vae")
+    assert not (tmp_path / "resumed").exists()  # nothing half-written
+    assert len(list((tmp_path / ".cache" / "checkpoints" / "unet").glob("*.pt"))) == 1
+    other = train_unet(cfg.model_copy(update={"steps": 30}), *args, tmp_path / "other",
+                       "stub", tmp_path / "vae")
+    assert other["resumed_at"] == 0  # other settings never resume this run's checkpoint
+    with monkeypatch.context() as m:
+        _interrupt_after(m, diffusion, "training_loss", 27)
+        with pytest.raises(KeyboardInterrupt):
+            train_unet(cfg, *args, tmp_path / "resumed", "stub", tmp_path / "vae")
+    m = train_unet(cfg, *args, tmp_path / "resumed", "stub", tmp_path / "vae")
+    assert m["resumed_at"] == 20
+    assert _same_weights(tmp_path / "straight", tmp_path / "resumed")
+    assert (pd.read_csv(tmp_path / "straight" / "loss.csv")
+            .equals(pd.read_csv(tmp_path / "resumed" / "loss.csv")))
+
+
+def test_vae_killed_and_resumed_equals_straight_run(tmp_path: Path, monkeypatch) -> None:
+    import components.vae as vae_module
+
+    monkeypatch.chdir(tmp_path)
+    paths = []
+    for i in range(10):
+        p = tmp_path / f"{i}.png"
+        Image.new("RGB", (40, 40), (25 * i, 200 - 15 * i, 90)).save(p)
+        paths.append(p)
+    cfg = TINY_VAE.model_copy(update={"epochs": 3, "checkpoint_every": 1})
+    straight = train_vae(cfg, paths[:8], paths[8:], tmp_path / "straight")
+    with monkeypatch.context() as m:
+        _interrupt_after(m, vae_module, "vae_loss", 2 * 2 + 1)  # 2 steps an epoch: in epoch 3
+        with pytest.raises(KeyboardInterrupt):
+            train_vae(cfg, paths[:8], paths[8:], tmp_path / "resumed")
+    resumed = train_vae(cfg, paths[:8], paths[8:], tmp_path / "resumed")
+    assert resumed["resumed_at_epoch"] == 2
+    assert resumed["epoch_losses"] == straight["epoch_losses"]
+    assert _same_weights(tmp_path / "straight", tmp_path / "resumed")
