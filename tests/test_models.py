@@ -145,7 +145,8 @@ def test_ddim_eta0_is_deterministic_and_ddpm_seeded() -> None:
     assert make_sampler(Sampler(name="ddpm", steps=7), schedule).timesteps.numel() == 7
 
 
-def write_tiny_cache(root: Path, n: int = 24, dim: int = 6, shape=(4, 8, 8)) -> Path:
+def write_tiny_cache(root: Path, n: int = 24, dim: int = 6, shape=(4, 8, 8),
+                     encoder: str = "stub") -> Path:
     rng = np.random.default_rng(0)
     root.mkdir(parents=True)
     np.save(root / "mean.npy", rng.normal(size=(n, *shape)).astype(np.float32))
@@ -157,7 +158,7 @@ def write_tiny_cache(root: Path, n: int = 24, dim: int = 6, shape=(4, 8, 8)) -> 
                   "key": [f"k{i}" for i in range(n)]}).to_parquet(root / "index.parquet")
     (root / "meta.json").write_text(json.dumps({
         "scale_factor": 0.9, "latent_shape": list(shape), "text_dim": dim,
-        "text_encoder": "stub"}))
+        "text_encoder": encoder}))
     return root
 
 
@@ -321,3 +322,22 @@ def test_vae_killed_and_resumed_equals_straight_run(tmp_path: Path, monkeypatch)
     assert resumed["resumed_at_epoch"] == 2
     assert resumed["epoch_losses"] == straight["epoch_losses"]
     assert _same_weights(tmp_path / "straight", tmp_path / "resumed")
+
+
+def test_tfidf_encoder_travels_with_the_unet_to_the_generator(tmp_path: Path) -> None:
+    from components.text_encoders import TfidfTextEncoder, save_encoder
+
+    captions = [f"vivid {c} solid poster reading {w}" for c in ("red", "blue", "green")
+                for w in ("SALE", "NEW", "OPEN", "HOT", "BIG", "FREE", "CLUB", "SHOP")]
+    cache = write_tiny_cache(tmp_path / "latents", n=len(captions), dim=4, encoder="tfidf")
+    enc = TfidfTextEncoder.fit(captions, 4)
+    np.save(cache / "text.npy", enc.encode(captions).vectors)
+    save_encoder(enc, cache / "text_encoder")
+    vae = VAE(Vae(image_size=32, base_channels=8, channel_mult=[1, 2, 2]))
+    save_vae(vae, vae.cfg, tmp_path / "vae")
+    train_unet(Unet(n_feat=8, steps=5, batch_size=4, warmup=1, bf16=False),
+               Diffusion(timesteps=50), cache, tmp_path / "unet", "tfidf", tmp_path / "vae")
+    assert (tmp_path / "unet" / "text_encoder" / "tfidf.json").exists()
+    gen = Generator.load(tmp_path / "vae", tmp_path / "unet", Sampler(steps=2))
+    assert isinstance(gen.text_encoder, TfidfTextEncoder)
+    assert gen.generate(["vivid red solid poster reading SALE"])[0].size == (32, 32)
