@@ -151,6 +151,7 @@ class Diffusion(Section):
     beta_start: float = Field(1e-4, gt=0, lt=1)
     beta_end: float = Field(0.02, gt=0, lt=1)
     prediction: Literal["eps", "v"] = "v"
+    min_snr_gamma: float = Field(0.0, ge=0)  # 0: plain MSE; 5 is the paper's choice
 
 
 class Sampler(Section):

@@ -68,6 +68,17 @@ class NoiseSchedule:
         ab = self.alpha_bar(t).to(like.dtype)
         return ab.view(-1, *[1] * (like.dim() - 1)) if ab.dim() else ab
 
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-gamma weighting (Hang et al. 2023) when diffusion.min_snr_gamma > 0:
+        caps the weight of nearly clean steps, which otherwise dominate the gradient;
+        expressed for the chosen target. 1 everywhere when off."""
+        gamma = self.cfg.min_snr_gamma
+        if not gamma:
+            return torch.ones(t.shape)
+        ab = self.alpha_bar(t)
+        snr = ab / (1 - ab)
+        return snr.clamp(max=gamma) / (snr + 1 if self.cfg.prediction == "v" else snr)
+
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the network learns to output: the noise (eps) or the velocity
         v = sqrt(ab) noise - sqrt(1 - ab) x0. At high noise v is about -x0, so a v-model
@@ -102,7 +113,9 @@ def training_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor,
     noise = torch.randn(x0.shape, generator=generator)
     keep = (torch.rand(b, generator=generator) >= cond_drop).to(c.dtype)[:, None]
     out = model(schedule.q_sample(x0, t, noise), schedule.normalise(t), c * keep)
-    return F.mse_loss(out.float(), schedule.target(x0, noise, t))
+    per_sample = F.mse_loss(out.float(), schedule.target(x0, noise, t),
+                            reduction="none").flatten(1).mean(1)
+    return (per_sample * schedule.loss_weight(t)).mean()
 
 
 # ---------------------------------------------------------------- samplers

@@ -12,6 +12,7 @@ count, so beta means the same thing at any image size.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import time
@@ -274,7 +275,7 @@ def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_d
     sched = cosine_with_warmup(opt, min(50, max(1, total // 20)), total)
 
     seen, first = 0, 0
-    losses: list[float] = []
+    history: list[list[float]] = []  # per epoch: epoch, train loss, val PSNR, val SSIM
     val_psnr = val_ssim = float("nan")
     ckpt = Checkpoint("vae", {"vae": cfg.model_dump(exclude={"checkpoint_every"}),
                               "train": [str(p) for p in train_paths],
@@ -284,8 +285,8 @@ def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_d
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         gen.set_state(state["rng"])
-        first, losses = state["epoch"], list(state["losses"])
-        val_psnr, val_ssim = state["val_psnr"], state["val_ssim"]
+        first, history = state["epoch"], [list(h) for h in state["history"]]
+        val_psnr, val_ssim = history[-1][2:]
         print(f"vae: resuming at epoch {first} of {cfg.epochs} from {ckpt.path}")
     start = time.perf_counter()
     bar = progress(total=total, initial=first * steps_per_epoch, desc="vae", unit="step")
@@ -305,21 +306,21 @@ def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_d
             epoch_loss += loss.item() * len(x)
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
-        losses.append(epoch_loss / len(train))
         if len(val):
             val_psnr, val_ssim, _ = evaluate_recon(model, val, 64, bf16)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}",
-                            psnr=f"{val_psnr:.2f}", ssim=f"{val_ssim:.3f}")
+        history.append([epoch + 1, epoch_loss / len(train), val_psnr, val_ssim])
+        bar.set_postfix(epoch=epoch + 1, loss=f"{history[-1][1]:.4f}",
+                        psnr=f"{val_psnr:.2f}", ssim=f"{val_ssim:.3f}")
         if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0 \
                 and epoch + 1 < cfg.epochs:
             ckpt.save({"model": model.state_dict(), "opt": opt.state_dict(),
                        "sched": sched.state_dict(), "rng": gen.get_state(),
-                       "epoch": epoch + 1, "losses": losses, "val_psnr": val_psnr,
-                       "val_ssim": val_ssim})
+                       "epoch": epoch + 1, "history": history})
     bar.close()
     seconds = time.perf_counter() - start
     model.eval()
 
+    losses = [h[1] for h in history]
     metrics = {"val_psnr": val_psnr, "val_ssim": val_ssim, "train_loss": losses[-1],
                "epochs": cfg.epochs, "bf16": bf16, "resumed_at_epoch": first,
                "seconds": round(seconds, 2), "images_per_s": round(seen / seconds, 2),
@@ -330,6 +331,10 @@ def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_d
     with atomic_dir(Path(out_dir)) as tmp:
         save_vae(model, cfg, tmp)
         recon_grid(shown, recons).save(tmp / "recon.png")
+        with open(tmp / "loss.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["epoch", "loss", "val_psnr", "val_ssim"])
+            w.writerows([(int(e), f"{lo:.6f}", f"{p:.4f}", f"{s:.4f}") for e, lo, p, s in history])
         write_json(tmp / "metrics.json", metrics)
     ckpt.clear()
     return metrics

@@ -341,3 +341,24 @@ def test_tfidf_encoder_travels_with_the_unet_to_the_generator(tmp_path: Path) ->
     gen = Generator.load(tmp_path / "vae", tmp_path / "unet", Sampler(steps=2))
     assert isinstance(gen.text_encoder, TfidfTextEncoder)
     assert gen.generate(["vivid red solid poster reading SALE"])[0].size == (32, 32)
+
+
+def test_min_snr_weighting_is_off_by_default_and_capped_when_on() -> None:
+    t = torch.arange(0, 1000, 50)
+    assert torch.equal(NoiseSchedule(Diffusion()).loss_weight(t), torch.ones(len(t)))
+    for prediction in ("eps", "v"):
+        w = NoiseSchedule(Diffusion(min_snr_gamma=5, prediction=prediction)).loss_weight(t)
+        assert (w > 0).all() and (w <= 1 + 1e-6).all()
+        assert w[0] < w[len(w) // 2]  # the nearly clean steps are the ones held back
+
+
+def test_the_models_do_not_need_torchvision() -> None:
+    import subprocess
+    import sys
+
+    code = ("import components.generator, components.unet, components.vae, "
+            "components.evaluate, components.latents, sys; "
+            "print('torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "False"
