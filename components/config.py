@@ -134,7 +134,7 @@ class Vae(Section):
     loss: Literal["mse", "bce", "l1"] = "mse"
     beta: float = Field(1e-5, ge=0)
     epochs: int = Field(10, ge=1)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(16, ge=1)
     lr: float = Field(2e-3, gt=0)
     bf16: bool | Literal["auto"] = "auto"  # auto: when the CPU has bf16 units
     checkpoint_every: int = Field(1, ge=0)  # epochs; 0: never

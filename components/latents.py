@@ -1,8 +1,11 @@
 """Encode every captioned image once: VAE posterior mean/log-variance + caption embedding.
 
 Arrays are plain .npy files (memory-mapped by the U-Net stage), rows indexed by
-index.parquet. Each row's key hashes the image id, the VAE weights, the image size, the
-text encoder and the caption, so a changed input can never pass for a cached one.
+index.parquet. Entries are also kept in a content-keyed store (.cache/latents): an
+image's key hashes its bytes, the VAE weights and the size; a caption's key hashes the
+caption and the text encoder. A re-run encodes only what changed (new images, edited
+captions, everything after a retrained VAE) and a changed input can never pass for a
+cached one.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from components.contracts import (
     VAE_DIR,
     UserError,
     atomic_dir,
+    atomic_path,
     progress,
     read_json,
     read_table,
@@ -31,6 +35,7 @@ from components.contracts import (
 from components.text_encoders import get_encoder, save_encoder
 from components.vae import load_batch, load_vae
 
+CACHE = Path(".cache") / "latents"  # content-keyed entries, kept across runs (DVC clears outs)
 TEXT_ENCODER = "text_encoder"  # a fitted encoder (tfidf) travels with the latents and model
 CACHE_FILES = ["mean.npy", "logvar.npy", "text.npy", "index.parquet", "meta.json"]
 
@@ -59,6 +64,27 @@ class LatentCache:
         return self.index.loc[self.index["split"] == split, "row"].to_numpy(np.int64)
 
 
+def _load_or_none(path: Path):
+    try:
+        return np.load(path)
+    except (OSError, ValueError):  # absent, torn or foreign: encode again
+        return None
+
+
+def _encode_missing(keys: list[str], kind: str, encode) -> tuple[list, int]:
+    """Entries of the content-keyed store for `keys`; the missing ones are computed by
+    `encode(indices) -> arrays` and stored. Returns (entries, how many were computed)."""
+    files = [CACHE / kind / k[:2] / f"{k}.npy" for k in keys]
+    entries = [_load_or_none(f) for f in files]
+    todo = [i for i, e in enumerate(entries) if e is None]
+    if todo:
+        for i, arr in zip(todo, encode(todo), strict=True):
+            entries[i] = arr
+            with atomic_path(files[i]) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, arr)
+    return entries, len(todo)
+
+
 def latents(params: Params) -> dict:
     caps = read_table(CAPTIONS, "captions")
     caps = caps[caps["split"].isin(["train", "val"])].reset_index(drop=True)
@@ -69,37 +95,50 @@ def latents(params: Params) -> dict:
     vae_hash = sha256_file(VAE_DIR / "weights.safetensors")[:16]
     encoder = get_encoder(params.text_encoder,
                           fit_captions=caps.loc[caps["split"] == "train", "caption"].tolist())
+    # an image's latent depends on its bytes (the id is their sha256), the VAE weights and
+    # the size it is resized to; a caption's vector on the caption and the encoder
+    image_keys = [sha256_bytes(f"{i}|{vae_hash}|{size}".encode()) for i in caps["id"]]
+    text_keys = [sha256_bytes(f"{encoder.identity}|{c}".encode()) for c in caps["caption"]]
 
-    means, logvars = [], []
-    bs = params.latents.batch_size
-    with torch.no_grad():
-        for i in progress(range(0, len(caps), bs), desc="latents", unit="batch"):
-            x = load_batch(caps["path"].iloc[i : i + bs].tolist(), size)
-            mean, logvar = vae.encode(x)
-            means.append(mean.float().numpy())
-            logvars.append(logvar.float().numpy())
-    mean = np.concatenate(means).astype(np.float32)
-    logvar = np.concatenate(logvars).astype(np.float32)
-    enc = encoder.encode(caps["caption"].tolist())
+    def encode_images(todo: list[int]) -> list[np.ndarray]:
+        out, bs = [], params.latents.batch_size
+        with torch.no_grad():
+            for j in progress(range(0, len(todo), bs), desc="latents", unit="batch"):
+                x = load_batch(caps["path"].iloc[todo[j : j + bs]].tolist(), size)
+                mean, logvar = vae.encode(x)
+                out.extend(torch.stack([mean, logvar], 1).float().numpy())
+        return out
+
+    def encode_texts(todo: list[int]) -> list[np.ndarray]:
+        return list(encoder.encode(caps["caption"].iloc[todo].tolist()).vectors)
+
+    posteriors, n_images = _encode_missing(image_keys, "image", encode_images)
+    vectors, n_texts = _encode_missing(text_keys, "text", encode_texts)
+    post = np.stack(posteriors).astype(np.float32)  # (N, 2, C, H, W): mean, logvar
+    mean, logvar = post[:, 0], post[:, 1]
+    text = np.stack(vectors).astype(np.float32)
     scale = float(1.0 / max(mean.std(), 1e-6))
+    truncated = (sum(n > encoder.max_tokens for n in encoder.count_tokens(
+        caps["caption"].tolist())) if hasattr(encoder, "count_tokens") else 0)
 
     index = pd.DataFrame({
         "id": caps["id"], "row": np.arange(len(caps), dtype=np.int64), "split": caps["split"],
         "caption": caps["caption"],
-        "key": [sha256_bytes(f"{i}|{vae_hash}|{size}|{encoder.name}|{c}".encode())[:16]
-                for i, c in zip(caps["id"], caps["caption"], strict=True)],
+        "key": [sha256_bytes(f"{a}|{b}".encode())[:16]
+                for a, b in zip(image_keys, text_keys, strict=True)],
     })
     meta = {"scale_factor": scale, "latent_shape": list(mean.shape[1:]),
-            "text_dim": int(enc.vectors.shape[1]), "text_encoder": encoder.name,
+            "text_dim": int(text.shape[1]), "text_encoder": encoder.name,
             "vae_weights": vae_hash, "image_size": size}
     with atomic_dir(LATENTS) as tmp:
         np.save(tmp / "mean.npy", mean)
         np.save(tmp / "logvar.npy", logvar)
-        np.save(tmp / "text.npy", enc.vectors)
+        np.save(tmp / "text.npy", text)
         write_table(index, tmp / "index.parquet", "latent_index")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         save_encoder(encoder, tmp / TEXT_ENCODER)
-    return {"images": len(caps), "scale_factor": round(scale, 5),
+    return {"images": len(caps), "images_encoded": n_images, "captions_encoded": n_texts,
+            "scale_factor": round(scale, 5),
             "latent_shape": "x".join(map(str, mean.shape[1:])),
-            "captions_truncated": enc.n_truncated,
-            "captions_truncated_share": round(enc.n_truncated / len(caps), 4)}
+            "captions_truncated": int(truncated),
+            "captions_truncated_share": round(truncated / len(caps), 4)}

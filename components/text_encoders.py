@@ -11,6 +11,7 @@ silently: they are counted (policy `truncate`) or refused (policy `error`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,8 @@ class HFTextEncoder:
         self.policy = policy
         self.batch_size = batch_size
         self.dim = int(self.model.config.hidden_size)
+        # what decides a caption's vector: the model and how long captions are handled
+        self.identity = f"{name}|{self.max_tokens}|{policy}"
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         return [len(ids) for ids in self.tokenizer(texts, truncation=False)["input_ids"]]
@@ -95,6 +98,10 @@ class TfidfTextEncoder:
         self.vectorizer.idf_ = idf  # sklearn's documented way to restore a fitted idf
         self.components = components.astype(np.float32)
         self.dim = int(components.shape[0])
+        # refitted on other captions, the same caption gets another vector
+        self.identity = "tfidf|" + hashlib.sha256(
+            json.dumps(vocabulary, sort_keys=True).encode() + idf.tobytes()
+            + self.components.tobytes()).hexdigest()[:16]
 
     @classmethod
     def fit(cls, captions: list[str], dim: int, seed: int = 0) -> TfidfTextEncoder:

@@ -1,0 +1,62 @@
+"""Latent cache: a re-run encodes only what changed, and a changed image, caption, VAE or
+text-encoder setting can never be served a stale entry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from components.config import Params, load_params
+from components.contracts import CAPTIONS, LATENTS, VAE_DIR, read_table, write_table
+from components.labels import labels
+from components.latents import LatentCache, latents
+from components.ocr import ocr
+from components.scrape import scrape
+from components.vae import vae
+from components.validate import validate
+
+TINY = ["scrape.sources=[{kind: synthetic, n: 12, seed: 2, size: 64}]", "ocr.workers=2",
+        "labels.split={train: 0.7, val: 0.3, test: 0.0}",
+        "vae.image_size=32", "vae.base_channels=8", "vae.epochs=1", "vae.batch_size=8"]
+
+
+@pytest.fixture
+def collected(workdir) -> Params:
+    params = load_params(overrides=TINY)
+    for stage in (scrape, ocr, validate, labels, vae):
+        stage(params)
+    return params
+
+
+def test_rerun_encodes_only_what_changed(collected: Params) -> None:
+    params = collected
+    first = latents(params)
+    n = first["images"]
+    assert n == 12 and first["images_encoded"] == n and first["captions_encoded"] == n
+    before = LatentCache(LATENTS)
+    mean, text = np.array(before.mean), np.array(before.text)
+
+    again = latents(params)
+    assert again["images_encoded"] == 0 and again["captions_encoded"] == 0
+    assert np.array_equal(np.array(LatentCache(LATENTS).mean), mean)
+
+    caps = read_table(CAPTIONS, "captions")
+    edited = caps["id"].iloc[0]
+    caps.loc[0, "caption"] = "muted teal gradient poster, text at the top, reading \"HI\""
+    write_table(caps, CAPTIONS, "captions")
+    m = latents(params)
+    assert m["images_encoded"] == 0 and m["captions_encoded"] == 1
+    after = LatentCache(LATENTS)
+    row = int(after.index.set_index("id").loc[edited, "row"])
+    assert not np.allclose(after.text[row], text[row])
+    others = [i for i in range(n) if i != row]
+    assert np.array_equal(np.array(after.text)[others], text[others])
+
+    vae(load_params(overrides=[*TINY, "vae.seed=1"]))  # a retrained VAE: new weights
+    m = latents(params)
+    assert m["images_encoded"] == n and m["captions_encoded"] == 0
+    assert not np.allclose(np.array(LatentCache(LATENTS).mean), mean)
+
+    m = latents(load_params(overrides=[*TINY, "text_encoder.max_tokens=16"]))
+    assert m["images_encoded"] == 0 and m["captions_encoded"] == n
+    assert (VAE_DIR / "weights.safetensors").exists()
