@@ -82,6 +82,10 @@ def _encode_missing(keys: list[str], kind: str, encode) -> tuple[list, int]:
             entries[i] = arr
             with atomic_path(files[i]) as tmp, open(tmp, "wb") as fh:
                 np.save(fh, arr)
+    wanted = set(keys)  # entries of an older VAE or encoder are never read again: drop them
+    for f in (CACHE / kind).rglob("*.npy"):
+        if f.stem not in wanted:
+            f.unlink(missing_ok=True)
     return entries, len(todo)
 
 

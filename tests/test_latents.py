@@ -28,7 +28,7 @@ def collected(workdir) -> Params:
     return params
 
 
-def test_rerun_encodes_only_what_changed(collected: Params) -> None:
+def test_rerun_encodes_only_what_changed(collected: Params, workdir) -> None:
     params = collected
     first = latents(params)
     n = first["images"]
@@ -59,4 +59,7 @@ def test_rerun_encodes_only_what_changed(collected: Params) -> None:
 
     m = latents(load_params(overrides=[*TINY, "text_encoder.max_tokens=16"]))
     assert m["images_encoded"] == 0 and m["captions_encoded"] == n
+    store = workdir / ".cache" / "latents"  # stale entries are dropped, the store stays small
+    assert len(list((store / "image").rglob("*.npy"))) == n
+    assert len(list((store / "text").rglob("*.npy"))) == n
     assert (VAE_DIR / "weights.safetensors").exists()
