@@ -198,6 +198,29 @@ def data_version(root: Path) -> dict[str, str]:
     return v
 
 
+TRAINING_CURVES = {"vae": (contracts.VAE_DIR / "loss.csv", "epoch"),
+                   "unet": (contracts.UNET_DIR / "loss.csv", "step")}
+
+
+def log_training_curve(stage: str, root: Path) -> None:
+    """A training stage's loss.csv (the DVC plot) as MLflow metric histories, one point per
+    row at its step, in the active (stage) run: curves to compare across runs."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    if stage not in TRAINING_CURVES or not (root / TRAINING_CURVES[stage][0]).exists():
+        return
+    path, x = TRAINING_CURVES[stage]
+    curve = pd.read_csv(root / path)
+    now = int(pd.Timestamp.now().timestamp() * 1000)
+    points = [Metric(f"curve.{col}", float(v), now, int(s))
+              for col in curve.columns if col != x
+              for s, v in zip(curve[x], curve[col], strict=True) if math.isfinite(v)]
+    for i in range(0, len(points), 1000):  # MLflow takes at most 1000 metrics a batch
+        mlflow.MlflowClient().log_batch(mlflow.active_run().info.run_id,
+                                        metrics=points[i : i + 1000])
+
+
 def review_artifacts(root: Path) -> list[tuple[Path, str]]:
     """(file, artifact folder) for the images and reports a reviewer looks at."""
     found: list[tuple[Path, str]] = []
@@ -318,6 +341,7 @@ def register(params: Params, root: Path = Path(".")) -> dict:
                     mlflow.log_params({k: _param_value(v) for k, v in sel.items()})
                 if m:
                     mlflow.log_metrics(m)
+                log_training_curve(stage, root)
         for path, folder in review_artifacts(root):
             mlflow.log_artifact(str(path), artifact_path=folder)
 

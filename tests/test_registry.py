@@ -162,6 +162,7 @@ def _tiny_models(root: Path) -> None:
     save_unet(unet, copy.deepcopy(unet), config, root / "models/unet")
     Image.new("RGB", (8, 8)).save(root / "models/vae/recon.png")
     Image.new("RGB", (8, 8)).save(root / "models/unet/samples.png")
+    (root / "models/unet/loss.csv").write_text("step,loss\n50,0.9\n100,0.5\n150,0.4\n")
 
 
 def test_register_round_trip_moves_aliases_by_the_gate(store: Path) -> None:
@@ -198,6 +199,9 @@ def test_register_round_trip_moves_aliases_by_the_gate(store: Path) -> None:
     children = client.search_runs([run.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{run.info.run_id}'")
     assert {c.info.run_name for c in children} >= {"vae", "unet", "evaluate"}
+    unet_run = next(c for c in children if c.info.run_name == "unet")
+    curve = client.get_metric_history(unet_run.info.run_id, "curve.loss")
+    assert [(m.step, m.value) for m in curve] == [(50, 0.9), (100, 0.5), (150, 0.4)]
     arts = {a.path for folder in ["eval", "vae", "unet", "validation"]
             for a in client.list_artifacts(run.info.run_id, folder)}
     assert {"eval/grid.png", "vae/recon.png", "unet/samples.png",
