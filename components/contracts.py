@@ -7,6 +7,7 @@ so a killed run leaves the previous output or none, never half of one.
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import json
 import os
@@ -213,6 +214,16 @@ def atomic_dir(path: Path) -> Iterator[Path]:
 def atomic_write_text(path: Path, text: str) -> None:
     with atomic_path(Path(path)) as tmp:
         tmp.write_text(text)
+
+
+TRAINING_CURVE = "loss.csv"  # in models/vae and models/unet: a DVC plot and MLflow history
+
+
+def write_csv(path: Path, header: list[str], rows: list[tuple]) -> None:
+    with atomic_path(Path(path)) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
 
 
 def write_json(path: Path, obj: Any) -> None:

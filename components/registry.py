@@ -198,8 +198,8 @@ def data_version(root: Path) -> dict[str, str]:
     return v
 
 
-TRAINING_CURVES = {"vae": (contracts.VAE_DIR / "loss.csv", "epoch"),
-                   "unet": (contracts.UNET_DIR / "loss.csv", "step")}
+TRAINING_CURVES = {"vae": (contracts.VAE_DIR / contracts.TRAINING_CURVE, "epoch"),
+                   "unet": (contracts.UNET_DIR / contracts.TRAINING_CURVE, "step")}
 
 
 def log_training_curve(stage: str, root: Path) -> None:

@@ -20,7 +20,6 @@ samplers live in diffusion.py).
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import shutil
@@ -37,11 +36,13 @@ from components.config import Params
 from components.config import Unet as UnetCfg
 from components.contracts import (
     LATENTS,
+    TRAINING_CURVE,
     UNET_DIR,
     VAE_DIR,
     UserError,
     atomic_dir,
     progress,
+    write_csv,
     write_json,
 )
 
@@ -285,10 +286,7 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
         save_unet(model, ema, config, tmp)
         if (Path(latents_dir) / TEXT_ENCODER).is_dir():
             shutil.copytree(Path(latents_dir) / TEXT_ENCODER, tmp / TEXT_ENCODER)
-        with open(tmp / "loss.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["step", "loss"])
-            w.writerows([(s, f"{v:.6f}") for s, v in log])
+        write_csv(tmp / TRAINING_CURVE, ["step", "loss"], [(s, f"{v:.6f}") for s, v in log])
         preview_samples(ema, vae, schedule, cache, scale, latent_shape, tmp / "samples.png")
         write_json(tmp / "metrics.json", metrics)
     ckpt.clear()

@@ -12,7 +12,6 @@ count, so beta means the same thing at any image size.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import time
@@ -29,11 +28,13 @@ from components.config import Params
 from components.config import Vae as VaeCfg
 from components.contracts import (
     CAPTIONS,
+    TRAINING_CURVE,
     VAE_DIR,
     UserError,
     atomic_dir,
     progress,
     read_table,
+    write_csv,
     write_json,
 )
 from components.training import Checkpoint, bf16_enabled, cosine_with_warmup
@@ -331,10 +332,8 @@ def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_d
     with atomic_dir(Path(out_dir)) as tmp:
         save_vae(model, cfg, tmp)
         recon_grid(shown, recons).save(tmp / "recon.png")
-        with open(tmp / "loss.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["epoch", "loss", "val_psnr", "val_ssim"])
-            w.writerows([(int(e), f"{lo:.6f}", f"{p:.4f}", f"{s:.4f}") for e, lo, p, s in history])
+        write_csv(tmp / TRAINING_CURVE, ["epoch", "loss", "val_psnr", "val_ssim"],
+                  [(int(e), f"{lo:.6f}", f"{p:.4f}", f"{s:.4f}") for e, lo, p, s in history])
         write_json(tmp / "metrics.json", metrics)
     ckpt.clear()
     return metrics
