@@ -178,14 +178,26 @@ class Evaluate(Section):
     prompts: list[str] = Field(min_length=1)
     seed: int = 0
     adherence_seeds: int = Field(2, ge=1, le=64)
+    prompt_seeds: int = Field(4, ge=2, le=16)
+    fid_images: int = Field(128, ge=8, le=10_000)
+    text_recall_images: int = Field(48, ge=0, le=10_000)
+    feature_extractor: str = "builtin"
+    feature_image_size: int = Field(64, ge=16, le=1024)
+
+
+class GateRule(Section):
+    metric: str
+    direction: Literal["max", "min"] = "max"
+    # > 0: must be better by more than this; < 0: may be worse by up to |margin| (a guard
+    # rail on a metric that is not meant to decide)
+    min_margin: float = 0.0
 
 
 class Register(Section):
-    model_name: str = "tinyldm"
+    model_name: str = Field("tinyldm", pattern=r"^[\w.-]+$")
     experiment: str = "tinyldm"
-    gate_metric: str = "prompt_adherence_background"
-    gate_direction: Literal["max", "min"] = "max"
-    min_margin: float = Field(0.0, ge=0)
+    gate: list[GateRule] = Field(
+        default=[GateRule(metric="prompt_adherence_background")], min_length=1)
 
 
 class Params(Section):

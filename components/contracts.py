@@ -51,6 +51,8 @@ UNET_DIR = MODELS / "unet"
 REPORTS = Path("reports")
 VALIDATION_REPORT = REPORTS / "validation"
 EVAL_DIR = REPORTS / "eval"
+EVAL_GRIDS = EVAL_DIR / "grids"  # sample grids PNG (a DVC out)
+EVAL_REPORT = EVAL_DIR / "report.html"  # self-contained: images inline
 METRICS = REPORTS / "metrics"
 
 
@@ -63,7 +65,8 @@ def progress(iterable=None, **kw):
 
 
 def metrics_path(stage: str) -> Path:
-    return METRICS / f"{stage}.json"
+    """Each stage's metrics JSON (DVC metrics); evaluate's sits with its report."""
+    return EVAL_DIR / "metrics.json" if stage == "evaluate" else METRICS / f"{stage}.json"
 
 
 # ------------------------------------------------------------------ schemas

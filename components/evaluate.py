@@ -2,13 +2,17 @@
 
 Prompt adherence runs the data's own auto-labeller (components.labels) on generated
 images: a prompt asking for a red background should give an image that the labeller
-calls red.
+calls red. Fidelity (FD/KID, components.fidelity), text recall (Tesseract on generated
+images) and sampling speed compare val images with images generated from their captions.
+Everything lands in reports/eval: metrics.json (DVC metrics), grids/*.png, report.html.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 
+import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
@@ -18,10 +22,22 @@ from torchmetrics.functional.image import (
 )
 
 from components.config import Params
-from components.contracts import CAPTIONS, EVAL_DIR, UNET_DIR, VAE_DIR, atomic_dir, read_table
+from components.contracts import (
+    CAPTIONS,
+    EVAL_GRIDS,
+    EVAL_REPORT,
+    UNET_DIR,
+    VAE_DIR,
+    UserError,
+    atomic_dir,
+    read_table,
+)
+from components.fidelity import distances, feature_extractor, to_tensor
 from components.generator import Generator
 from components.labels import LAYOUTS, caption, label_background
-from components.vae import image_grid, load_batch, load_vae
+from components.ocr import normalise, read_texts
+from components.report import training_curves, write_report
+from components.vae import image_grid, load_batch, load_vae, to_pil
 
 
 @torch.no_grad()
@@ -88,38 +104,85 @@ def prompt_adherence(gen: Generator, params: Params, train: pd.DataFrame
     return metrics, rows
 
 
+def diversity(rows: list[list[Image.Image]]) -> float:
+    """Mean pairwise RMS pixel distance (0..1) between images of one prompt drawn with
+    different seeds, averaged over prompts: 0 means every seed gives the same image."""
+    dists = []
+    for row in rows:
+        x = to_tensor(row)
+        for i, j in itertools.combinations(range(len(row)), 2):
+            dists.append(float((x[i] - x[j]).square().mean().sqrt()))
+    return round(float(np.mean(dists)), 4) if dists else 0.0
+
+
+def _words(text: str) -> set[str]:
+    return set(normalise(text).split())
+
+
+def text_recall(real: list[Image.Image], fake: list[Image.Image], params: Params) -> dict:
+    """Of the words OCR reads in a real val image at the model's size (text large enough to
+    read), the share it also reads in the image generated from that image's caption."""
+    texts = read_texts(real + fake, params.ocr)
+    wanted = found = 0
+    for r, f in zip(texts[: len(real)], texts[len(real):], strict=True):
+        readable = _words(r)
+        wanted += len(readable)
+        found += len(readable & _words(f))
+    out = {"text_readable_words": wanted}
+    if wanted:
+        out["text_recall"] = round(found / wanted, 4)
+    return out
+
+
+def _chunks(items: list, n: int) -> list[list]:
+    return [items[i : i + n] for i in range(0, len(items), n)]
+
+
 def evaluate(params: Params) -> dict:
     cfg = params.evaluate
     caps = read_table(CAPTIONS, "captions")
-    val = caps[caps["split"] == "val"].head(64)
-    if val.empty:
-        val = caps.head(8)
-    metrics = vae_quality(params, val["path"].tolist())
-
+    val = caps[caps["split"] == "val"]
+    if len(val) < 2:
+        raise UserError(f"evaluate: the val split has {len(val)} image(s), at least 2 are "
+                        "needed; add images or raise labels.split.val")
+    metrics: dict = vae_quality(params, val["path"].head(64).tolist())
     gen = Generator.load(VAE_DIR, UNET_DIR, params.sampler)
+    extractor, feature_space = feature_extractor(cfg)
+
+    # real val images vs images generated from their captions: fidelity, speed, text
+    pairs = val.head(cfg.fid_images)
+    real = to_pil(load_batch(pairs["path"].tolist(), gen.native_size))
     t0 = time.monotonic()
+    fake = [im for k, chunk in enumerate(_chunks(pairs["caption"].tolist(), 32))
+            for im in gen.generate(chunk, seed=cfg.seed + k)]
+    metrics["sample_images_per_s"] = round(len(fake) / (time.monotonic() - t0), 3)
+    metrics |= {k: round(v, 5) for k, v in distances(real, fake, extractor, cfg.seed).items()}
+    metrics["fid_images"] = len(fake)
+    metrics |= text_recall(real[: cfg.text_recall_images], fake[: cfg.text_recall_images],
+                           params)
+
     adherence, colour_rows = prompt_adherence(gen, params, caps[caps["split"] == "train"])
     metrics |= adherence
-    n_images = adherence["adherence_images"]
+    prompt_rows = [gen.generate([prompt] * cfg.prompt_seeds, seed=cfg.seed)
+                   for prompt in cfg.prompts]
+    metrics["diversity"] = diversity(prompt_rows)
+    metrics["feature_space"] = feature_space
 
-    n_seeds = 4
-    prompt_rows = []
-    for prompt in cfg.prompts:
-        prompt_rows.append([gen.generate([prompt], seed=cfg.seed + s)[0] for s in range(n_seeds)])
-        n_images += n_seeds
-    real = val.head(8)
-    fakes = gen.generate(real["caption"].tolist(), seed=cfg.seed)
-    n_images += len(fakes)
-    metrics["sample_images_per_s"] = round(n_images / (time.monotonic() - t0), 3)
-
-    with atomic_dir(EVAL_DIR) as tmp:
-        image_grid(prompt_rows).save(tmp / "samples.png")
-        image_grid(colour_rows).save(tmp / "adherence.png")
-        reals = [Image.open(p) for p in real["path"]]
-        image_grid([reals, fakes]).save(tmp / "real_vs_generated.png")
-        (tmp / "prompts.txt").write_text(
-            "samples.png rows (4 seeds each):\n" + "\n".join(cfg.prompts) + "\n\n"
-            "adherence.png rows:\n" + "\n".join(c["prompt"] for c in adherence_cases(params))
-            + "\n\nreal_vs_generated.png: top real val images, bottom generated from their "
-            "captions:\n" + "\n".join(real["caption"]) + "\n")
+    n_show = min(8, len(real))
+    grids = {"samples.png": (image_grid(prompt_rows), "every fixed prompt (rows) with "
+                             f"{cfg.prompt_seeds} seeds (columns)"),
+             "adherence.png": (image_grid(colour_rows), "held-out adherence prompts"),
+             "real_vs_generated.png": (image_grid([real[:n_show], fake[:n_show]]),
+                                       "top: real val images; bottom: generated from their "
+                                       "captions")}
+    for i, (prompt, row) in enumerate(zip(cfg.prompts, prompt_rows, strict=True), 1):
+        grids[f"prompt_{i:02d}.png"] = (image_grid([row], cell=192), prompt)
+    curves = training_curves()
+    if curves is not None:
+        grids["training_curves.png"] = (curves, "training curves (models/*/loss.csv)")
+    with atomic_dir(EVAL_GRIDS) as tmp:
+        for name, (im, _caption) in grids.items():
+            im.save(tmp / name)
+    write_report(EVAL_REPORT, metrics, [(EVAL_GRIDS / n, c) for n, (_im, c) in grids.items()],
+                 cases=adherence_cases(params), real_captions=pairs["caption"].head(n_show))
     return metrics

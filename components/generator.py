@@ -18,9 +18,18 @@ from PIL import Image
 from components.config import Diffusion as DiffusionCfg
 from components.config import Sampler as SamplerCfg
 from components.config import TextEncoder as TextEncoderCfg
+from components.contracts import UserError
 from components.diffusion import NoiseSchedule, make_sampler, sample
 from components.unet import ContextUnet, load_unet, read_unet_config
 from components.vae import VAE, load_vae, to_pil
+
+MIN_SIDE, MAX_SIDE = 8, 800  # output width/height limits of generate and the served model
+
+
+def check_size(width: int | None, height: int | None) -> None:
+    for key, v in [("width", width), ("height", height)]:
+        if v is not None and not MIN_SIDE <= v <= MAX_SIDE:
+            raise UserError(f"{key}={v}: must be between {MIN_SIDE} and {MAX_SIDE} pixels")
 
 
 def prompt_seed(seed: int, i: int) -> int:
@@ -56,6 +65,21 @@ class Generator:
     @property
     def native_size(self) -> int:
         return self.latent_shape[-1] * self.vae.down_factor
+
+    def check_prompts(self, prompts: list[str]) -> None:
+        """A request's prompts: not empty, and within the text encoder's token limit (a
+        served prompt is refused, not silently cut; training captions follow the caption
+        policy instead)."""
+        for p in prompts:
+            if not p.strip():
+                raise UserError("prompt: empty; describe the image, e.g. "
+                                "'vivid red solid poster, text at the centre, reading \"SALE\"'")
+        limit = getattr(self.text_encoder, "max_tokens", None)
+        if limit and hasattr(self.text_encoder, "count_tokens"):
+            for p, n in zip(prompts, self.text_encoder.count_tokens(prompts), strict=True):
+                if n > limit:
+                    raise UserError(f"prompt {p[:40]!r}...: {n} tokens, over the text "
+                                    f"encoder's {limit}-token limit; shorten it")
 
     @torch.no_grad()
     def decode_latents(self, z: torch.Tensor) -> list[Image.Image]:

@@ -181,6 +181,13 @@ def read_words(im: Image.Image, cfg: Ocr) -> dict:
             "n_words": len(words), "words": json.dumps(words)}
 
 
+def read_texts(images: list[Image.Image], cfg: Ocr) -> list[str]:
+    """OCR decoded images in parallel, uncached (evaluate reads generated images)."""
+    workers = cfg.workers or os.cpu_count() or 1
+    with _single_threaded_tesseract(), ThreadPoolExecutor(workers) as pool:
+        return [r["text"] for r in pool.map(lambda im: read_words(im, cfg), images)]
+
+
 # ------------------------------------------------------------------ cache
 def _cache_file(image_id: str, version: str, shash: str) -> Path:
     key = sha256_bytes(f"{image_id}|{version}|{shash}".encode())

@@ -38,15 +38,27 @@ class GeneratorModel(PythonModel):
 
     def predict(self, context: PythonModelContext, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        from components.contracts import UserError
+        from components.generator import check_size
+
         p = params or {}
         prompts = [str(x) for x in model_input["prompt"].tolist()]
+        width = int(p["width"]) if p.get("width") is not None else None
+        height = int(p["height"]) if p.get("height") is not None else None
+        try:  # a bad request is the caller's to fix: HTTP 400 with the one-line reason
+            check_size(width, height)
+            self.generator.check_prompts(prompts)
+        except UserError as e:
+            raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
         images = self.generator.generate(
             prompts,
             seed=int(p.get("seed", 0)),
             steps=int(p["steps"]) if p.get("steps") is not None else None,
             guidance=float(p["guidance"]) if p.get("guidance") is not None else None,
-            width=int(p["width"]) if p.get("width") is not None else None,
-            height=int(p["height"]) if p.get("height") is not None else None,
+            width=width, height=height,
         )
         return pd.DataFrame({"image": [png_b64(im) for im in images]})
 

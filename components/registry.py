@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import getpass
 import importlib.metadata
 import io
 import json
@@ -21,22 +22,22 @@ import math
 import os
 import re
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pandas as pd
 import yaml
 from PIL import Image
 
 from components import contracts
-from components.config import Params
+from components.config import GateRule, Params
 from components.contracts import UserError
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 MODEL_ARTIFACT = "generator"  # the logged model's name inside its run
-MIN_SIDE, MAX_SIDE = 8, 800
 # what the served model needs installed; pinned to the versions that logged it. Passing
 # these explicitly also spares MLflow from loading the model in a subprocess to guess them.
 REQUIREMENTS = ["mlflow", "torch", "safetensors", "numpy", "pandas", "pyarrow", "pillow",
@@ -73,22 +74,72 @@ def _setup(experiment: str | None = None) -> None:
 
 # ------------------------------------------------------------------ gate
 @dataclass(frozen=True)
+class Comparison:
+    rule: GateRule
+    new: float | None
+    champion: float | None
+    passed: bool
+
+    def __str__(self) -> str:
+        r = self.rule
+        return (f"{r.metric} {_num(self.new)} vs {_num(self.champion)} ({r.direction}, "
+                f"margin {r.min_margin:g}): {'pass' if self.passed else 'fail'}")
+
+
+@dataclass(frozen=True)
 class Decision:
     promote: bool
     reason: str
+    comparisons: tuple[Comparison, ...] = ()
 
 
-def decide(new: float, champion: float | None, direction: Literal["max", "min"] = "max",
-           min_margin: float = 0.0) -> Decision:
-    """Promote `new` over the champion's value when it is better by more than min_margin."""
-    if new is None or math.isnan(new):
-        return Decision(False, "new value is missing or NaN")
-    if champion is None or math.isnan(champion):
-        return Decision(True, "no champion value to compare with")
-    gain = new - champion if direction == "max" else champion - new
-    if gain > min_margin:
-        return Decision(True, f"better by {gain:.6g} > margin {min_margin:g} ({direction})")
-    return Decision(False, f"better by {gain:.6g}, not > margin {min_margin:g} ({direction})")
+def _num(v: float | None) -> str:
+    return "missing" if v is None or math.isnan(v) else f"{v:.6g}"
+
+
+def _missing(v: float | None) -> bool:
+    return v is None or math.isnan(v)
+
+
+def decide(rules: list[GateRule], new: dict[str, float],
+           champion: dict[str, float] | None) -> Decision:
+    """Promote when the new metrics beat the champion's on every rule: better by more than
+    the rule's margin in its direction (a negative margin tolerates that much worse)."""
+    comps = []
+    for rule in rules:
+        n, c = new.get(rule.metric), (champion or {}).get(rule.metric)
+        ok = False
+        if not _missing(n) and not _missing(c):
+            gain = n - c if rule.direction == "max" else c - n
+            ok = gain > rule.min_margin
+        comps.append(Comparison(rule, n, c, ok))
+    missing_new = [c.rule.metric for c in comps if _missing(c.new)]
+    if missing_new:
+        return Decision(False, f"no value for {', '.join(missing_new)}", tuple(comps))
+    if champion is None:
+        return Decision(True, "no champion yet", tuple(comps))
+    missing_champ = [c.rule.metric for c in comps if _missing(c.champion)]
+    if missing_champ:
+        return Decision(False, f"the champion has no {', '.join(missing_champ)} (evaluated "
+                        "before the gate used it): compare by hand, then `tinyldm promote "
+                        "VERSION --force --reason ...`", tuple(comps))
+    failed = [c for c in comps if not c.passed]
+    if failed:
+        return Decision(False, "; ".join(map(str, failed)), tuple(comps))
+    return Decision(True, "; ".join(map(str, comps)), tuple(comps))
+
+
+def gate_tags(decision: Decision, champion_version: str | None) -> dict[str, str]:
+    """The decision and every compared number, as tags (on the version and its run)."""
+    tags = {"gate.decision": "promoted" if decision.promote else "rejected",
+            "gate.reason": decision.reason[:5000],
+            "gate.champion_version": champion_version or ""}
+    for c in decision.comparisons:
+        k = f"gate.{c.rule.metric}"
+        tags |= {f"{k}.new": _num(c.new), f"{k}.champion": _num(c.champion),
+                 f"{k}.rule": f"{c.rule.direction} margin {c.rule.min_margin:g}",
+                 f"{k}.passed": str(c.passed).lower()}
+    return tags
 
 
 # ------------------------------------------------------------------ params and metrics
@@ -224,7 +275,8 @@ def log_training_curve(stage: str, root: Path) -> None:
 def review_artifacts(root: Path) -> list[tuple[Path, str]]:
     """(file, artifact folder) for the images and reports a reviewer looks at."""
     found: list[tuple[Path, str]] = []
-    for pattern, folder in [(f"{contracts.EVAL_DIR}/*.png", "eval"),
+    for pattern, folder in [(f"{contracts.EVAL_GRIDS}/*.png", "eval"),
+                            (str(contracts.EVAL_REPORT), "eval"),
                             (f"{contracts.VAE_DIR}/recon.png", "vae"),
                             (f"{contracts.UNET_DIR}/samples.png", "unet"),
                             (f"{contracts.VALIDATION_REPORT}/*.json", "validation")]:
@@ -301,31 +353,67 @@ def smoke_test(model_uri: str, prompt: str) -> None:
 
 
 # ------------------------------------------------------------------ the stage
-def _champion(client: Any, name: str) -> Any | None:
+def _client() -> Any:
+    from mlflow import MlflowClient
+
+    _setup()
+    return MlflowClient()
+
+
+def _alias_version(client: Any, name: str, alias: str) -> Any | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.get_model_version_by_alias(name, CHAMPION)
+        return client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
 
 
+def version_metrics(client: Any, mv: Any) -> dict[str, float]:
+    """The evaluate metrics of the pipeline run that logged model version `mv`."""
+    run = client.get_run(mv.run_id)
+    return {k.removeprefix("evaluate."): v for k, v in run.data.metrics.items()
+            if k.startswith("evaluate.")}
+
+
+def _who() -> str:
+    return os.environ.get("TINYLDM_USER") or getpass.getuser()
+
+
+def _tag_version(client: Any, name: str, mv: Any, tags: dict[str, str]) -> None:
+    """Tags on the version and on the run that logged it (where people look for them)."""
+    for k, v in tags.items():
+        client.set_model_version_tag(name, str(mv.version), k, v)
+        client.set_tag(mv.run_id, k, v)
+
+
+def _move_champion(client: Any, name: str, mv: Any, previous: Any | None, how: str,
+                   reason: str) -> None:
+    """`champion` -> mv, remembering the champion it replaces so `rollback` can go back."""
+    client.set_registered_model_alias(name, CHAMPION, str(mv.version))
+    challenger = _alias_version(client, name, CHALLENGER)
+    if challenger is not None and challenger.version == mv.version:
+        client.delete_registered_model_alias(name, CHALLENGER)  # no longer pending
+    _tag_version(client, name, mv, {
+        "champion.previous": str(previous.version) if previous is not None else "",
+        "champion.how": how, "champion.by": _who(), "champion.reason": reason[:5000],
+        "champion.at": pd.Timestamp.now(tz="UTC").isoformat(timespec="seconds")})
+
+
 def register(params: Params, root: Path = Path(".")) -> dict:
     import mlflow
-    from mlflow import MlflowClient
 
     cfg = params.register_
     _setup(cfg.experiment)
-    client = MlflowClient()
+    client = _client()
     all_params = params.model_dump(mode="json", by_alias=True)
     metrics = {s: stage_metrics(s, root) for s in contracts.STAGES if s != "register"}
-    gate_key = f"evaluate.{cfg.gate_metric}"
-    if cfg.gate_metric not in metrics["evaluate"]:
+    missing = [r.metric for r in cfg.gate if r.metric not in metrics["evaluate"]]
+    if missing:
         have = ", ".join(sorted(metrics["evaluate"])) or "none"
-        raise UserError(f"register.gate_metric: {cfg.gate_metric!r} is not in "
+        raise UserError(f"register.gate: {', '.join(missing)} not in "
                         f"{contracts.metrics_path('evaluate')} (has: {have}); run the evaluate "
-                        "stage or set register.gate_metric to one of those")
-    new_value = metrics["evaluate"][cfg.gate_metric]
+                        "stage or gate on metrics it writes")
     version_tags = data_version(root)
 
     with mlflow.start_run(run_name="pipeline", nested=mlflow.active_run() is not None) as run:
@@ -348,39 +436,123 @@ def register(params: Params, root: Path = Path(".")) -> dict:
         info = log_generator(params, root)
         smoke_test(info.model_uri, params.evaluate.prompts[0])
         name = cfg.model_name
-        version = int(mlflow.register_model(info.model_uri, name).version)
-        champ = _champion(client, name)
-        champ_value: float | None = None
-        if champ is not None:
-            champ_value = client.get_run(champ.run_id).data.metrics.get(gate_key)
-        decision = decide(new_value, champ_value, cfg.gate_direction, cfg.min_margin)
-
-        client.set_registered_model_alias(name, CHALLENGER, str(version))
+        mv = mlflow.register_model(info.model_uri, name)
+        champ = _alias_version(client, name, CHAMPION)
+        decision = decide(cfg.gate, metrics["evaluate"],
+                          version_metrics(client, champ) if champ is not None else None)
+        client.set_registered_model_alias(name, CHALLENGER, str(mv.version))
+        _tag_version(client, name, mv, gate_tags(decision, champ and str(champ.version)))
         if decision.promote:
-            client.set_registered_model_alias(name, CHAMPION, str(version))
-            client.delete_registered_model_alias(name, CHALLENGER)  # no pending challenger
-        gate = {
-            "gate.decision": "promoted" if decision.promote else "rejected",
-            "gate.reason": decision.reason,
-            "gate.metric": cfg.gate_metric,
-            "gate.direction": cfg.gate_direction,
-            "gate.min_margin": str(cfg.min_margin),
-            "gate.value": str(new_value),
-            "gate.champion_version": str(champ.version) if champ else "",
-            "gate.champion_value": "" if champ_value is None else str(champ_value),
-        }
-        for k, v in gate.items():
-            client.set_model_version_tag(name, str(version), k, v)
-        mlflow.set_tags({**gate, "gate.model_version": str(version)})
+            _move_champion(client, name, mv, champ, "gate", decision.reason)
         result = {
-            "version": version,
+            "version": int(mv.version),
             "alias": CHAMPION if decision.promote else CHALLENGER,
             "run_id": run.info.run_id,
-            "model_uri": f"models:/{name}/{version}",
-            "gate_metric": new_value,
+            "model_uri": f"models:/{name}/{mv.version}",
+            "gate": decision.reason,
+            **{f"gate.{c.rule.metric}": c.new for c in decision.comparisons},
             "champion_before": int(champ.version) if champ else None,
         }
     return result
+
+
+# ------------------------------------------------------------------ promote, rollback, list
+def _get_version(client: Any, name: str, version: str | int) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException:
+        have = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+        raise UserError(f"model {name!r} has no version {version} (versions: "
+                        f"{', '.join(map(str, have)) or 'none'}); see `tinyldm models`") from None
+
+
+def promote(params: Params, version: str | int, force: bool = False,
+            reason: str | None = None) -> dict:
+    """Make `version` the champion: through the gate against the current champion, or
+    with force (a reason is required; who and why are recorded)."""
+    name = params.register_.model_name
+    client = _client()
+    _require_model(client, name)
+    mv = _get_version(client, name, version)
+    champ = _alias_version(client, name, CHAMPION)
+    if champ is not None and champ.version == mv.version:
+        raise UserError(f"version {mv.version} is already the champion of {name!r}")
+    if force:
+        if not (reason or "").strip():
+            raise UserError("promote --force: say why with --reason TEXT (it is recorded "
+                            "with who forced it)")
+        _move_champion(client, name, mv, champ, "forced", reason or "")
+        _tag_version(client, name, mv, {"champion.forced": "true"})
+        return {"version": int(mv.version), "previous": champ and int(champ.version),
+                "how": "forced", "reason": reason}
+    try:
+        new = version_metrics(client, mv)
+    except Exception as e:  # the run was deleted
+        raise UserError(f"version {mv.version}: its run {mv.run_id} cannot be read ({e}); "
+                        "promote with --force --reason TEXT") from None
+    decision = decide(params.register_.gate, new,
+                      version_metrics(client, champ) if champ is not None else None)
+    if not decision.promote:
+        raise UserError(f"version {mv.version} does not pass the gate against champion "
+                        f"v{champ.version if champ else '-'}: {decision.reason}; "
+                        "to promote anyway add --force --reason TEXT")
+    _move_champion(client, name, mv, champ, "promote", decision.reason)
+    return {"version": int(mv.version), "previous": champ and int(champ.version),
+            "how": "gate", "reason": decision.reason}
+
+
+def rollback(params: Params, reason: str | None = None) -> dict:
+    """`champion` back to the version it replaced; again and again, like an undo stack."""
+    name = params.register_.model_name
+    client = _client()
+    _require_model(client, name)
+    champ = _alias_version(client, name, CHAMPION)
+    if champ is None:
+        raise UserError(f"model {name!r} has no champion to roll back; promote one with "
+                        "`tinyldm promote VERSION`")
+    previous = (champ.tags or {}).get("champion.previous", "")
+    if not previous:
+        raise UserError(f"champion v{champ.version} of {name!r} replaced no earlier champion; "
+                        "nothing to roll back to (promote a version instead)")
+    prev = _get_version(client, name, previous)
+    client.set_registered_model_alias(name, CHAMPION, str(prev.version))
+    _tag_version(client, name, champ, {
+        "rollback.by": _who(), "rollback.reason": (reason or "")[:5000],
+        "rollback.at": pd.Timestamp.now(tz="UTC").isoformat(timespec="seconds"),
+        "rollback.to": str(prev.version)})
+    return {"version": int(prev.version), "from": int(champ.version)}
+
+
+def list_models(params: Params) -> list[dict]:
+    """Every version, newest first: aliases, gate decision, key metrics, data version."""
+    name = params.register_.model_name
+    client = _client()
+    _require_model(client, name)
+    aliases: dict[str, list[str]] = {}
+    for alias, v in (client.get_registered_model(name).aliases or {}).items():
+        aliases.setdefault(str(v), []).append(alias)
+    keys = list(dict.fromkeys([r.metric for r in params.register_.gate]
+                              + ["fd", "prompt_adherence_background", "vae_psnr"]))
+    rows = []
+    for mv in sorted(client.search_model_versions(f"name='{name}'"),
+                     key=lambda v: -int(v.version)):
+        try:
+            run = client.get_run(mv.run_id)
+            m, tags = run.data.metrics, run.data.tags
+        except Exception:  # a deleted run: show the version anyway
+            m, tags = {}, {}
+        rows.append({
+            "version": int(mv.version),
+            "aliases": ",".join(sorted(aliases.get(str(mv.version), []))),
+            "created": pd.Timestamp(mv.creation_timestamp, unit="ms").strftime("%Y-%m-%d %H:%M"),
+            "gate": (mv.tags or {}).get("gate.decision", ""),
+            **{k: m.get(f"evaluate.{k}") for k in keys},
+            "images": tags.get("data.n_validated", ""),
+            "commit": tags.get("git.commit", "")[:8],
+        })
+    return rows
 
 
 # ------------------------------------------------------------------ loading and generating
@@ -397,9 +569,22 @@ def resolve_model_uri(uri: str | None, params: Params) -> str:
     return uri
 
 
+def _require_model(client: Any, name: str) -> None:
+    """A one-line UserError unless model `name` is registered."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        names = sorted(r.name for r in client.search_registered_models())
+        if not names:
+            raise UserError("no model registered yet; run `tinyldm run` first") from None
+        raise UserError(f"no registered model {name!r} (registered: {', '.join(names)}); "
+                        "set register.model_name or pass one of those") from None
+
+
 def _check_registered(uri: str) -> str:
     """Turn a models:/ URI into models:/<name>/<version>, or a one-line UserError."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     m = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/([^/]+))?", uri)
@@ -407,16 +592,8 @@ def _check_registered(uri: str) -> str:
         raise UserError(f"{uri}: not a model URI; use models:/<name>@<alias> or "
                         "models:/<name>/<version>")
     name, alias, version = m.groups()
-    client = MlflowClient()
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        names = sorted(r.name for r in client.search_registered_models())
-        if not names:
-            raise UserError("no model registered yet; run `tinyldm run` first") from None
-        raise UserError(f"{uri}: no registered model {name!r} (registered: "
-                        f"{', '.join(names)}); set register.model_name or pass one of "
-                        "those") from None
+    client = _client()
+    _require_model(client, name)
     if alias:
         try:
             mv = client.get_model_version_by_alias(name, alias)
@@ -428,11 +605,7 @@ def _check_registered(uri: str) -> str:
         return f"models:/{name}/{mv.version}"
     if version is None:
         raise UserError(f"{uri}: name a version or alias, e.g. models:/{name}@{CHAMPION}")
-    try:
-        client.get_model_version(name, version)
-    except MlflowException:
-        raise UserError(f"{uri}: model {name!r} has no version {version}; see "
-                        "`mlflow ui` or pass @champion") from None
+    _get_version(client, name, version)
     return uri
 
 
@@ -454,17 +627,36 @@ def load_generator_model(uri: str) -> Any:
 
 def generate_png(uri: str, prompt: str, seed: int = 0, steps: int | None = None,
                  guidance: float | None = None, width: int = 256, height: int = 256) -> bytes:
-    for key, v in [("width", width), ("height", height)]:
-        if not MIN_SIDE <= v <= MAX_SIDE:
-            raise UserError(f"{key}={v}: must be between {MIN_SIDE} and {MAX_SIDE} pixels")
-    if not prompt.strip():
-        raise UserError("prompt: empty; describe the image, e.g. "
-                        "'vivid red solid poster, text at the centre, reading \"SALE\"'")
+    from mlflow.exceptions import MlflowException
+
+    from components.generator import check_size
+
+    check_size(width, height)  # before loading anything
     model = load_generator_model(uri)
     p: dict[str, Any] = {"seed": int(seed), "width": int(width), "height": int(height)}
     if steps is not None:
         p["steps"] = int(steps)
     if guidance is not None:
         p["guidance"] = float(guidance)
-    out = model.predict(pd.DataFrame({"prompt": [prompt]}), params=p)
+    try:
+        out = model.predict(pd.DataFrame({"prompt": [prompt]}), params=p)
+    except MlflowException as e:
+        if e.error_code != "INVALID_PARAMETER_VALUE":
+            raise
+        raise UserError(e.message) from None
     return base64.b64decode(out["image"].iloc[0])
+
+
+def serve_command(uri: str | None, params: Params, host: str, port: int
+                  ) -> tuple[str, list[str]]:
+    """`mlflow models serve` for the resolved version (an alias is pinned now, so the server
+    says which version it serves); the tracking store goes with it in the environment."""
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port {port}: must be 1..65535")
+    _setup()
+    resolved = resolve_model_uri(uri, params)
+    if resolved.startswith("models:/"):
+        resolved = _check_registered(resolved)
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()
+    return resolved, [sys.executable, "-m", "mlflow", "models", "serve", "-m", resolved,
+                      "--env-manager", "local", "--host", host, "--port", str(port)]

@@ -33,6 +33,14 @@ STAGE_FUNCS = {
 assert list(STAGE_FUNCS) == STAGES
 
 
+def venv_on_path() -> None:
+    """Child commands (dvc's `tinyldm stage`, mlflow's uvicorn) must find this environment's
+    scripts, also when the venv is not activated."""
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+
+
 def _params(args):
     from components.config import load_params
 
@@ -83,6 +91,52 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_models(args) -> int:
+    from components.registry import list_models
+
+    rows = list_models(_params(args))
+    if not rows:
+        print("no versions registered yet; run `tinyldm run`")
+        return 0
+    cols = list(rows[0])
+
+    def cell(v) -> str:
+        return "-" if v is None or v == "" else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    table = [cols] + [[cell(r[c]) for c in cols] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+    for row in table:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_promote(args) -> int:
+    from components.registry import promote
+
+    r = promote(_params(args), args.version, force=args.force, reason=args.reason)
+    before = f"v{r['previous']}" if r["previous"] else "none"
+    print(f"champion: v{r['version']} (was {before}; {r['how']}: {r['reason']})")
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    from components.registry import rollback
+
+    r = rollback(_params(args), reason=args.reason)
+    print(f"champion: v{r['version']} (rolled back from v{r['from']})")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from components.registry import serve_command
+
+    uri, cmd = serve_command(args.model, _params(args), args.host, args.port)
+    venv_on_path()
+    print(f"serving {uri} on http://{args.host}:{args.port}/invocations "
+          "(Ctrl-C stops)", flush=True)
+    os.execvp(cmd[0], cmd)  # the server takes this PID: stopping it stops the server
+
+
 def cmd_params(args) -> int:
     import yaml
 
@@ -119,6 +173,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=None,
                    help="model URI (default models:/<register.model_name>@champion)")
     g.set_defaults(func=cmd_generate)
+
+    m = sub.add_parser("models", parents=[common], help="registered versions: aliases, gate "
+                       "decision, key metrics, data version")
+    m.set_defaults(func=cmd_models)
+
+    pr = sub.add_parser("promote", parents=[common], help="make VERSION the champion if it "
+                        "passes the gate against the current one (or --force)")
+    pr.add_argument("version")
+    pr.add_argument("--force", action="store_true", help="skip the gate (needs --reason)")
+    pr.add_argument("--reason", default=None, help="why; recorded with who did it")
+    pr.set_defaults(func=cmd_promote)
+
+    rb = sub.add_parser("rollback", parents=[common], help="champion back to the version "
+                        "it replaced")
+    rb.add_argument("--reason", default=None)
+    rb.set_defaults(func=cmd_rollback)
+
+    sv = sub.add_parser("serve", parents=[common], help="serve a model over HTTP (POST "
+                        "/invocations -> PNG as base64), via `mlflow models serve`")
+    sv.add_argument("--model", default=None,
+                    help="model URI (default models:/<register.model_name>@champion)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=5001)
+    sv.set_defaults(func=cmd_serve)
 
     pp = sub.add_parser("params", parents=[common], help="print the validated parameters")
     pp.set_defaults(func=cmd_params)

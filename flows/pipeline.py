@@ -8,8 +8,6 @@ graph, and each task asks DVC to reproduce exactly one stage, so `tinyldm run` a
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +15,16 @@ import networkx as nx
 from prefect import flow, get_run_logger, task
 from prefect.states import Failed, State
 
-from components.contracts import EVAL_DIR, REPORTS, UserError, metrics_path, read_json, write_json
+from components.contracts import (
+    EVAL_GRIDS,
+    EVAL_REPORT,
+    REPORTS,
+    UserError,
+    metrics_path,
+    read_json,
+    write_json,
+)
+from flows.cli import venv_on_path
 
 RUN_LOG = REPORTS / "pipeline_run.json"  # per-stage wall times of the last run (bench/ reads it)
 
@@ -78,19 +85,18 @@ def summary(results: list[dict]) -> str:
                  f"{f} {fmt(_metric('evaluate', f'prompt_adherence_{f}'), '.3f')}"
                  for f in ("background", "background_kind", "saturation"))
              + " (auto-labels of generated images = the prompt)",
+             f"  fidelity:     FD {fmt(_metric('evaluate', 'fd'), '.3f')}, KID "
+             f"{fmt(_metric('evaluate', 'kid'), '.4f')}, text recall "
+             f"{fmt(_metric('evaluate', 'text_recall'), '.3f')} (generated vs real val)",
              f"  model:        {_metric('register', 'model_uri') or 'n/a'} -> alias "
              f"{_metric('register', 'alias') or 'n/a'}",
-             f"  sample grid:  {EVAL_DIR / 'samples.png'}"]
+             f"  report:       {EVAL_REPORT} (grids in {EVAL_GRIDS}/)"]
     return "\n".join(lines)
 
 
 @flow(name="tinyldm-pipeline", log_prints=True)
 def pipeline(force: bool = False) -> list[dict] | State:
-    # dvc.yaml calls `tinyldm stage ...` through the shell: make this environment's
-    # tinyldm the one it finds, also when the venv is not activated
-    bin_dir = str(Path(sys.executable).parent)
-    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    venv_on_path()  # dvc.yaml calls `tinyldm stage ...` through the shell
     order = stage_order()
     results = []
     for i, name in enumerate(order, 1):

@@ -67,13 +67,18 @@ def test_pipeline_end_to_end(tmp_path):
     assert set(caps["split"]) <= {"train", "val", "test"} and caps["caption"].str.len().min() > 10
     for f in ["models/vae/weights.safetensors", "models/vae/config.json",
               "models/unet/weights.safetensors", "models/unet/config.json",
-              "reports/eval/samples.png", "data/labels/labelstudio_tasks.json",
+              "reports/eval/grids/samples.png", "reports/eval/grids/real_vs_generated.png",
+              "reports/eval/report.html", "data/labels/labelstudio_tasks.json",
               "reports/validation/gx_results.json"]:
         assert (repo / f).stat().st_size > 0, f
     for stage in c.STAGES:
         assert (repo / c.metrics_path(stage)).exists(), stage
     reg = json.loads((repo / c.metrics_path("register")).read_text())
     assert reg["alias"] == "champion" and reg["version"] == 1
+    ev = json.loads((repo / c.metrics_path("evaluate")).read_text())
+    assert ev["fd"] >= 0 and ev["sample_images_per_s"] > 0 and ev["fid_images"] >= 2
+    models = _run([str(BIN / "tinyldm"), "models"], repo, env).stdout
+    assert "champion" in models.splitlines()[1], models
 
     png = tmp_path / "gen.png"
     _run([str(BIN / "tinyldm"), "generate", "vivid blue solid poster", "--out", str(png),

@@ -3,10 +3,17 @@ trip of a tiny real generator against a throwaway SQLite store."""
 
 from __future__ import annotations
 
+import base64
 import copy
 import io
 import json
 import math
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -14,8 +21,8 @@ import yaml
 from PIL import Image
 
 from components import registry
-from components.config import load_params
-from components.contracts import UserError
+from components.config import GateRule, load_params
+from components.contracts import EVAL_GRIDS, UserError, metrics_path, write_json
 from components.registry import decide
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -35,33 +42,48 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 # ------------------------------------------------------------------ gate
+def _rule(metric: str = "m", direction: str = "max", min_margin: float = 0.0) -> GateRule:
+    return GateRule(metric=metric, direction=direction, min_margin=min_margin)
+
+
 def test_better_value_becomes_champion() -> None:
-    assert decide(0.8, 0.5).promote
+    assert decide([_rule()], {"m": 0.8}, {"m": 0.5}).promote
 
 
 def test_worse_or_equal_value_stays_challenger() -> None:
-    assert not decide(0.4, 0.5).promote
-    assert not decide(0.5, 0.5).promote  # must beat, not tie
+    assert not decide([_rule()], {"m": 0.4}, {"m": 0.5}).promote
+    assert not decide([_rule()], {"m": 0.5}, {"m": 0.5}).promote  # must beat, not tie
 
 
 def test_no_champion_means_champion() -> None:
-    assert decide(0.1, None).promote
-    assert decide(0.1, math.nan).promote
+    assert decide([_rule()], {"m": 0.1}, None).promote
 
 
-def test_min_direction() -> None:
-    assert decide(0.2, 0.3, "min").promote
-    assert not decide(0.4, 0.3, "min").promote
+def test_min_direction_and_margins() -> None:
+    assert decide([_rule(direction="min")], {"m": 0.2}, {"m": 0.3}).promote
+    assert not decide([_rule(direction="min")], {"m": 0.4}, {"m": 0.3}).promote
+    assert not decide([_rule(min_margin=0.1)], {"m": 0.55}, {"m": 0.5}).promote
+    assert decide([_rule(min_margin=0.1)], {"m": 0.65}, {"m": 0.5}).promote
+    # a negative margin is a guard rail: up to that much worse still passes
+    assert decide([_rule(min_margin=-0.05)], {"m": 0.47}, {"m": 0.5}).promote
+    assert not decide([_rule(min_margin=-0.05)], {"m": 0.44}, {"m": 0.5}).promote
 
 
-def test_margin_must_be_exceeded() -> None:
-    assert not decide(0.55, 0.5, "max", min_margin=0.1).promote
-    assert decide(0.65, 0.5, "max", min_margin=0.1).promote
-    assert not decide(0.45, 0.5, "min", min_margin=0.1).promote
+def test_every_rule_must_pass_and_each_number_is_reported() -> None:
+    rules = [_rule("fd", "min"), _rule("adh", "max", -0.02)]
+    d = decide(rules, {"fd": 1.0, "adh": 0.90}, {"fd": 1.2, "adh": 0.95})
+    assert not d.promote and "adh 0.9 vs 0.95" in d.reason and "fd" not in d.reason
+    assert decide(rules, {"fd": 1.0, "adh": 0.94}, {"fd": 1.2, "adh": 0.95}).promote
+    tags = registry.gate_tags(d, "3")
+    assert tags["gate.decision"] == "rejected" and tags["gate.champion_version"] == "3"
+    assert tags["gate.fd.new"] == "1" and tags["gate.fd.champion"] == "1.2"
+    assert tags["gate.fd.passed"] == "true" and tags["gate.adh.passed"] == "false"
 
 
-def test_nan_new_value_never_promotes() -> None:
-    assert not decide(math.nan, None).promote
+def test_missing_or_nan_values_never_promote() -> None:
+    assert not decide([_rule()], {"m": math.nan}, None).promote
+    d = decide([_rule()], {"m": 0.9}, {"other": 0.1})
+    assert not d.promote and "champion has no m" in d.reason and "--force" in d.reason
 
 
 # ------------------------------------------------------------------ helpers
@@ -124,19 +146,17 @@ def test_size_outside_limits_is_a_user_error() -> None:
 def test_missing_gate_metric_is_a_user_error(store: Path) -> None:
     params = load_params(PARAMS)
     _write_metrics(store, {"vae_psnr": 20.0})
-    with pytest.raises(UserError, match="register.gate_metric"):
+    with pytest.raises(UserError, match="register.gate: prompt_adherence_background not in"):
         registry.register(params)
 
 
 # ------------------------------------------------------------------ round trip
 def _write_metrics(root: Path, evaluate: dict) -> None:
-    m = root / "reports/metrics"
-    m.mkdir(parents=True, exist_ok=True)
-    (m / "evaluate.json").write_text(json.dumps(evaluate))
-    (m / "ocr.json").write_text(json.dumps({"cer": 0.1, "n_images": 3}))
-    (m / "vae.json").write_text(json.dumps({"psnr": 21.5, "loss": {"val": 0.01}}))
-    (root / "reports/eval").mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (8, 8), "red").save(root / "reports/eval/grid.png")
+    for stage, metrics in [("evaluate", evaluate), ("ocr", {"cer": 0.1, "n_images": 3}),
+                           ("vae", {"psnr": 21.5, "loss": {"val": 0.01}})]:
+        write_json(root / metrics_path(stage), metrics)
+    (root / EVAL_GRIDS).mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), "red").save(root / EVAL_GRIDS / "grid.png")
     (root / "reports/validation").mkdir(parents=True, exist_ok=True)
     (root / "reports/validation/raw.json").write_text("{}")
 
@@ -165,7 +185,8 @@ def _tiny_models(root: Path) -> None:
     (root / "models/unet/loss.csv").write_text("step,loss\n50,0.9\n100,0.5\n150,0.4\n")
 
 
-def test_register_round_trip_moves_aliases_by_the_gate(store: Path) -> None:
+def test_register_promote_rollback_round_trip(store: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow import MlflowClient
 
     params = load_params(PARAMS, ["sampler.steps=2"])
@@ -184,7 +205,8 @@ def test_register_round_trip_moves_aliases_by_the_gate(store: Path) -> None:
     aliases = client.get_registered_model(name).aliases
     assert aliases == {"champion": first["version"], "challenger": worse["version"]}
     tags = client.get_model_version(name, str(worse["version"])).tags
-    assert tags["gate.decision"] == "rejected" and float(tags["gate.champion_value"]) == 0.5
+    assert tags["gate.decision"] == "rejected"
+    assert tags["gate.prompt_adherence_background.champion"] == "0.5"
 
     _write_metrics(store, {"prompt_adherence_background": 0.7, "vae_psnr": 20.0})
     better = registry.register(params)
@@ -213,7 +235,105 @@ def test_register_round_trip_moves_aliases_by_the_gate(store: Path) -> None:
         assert im.format == "PNG" and im.size == (40, 24)
     assert registry.generate_png(uri, "vivid red solid poster", seed=1, width=40,
                                  height=24) == png  # same seed, same image
+    with pytest.raises(UserError, match="over the text encoder's 256-token limit"):
+        registry.generate_png(uri, "red " * 300)
     with pytest.raises(UserError, match="no alias 'nope'"):
         registry.load_generator_model(f"models:/{name}@nope")
     with pytest.raises(UserError, match="no registered model 'other'"):
         registry.load_generator_model("models:/other@champion")
+    with pytest.raises(UserError, match="has no version 9 .versions: 1, 2, 3"):
+        registry.load_generator_model(f"models:/{name}/9")
+
+    # promote: the gate refuses the worse v2; --force needs a reason and records it
+    v1, v2, v3 = first["version"], worse["version"], better["version"]
+    with pytest.raises(UserError, match=f"version {v2} does not pass the gate.*--force"):
+        registry.promote(params, v2)
+    with pytest.raises(UserError, match="--reason"):
+        registry.promote(params, v2, force=True)
+    monkeypatch.setenv("TINYLDM_USER", "alice")
+    r = registry.promote(params, v2, force=True, reason="v3 draws the logo wrong")
+    assert r == {"version": v2, "previous": v3, "how": "forced",
+                 "reason": "v3 draws the logo wrong"}
+    tags = client.get_model_version(name, str(v2)).tags
+    assert tags["champion.by"] == "alice" and tags["champion.forced"] == "true"
+    assert tags["champion.reason"] == "v3 draws the logo wrong"
+    assert tags["champion.previous"] == str(v3)
+    assert client.get_run(worse["run_id"]).data.tags["champion.by"] == "alice"
+    assert "challenger" not in client.get_registered_model(name).aliases  # v2 was it
+
+    # rollback walks back through the champions: v2 -> v3 -> v1 -> nothing left
+    assert registry.rollback(params, reason="oops") == {"version": v3, "from": v2}
+    assert registry.rollback(params) == {"version": v1, "from": v3}
+    with pytest.raises(UserError, match="nothing to roll back to"):
+        registry.rollback(params)
+    assert client.get_model_version(name, str(v2)).tags["rollback.reason"] == "oops"
+    # a version that passes the gate is promoted without force
+    assert registry.promote(params, v3)["how"] == "gate"
+    with pytest.raises(UserError, match="already the champion"):
+        registry.promote(params, v3)
+
+    rows = registry.list_models(params)
+    assert [row["version"] for row in rows] == [v3, v2, v1]
+    assert rows[0]["aliases"] == "champion" and rows[0]["prompt_adherence_background"] == 0.7
+    assert rows[1]["gate"] == "rejected"
+
+
+# ------------------------------------------------------------------ serving
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> tuple[int, str]:
+    req = urllib.request.Request(url, json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_serve_answers_invocations_with_png(store: Path) -> None:
+    params = load_params(PARAMS, ["sampler.steps=2"])
+    _tiny_models(store)
+    _write_metrics(store, {"prompt_adherence_background": 0.5})
+    version = registry.register(params)["version"]
+    port = _free_port()
+    log = open(store / "serve.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "tinyldm"), "serve",
+                             "--params", str(PARAMS), "--port", str(port)],
+                            cwd=store, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, (store / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "server did not come up"
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        status, text = _post(f"{base}/invocations", {
+            "dataframe_split": {"columns": ["prompt"], "data": [["vivid red solid poster"]]},
+            "params": {"seed": 1, "width": 48, "height": 32}})
+        assert status == 200, text
+        png = base64.b64decode(json.loads(text)["predictions"][0]["image"])
+        with Image.open(io.BytesIO(png)) as im:
+            assert im.format == "PNG" and im.size == (48, 32)
+        status, text = _post(f"{base}/invocations", {
+            "dataframe_split": {"columns": ["prompt"], "data": [["red"]]},
+            "params": {"width": 4}})
+        assert status == 400 and "width=4" in text, (status, text)
+    finally:
+        proc.terminate()  # SIGTERM to the PID; MLflow's server dies with its parent
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    out = (store / "serve.log").read_text()
+    assert f"serving models:/{params.register_.model_name}/{version}" in out
