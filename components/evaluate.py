@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -22,6 +24,7 @@ from torchmetrics.functional.image import (
 )
 
 from components.config import Params
+from components.config import Sampler as SamplerCfg
 from components.contracts import (
     CAPTIONS,
     EVAL_GRIDS,
@@ -31,6 +34,7 @@ from components.contracts import (
     UserError,
     atomic_dir,
     read_table,
+    settings_hash,
 )
 from components.fidelity import distances, feature_extractor, to_tensor
 from components.generator import Generator
@@ -41,8 +45,8 @@ from components.vae import image_grid, load_batch, load_vae, to_pil
 
 
 @torch.no_grad()
-def vae_quality(params: Params, paths: list[str]) -> dict:
-    vae = load_vae(VAE_DIR)
+def vae_quality(vae_dir: Path, paths: list[str]) -> dict:
+    vae = load_vae(vae_dir)
     x = load_batch(paths, vae.cfg.image_size)
     mean, _ = vae.encode(x)
     rec = vae.decode(mean).clamp(-1, 1)
@@ -138,15 +142,40 @@ def _chunks(items: list, n: int) -> list[list]:
     return [items[i : i + n] for i in range(0, len(items), n)]
 
 
-def evaluate(params: Params) -> dict:
+@dataclass
+class Evaluation:
+    metrics: dict
+    real: list[Image.Image]
+    fake: list[Image.Image]
+    captions: list[str]
+    prompt_rows: list[list[Image.Image]]
+    colour_rows: list[list[Image.Image]]
+
+
+def eval_set(params: Params, val: pd.DataFrame, feature_space: str) -> str:
+    """What makes two evaluations comparable: the same val images and captions, the same
+    prompts, seeds and sizes, the same labeller and feature space (not the sampler: that is
+    part of the model being measured)."""
+    return settings_hash({"val": sorted(zip(val["id"], val["caption"], strict=True)),
+                          "evaluate": params.evaluate.model_dump(mode="json"),
+                          "brand": params.brand.model_dump(mode="json"),
+                          "labels": params.labels.model_dump(mode="json"),
+                          "ocr": params.ocr.model_dump(mode="json"),
+                          "feature_space": feature_space})
+
+
+def measure(params: Params, vae_dir: Path = VAE_DIR, unet_dir: Path = UNET_DIR,
+            sampler: SamplerCfg | None = None) -> Evaluation:
+    """Every metric of one generator (its VAE and U-Net folders) on the current val data;
+    register also calls this to re-measure the champion when the data changed."""
     cfg = params.evaluate
     caps = read_table(CAPTIONS, "captions")
     val = caps[caps["split"] == "val"]
     if len(val) < 2:
         raise UserError(f"evaluate: the val split has {len(val)} image(s), at least 2 are "
                         "needed; add images or raise labels.split.val")
-    metrics: dict = vae_quality(params, val["path"].head(64).tolist())
-    gen = Generator.load(VAE_DIR, UNET_DIR, params.sampler)
+    metrics: dict = vae_quality(vae_dir, val["path"].head(64).tolist())
+    gen = Generator.load(vae_dir, unet_dir, sampler or params.sampler)
     extractor, feature_space = feature_extractor(cfg)
 
     # real val images vs images generated from their captions: fidelity, speed, text
@@ -167,15 +196,21 @@ def evaluate(params: Params) -> dict:
                    for prompt in cfg.prompts]
     metrics["diversity"] = diversity(prompt_rows)
     metrics["feature_space"] = feature_space
+    metrics["eval_set"] = eval_set(params, val, feature_space)
+    return Evaluation(metrics, real, fake, pairs["caption"].tolist(), prompt_rows, colour_rows)
 
-    n_show = min(8, len(real))
-    grids = {"samples.png": (image_grid(prompt_rows), "every fixed prompt (rows) with "
+
+def evaluate(params: Params) -> dict:
+    cfg = params.evaluate
+    ev = measure(params)
+    n_show = min(8, len(ev.real))
+    grids = {"samples.png": (image_grid(ev.prompt_rows), "every fixed prompt (rows) with "
                              f"{cfg.prompt_seeds} seeds (columns)"),
-             "adherence.png": (image_grid(colour_rows), "held-out adherence prompts"),
-             "real_vs_generated.png": (image_grid([real[:n_show], fake[:n_show]]),
+             "adherence.png": (image_grid(ev.colour_rows), "held-out adherence prompts"),
+             "real_vs_generated.png": (image_grid([ev.real[:n_show], ev.fake[:n_show]]),
                                        "top: real val images; bottom: generated from their "
                                        "captions")}
-    for i, (prompt, row) in enumerate(zip(cfg.prompts, prompt_rows, strict=True), 1):
+    for i, (prompt, row) in enumerate(zip(cfg.prompts, ev.prompt_rows, strict=True), 1):
         grids[f"prompt_{i:02d}.png"] = (image_grid([row], cell=192), prompt)
     curves = training_curves()
     if curves is not None:
@@ -183,6 +218,7 @@ def evaluate(params: Params) -> dict:
     with atomic_dir(EVAL_GRIDS) as tmp:
         for name, (im, _caption) in grids.items():
             im.save(tmp / name)
-    write_report(EVAL_REPORT, metrics, [(EVAL_GRIDS / n, c) for n, (_im, c) in grids.items()],
-                 cases=adherence_cases(params), real_captions=pairs["caption"].head(n_show))
-    return metrics
+    write_report(EVAL_REPORT, ev.metrics,
+                 [(EVAL_GRIDS / n, c) for n, (_im, c) in grids.items()],
+                 cases=adherence_cases(params), real_captions=ev.captions[:n_show])
+    return ev.metrics

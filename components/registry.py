@@ -23,7 +23,7 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +178,13 @@ def stage_metrics(stage: str, root: Path) -> dict[str, float]:
     return {_metric_key(k): v for k, v in _numeric(flatten(data)).items()}
 
 
+def evaluate_tags(root: Path) -> dict[str, str]:
+    """The evaluation's non-numeric facts (feature space, eval-set fingerprint) as tags."""
+    path = root / contracts.metrics_path("evaluate")
+    data = json.loads(path.read_text()) if path.exists() else {}
+    return {f"evaluate.{k}": v for k, v in data.items() if isinstance(v, str)}
+
+
 def stage_sections(stage: str, root: Path) -> list[str]:
     """Params keys a stage depends on: its `params:` in dvc.yaml (the source of truth), or
     the params section of the same name."""
@@ -222,7 +229,8 @@ def _rows(path: Path) -> int | None:
 
 
 def data_version(root: Path) -> dict[str, str]:
-    """What the model was trained on: code commit, DVC out hashes, table sizes, OCR error."""
+    """What the model was trained on: code commit, DVC out hashes, table sizes, OCR error,
+    the Great Expectations summary."""
     v: dict[str, str] = {}
     if commit := _git(root, "rev-parse", "HEAD"):
         v["git.commit"] = commit
@@ -241,11 +249,14 @@ def data_version(root: Path) -> dict[str, str]:
         n = _rows(root / path)
         if n is not None:
             v[f"data.n_{name}"] = str(n)
-    ocr = root / contracts.metrics_path("ocr")
-    if ocr.exists():
-        cer = json.loads(ocr.read_text()).get("cer")
-        if cer is not None:
-            v["data.ocr_cer"] = str(cer)
+    for stage, key, tag in [("ocr", "cer", "ocr_cer"), ("validate", "gx_success", None),
+                            ("validate", "expectations", "gx_expectations"),
+                            ("validate", "expectations_failed", "gx_expectations_failed"),
+                            ("validate", "quarantined", None)]:
+        path = root / contracts.metrics_path(stage)
+        value = json.loads(path.read_text()).get(key) if path.exists() else None
+        if value is not None:
+            v[f"data.{tag or key}"] = str(value).lower()
     return v
 
 
@@ -376,6 +387,42 @@ def version_metrics(client: Any, mv: Any) -> dict[str, float]:
             if k.startswith("evaluate.")}
 
 
+def remeasure(client: Any, name: str, mv: Any, params: Params) -> dict[str, float]:
+    """Evaluate a registered version again on the current val data (its own sampler)."""
+    import tempfile
+
+    import mlflow
+
+    from components.config import Sampler
+    from components.evaluate import measure
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{mv.version}", dst_path=d))
+        flavor = yaml.safe_load((path / "MLmodel").read_text())["flavors"]["python_function"]
+        sampler = (flavor.get("config") or {}).get("sampler")  # the logged model_config
+        ev = measure(params, path / "artifacts" / "vae", path / "artifacts" / "unet",
+                     Sampler(**sampler) if sampler else None)
+    return _numeric(ev.metrics)
+
+
+def champion_metrics(client: Any, name: str, champ: Any, params: Params,
+                     eval_set: str | None) -> tuple[dict[str, float], str]:
+    """The champion's numbers to gate against, and where they come from. Numbers measured on
+    other val data or settings do not compare: the champion is measured again on the
+    current ones (falling back to its stored numbers, said so, when it cannot be)."""
+    stored = version_metrics(client, champ)
+    if eval_set is None or client.get_run(champ.run_id).data.tags.get(
+            "evaluate.eval_set") == eval_set:
+        return stored, "stored (same val data and evaluation settings)"
+    try:
+        return remeasure(client, name, champ, params), "re-measured on the current val data"
+    except Exception as e:  # e.g. an architecture the current code cannot load
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        return stored, (f"stored, measured on other val data (re-measuring failed: "
+                        f"{type(e).__name__}: {first})")
+
+
 def _who() -> str:
     return os.environ.get("TINYLDM_USER") or getpass.getuser()
 
@@ -415,9 +462,10 @@ def register(params: Params, root: Path = Path(".")) -> dict:
                         f"{contracts.metrics_path('evaluate')} (has: {have}); run the evaluate "
                         "stage or gate on metrics it writes")
     version_tags = data_version(root)
+    eval_tags = evaluate_tags(root)
 
     with mlflow.start_run(run_name="pipeline", nested=mlflow.active_run() is not None) as run:
-        mlflow.set_tags({"tinyldm.kind": "pipeline", **version_tags})
+        mlflow.set_tags({"tinyldm.kind": "pipeline", **version_tags, **eval_tags})
         mlflow.log_params({k: _param_value(v) for k, v in flatten(all_params).items()})
         mlflow.log_params({f"data_version.{k}": v for k, v in version_tags.items()})
         mlflow.log_metrics({f"{s}.{k}": v for s, m in metrics.items() for k, v in m.items()})
@@ -438,10 +486,14 @@ def register(params: Params, root: Path = Path(".")) -> dict:
         name = cfg.model_name
         mv = mlflow.register_model(info.model_uri, name)
         champ = _alias_version(client, name, CHAMPION)
-        decision = decide(cfg.gate, metrics["evaluate"],
-                          version_metrics(client, champ) if champ is not None else None)
+        champ_metrics, source = (None, "") if champ is None else champion_metrics(
+            client, name, champ, params, eval_tags.get("evaluate.eval_set"))
+        if champ_metrics:
+            mlflow.log_metrics({f"champion.{k}": v for k, v in champ_metrics.items()})
+        decision = decide(cfg.gate, metrics["evaluate"], champ_metrics)
         client.set_registered_model_alias(name, CHALLENGER, str(mv.version))
-        _tag_version(client, name, mv, gate_tags(decision, champ and str(champ.version)))
+        _tag_version(client, name, mv, gate_tags(decision, champ and str(champ.version))
+                     | {"gate.champion_source": source})
         if decision.promote:
             _move_champion(client, name, mv, champ, "gate", decision.reason)
         result = {
@@ -494,6 +546,11 @@ def promote(params: Params, version: str | int, force: bool = False,
                         "promote with --force --reason TEXT") from None
     decision = decide(params.register_.gate, new,
                       version_metrics(client, champ) if champ is not None else None)
+    sets = {client.get_run(v.run_id).data.tags.get("evaluate.eval_set")
+            for v in (mv, champ) if v is not None}
+    if len(sets) > 1:
+        decision = replace(decision, reason=decision.reason + " (note: the two were "
+                           "measured on different val data or evaluation settings)")
     if not decision.promote:
         raise UserError(f"version {mv.version} does not pass the gate against champion "
                         f"v{champ.version if champ else '-'}: {decision.reason}; "

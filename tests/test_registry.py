@@ -26,6 +26,8 @@ from components.contracts import EVAL_GRIDS, UserError, metrics_path, write_json
 from components.registry import decide
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+# the round trips gate on one metric they set by hand
+ONE_RULE = ["sampler.steps=2", "register.gate=[{metric: prompt_adherence_background}]"]
 
 
 @pytest.fixture(autouse=True)
@@ -107,9 +109,13 @@ def test_data_version_reads_dvc_lock_and_ocr_cer(tmp_path: Path) -> None:
         "scrape": {"cmd": "x", "outs": [{"path": "data/raw", "md5": "abc.dir"}]}}}))
     (tmp_path / "reports/metrics").mkdir(parents=True)
     (tmp_path / "reports/metrics/ocr.json").write_text(json.dumps({"cer": 0.12}))
+    (tmp_path / "reports/metrics/validate.json").write_text(json.dumps(
+        {"gx_success": True, "expectations": 9, "expectations_failed": 0, "quarantined": 4}))
     v = registry.data_version(tmp_path)
     assert v["dvc.data/raw"] == "abc.dir"
     assert v["data.ocr_cer"] == "0.12"
+    assert v["data.gx_success"] == "true" and v["data.gx_expectations"] == "9"
+    assert v["data.gx_expectations_failed"] == "0" and v["data.quarantined"] == "4"
 
 
 def test_resolve_model_uri() -> None:
@@ -146,7 +152,7 @@ def test_size_outside_limits_is_a_user_error() -> None:
 def test_missing_gate_metric_is_a_user_error(store: Path) -> None:
     params = load_params(PARAMS)
     _write_metrics(store, {"vae_psnr": 20.0})
-    with pytest.raises(UserError, match="register.gate: prompt_adherence_background not in"):
+    with pytest.raises(UserError, match="register.gate: fd, prompt_adherence_background not"):
         registry.register(params)
 
 
@@ -189,7 +195,7 @@ def test_register_promote_rollback_round_trip(store: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow import MlflowClient
 
-    params = load_params(PARAMS, ["sampler.steps=2"])
+    params = load_params(PARAMS, ONE_RULE)
     name = params.register_.model_name
     _tiny_models(store)
     client = MlflowClient(registry.tracking_uri())
@@ -296,7 +302,7 @@ def _post(url: str, body: dict) -> tuple[int, str]:
 
 
 def test_serve_answers_invocations_with_png(store: Path) -> None:
-    params = load_params(PARAMS, ["sampler.steps=2"])
+    params = load_params(PARAMS, ONE_RULE)
     _tiny_models(store)
     _write_metrics(store, {"prompt_adherence_background": 0.5})
     version = registry.register(params)["version"]
@@ -337,3 +343,50 @@ def test_serve_answers_invocations_with_png(store: Path) -> None:
         log.close()
     out = (store / "serve.log").read_text()
     assert f"serving models:/{params.register_.model_name}/{version}" in out
+
+
+def test_champion_is_measured_again_when_the_val_data_changed(
+        store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Numbers from other val data do not compare: the gate re-measures the champion (its
+    downloaded VAE and U-Net, its own sampler) on the current data, and says so."""
+    from mlflow import MlflowClient
+
+    from components import evaluate
+
+    params = load_params(PARAMS, ONE_RULE)
+    name = params.register_.model_name
+    _tiny_models(store)
+    _write_metrics(store, {"prompt_adherence_background": 0.5, "eval_set": "old-data"})
+    v1 = registry.register(params)["version"]
+
+    seen = {}
+
+    def fake_measure(p, vae_dir, unet_dir, sampler):
+        seen.update(vae=(vae_dir / "weights.safetensors").exists(),
+                    unet=(unet_dir / "weights.safetensors").exists(), steps=sampler.steps)
+        return evaluate.Evaluation({"prompt_adherence_background": 0.25, "eval_set": "x"},
+                                   [], [], [], [], [])
+
+    monkeypatch.setattr(evaluate, "measure", fake_measure)
+    _write_metrics(store, {"prompt_adherence_background": 0.4, "eval_set": "new-data"})
+    r = registry.register(params)
+    tags = MlflowClient().get_model_version(name, str(r["version"])).tags
+    assert seen == {"vae": True, "unet": True, "steps": 2}
+    assert r["alias"] == "champion"  # 0.4 beats the champion's 0.25 on the new data
+    tags = MlflowClient().get_model_version(name, str(r["version"])).tags
+    assert tags["gate.champion_source"] == "re-measured on the current val data"
+    assert tags["gate.prompt_adherence_background.champion"] == "0.25"
+    assert tags["gate.champion_version"] == str(v1)
+
+    def broken(*a, **k):
+        raise RuntimeError("cannot load this architecture")
+
+    monkeypatch.setattr(evaluate, "measure", broken)
+    _write_metrics(store, {"prompt_adherence_background": 0.3, "eval_set": "newer-data"})
+    r3 = registry.register(params)
+    assert r3["alias"] == "challenger"  # vs the stored 0.4
+    tags = MlflowClient().get_model_version(name, str(r3["version"])).tags
+    assert "re-measuring failed: RuntimeError" in tags["gate.champion_source"]
+    # same eval set: the stored numbers are used, nothing is measured
+    _write_metrics(store, {"prompt_adherence_background": 0.9, "eval_set": "new-data"})
+    assert registry.register(params)["alias"] == "champion"
