@@ -52,6 +52,9 @@ class Scrape(Section):
 class Brand(Section):
     palette: dict[str, str] = Field(min_length=2)
     font: str
+    # logo files (transparent PNG: the mark is the opaque part); the labeller looks for
+    # each at any scale; the built-in generator draws the first
+    logos: list[str] = []
 
     @model_validator(mode="after")
     def _hex(self) -> Brand:
@@ -115,13 +118,31 @@ class Labels(Section):
     split: Split = Split()
     caption_template: str
     gradient_threshold: float = Field(40, ge=0)
+    texture_threshold: float = Field(25, gt=0)
+    logo_threshold: float = Field(0.6, gt=0, lt=1)
     saturation_levels: dict[str, float]
+
+    @model_validator(mode="after")
+    def _template(self) -> Labels:
+        import string
+
+        from components.contracts import LABEL_FIELDS
+
+        try:
+            used = {f for _t, f, _s, _c in string.Formatter().parse(self.caption_template) if f}
+        except ValueError as e:
+            raise ValueError(f"caption_template: {e}") from None
+        unknown = used - set(LABEL_FIELDS)
+        if unknown:
+            raise ValueError(f"caption_template: unknown field(s) {sorted(unknown)}; "
+                             f"fields: {', '.join(LABEL_FIELDS)}")
+        return self
 
 
 class TextEncoder(Section):
     name: str = "minilm"
     max_tokens: int = Field(256, ge=8)
-    policy: Literal["truncate", "error"] = "truncate"
+    policy: Literal["truncate", "chunk", "error"] = "truncate"
     batch_size: int = Field(64, ge=1)
     dim: int = Field(128, ge=2, le=4096)  # tfidf only: SVD dimensions
 

@@ -43,6 +43,8 @@ QUARANTINE = VALIDATED / "quarantine.parquet"
 LABELS = DATA / "labels"
 CAPTIONS = LABELS / "captions.parquet"
 LS_TASKS = LABELS / "labelstudio_tasks.json"
+LS_CONFIG = LABELS / "labelstudio_config.xml"
+DISAGREEMENTS = LABELS / "disagreements.csv"  # manual labels overruling confident auto ones
 MANUAL_LABELS = Path("labels") / "manual"
 LATENTS = DATA / "latents"
 MODELS = Path("models")
@@ -70,6 +72,10 @@ def metrics_path(stage: str) -> Path:
 
 
 # ------------------------------------------------------------------ schemas
+# the label system's fields, in caption order: attributes, the OCR text, a description
+LABEL_FIELDS = ["background", "background_kind", "layout", "figure_size", "saturation",
+                "logo", "text", "description"]
+TEXT_FIELDS = ["text", "description"]  # free text: the OCR transcription, a description
 SCHEMAS: dict[str, pa.Schema] = {
     "raw_manifest": pa.schema([
         ("id", pa.string()), ("path", pa.string()), ("source", pa.string()),
@@ -93,15 +99,12 @@ SCHEMAS: dict[str, pa.Schema] = {
                              ("reasons", pa.string())]),
     "captions": pa.schema([
         ("id", pa.string()), ("path", pa.string()), ("caption", pa.string()),
-        ("split", pa.string()), ("text", pa.string()), ("text_provenance", pa.string()),
-        ("background", pa.string()), ("background_provenance", pa.string()),
-        ("background_conf", pa.float64()),
-        ("background_kind", pa.string()), ("background_kind_provenance", pa.string()),
-        ("background_kind_conf", pa.float64()),
-        ("layout", pa.string()), ("layout_provenance", pa.string()),
-        ("layout_conf", pa.float64()),
-        ("saturation", pa.string()), ("saturation_provenance", pa.string()),
-        ("saturation_conf", pa.float64()),
+        ("caption_tokens", pa.int64()), ("split", pa.string()),
+        ("dominant_colours", pa.string()),
+        # every label field: its value, where it came from (manual/auto/ocr), a confidence
+        *[(f"{f}{suffix}", t) for f in LABEL_FIELDS
+          for suffix, t in [("", pa.string()), ("_provenance", pa.string()),
+                            ("_conf", pa.float64())]],
     ]),
     "latent_index": pa.schema([
         ("id", pa.string()), ("row", pa.int64()), ("split", pa.string()),

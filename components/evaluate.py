@@ -38,7 +38,7 @@ from components.contracts import (
 )
 from components.fidelity import distances, feature_extractor, to_tensor
 from components.generator import Generator
-from components.labels import LAYOUTS, caption, label_background
+from components.labels import FIGURE_SIZES, LAYOUTS, auto_labels, caption
 from components.ocr import normalise, read_texts
 from components.report import training_curves, write_report
 from components.vae import image_grid, load_batch, load_vae, to_pil
@@ -56,20 +56,25 @@ def vae_quality(vae_dir: Path, paths: list[str]) -> dict:
                               4)}
 
 
-ADHERENCE_FIELDS = ["background", "background_kind", "saturation"]
+ADHERENCE_FIELDS = ["background", "background_kind", "saturation", "layout", "figure_size",
+                    "logo"]
 
 
 def adherence_cases(params: Params) -> list[dict]:
     """Held-out prompts in the captions' own words: every palette colour, solid and
-    gradient, saturation and layout cycling through their values, so most combinations
-    are not the ones of any one training image."""
+    gradient, with saturation, layout, figure size and logo cycling through their values,
+    so most combinations are not the ones of any one training image."""
     levels = list(params.labels.saturation_levels)
     cases = []
     for i, colour in enumerate(params.brand.palette):
         for j, kind in enumerate(["solid", "gradient"]):
+            k = 2 * i + j
             row = {"background": colour, "background_kind": kind,
                    "saturation": levels[(i + j) % len(levels)],
-                   "layout": LAYOUTS[(2 * i + j) % len(LAYOUTS)], "text": "SALE"}
+                   "layout": LAYOUTS[k % len(LAYOUTS)],
+                   "figure_size": FIGURE_SIZES[k % len(FIGURE_SIZES)],
+                   "logo": ["no", "yes"][(k // 2) % 2] if params.brand.logos else "no",
+                   "text": "SALE"}
             cases.append({**row, "prompt": caption(row, params.labels.caption_template)})
     return cases
 
@@ -79,15 +84,15 @@ def prompt_adherence(gen: Generator, params: Params, train: pd.DataFrame
     """Share of generated images whose auto-label equals what the prompt asked, per
     field; also per colour, and on combinations that no training caption has."""
     cfg = params.evaluate
-    seen = set(map(tuple, train[ADHERENCE_FIELDS + ["layout"]].to_numpy().tolist()))
+    seen = set(map(tuple, train[ADHERENCE_FIELDS].to_numpy().tolist()))
     hits: dict[str, list[bool]] = {}
     rows = []
     for case in adherence_cases(params):
         ims = gen.generate([case["prompt"]] * cfg.adherence_seeds, seed=cfg.seed)
         rows.append(ims)
-        unseen = tuple(case[f] for f in ADHERENCE_FIELDS + ["layout"]) not in seen
+        unseen = tuple(case[f] for f in ADHERENCE_FIELDS) not in seen
         for im in ims:
-            got = label_background(im, params.brand, params.labels)
+            got = auto_labels(im, [], params.brand, params.labels)
             for f in ADHERENCE_FIELDS:
                 ok = got[f] == case[f]
                 hits.setdefault(f, []).append(ok)
@@ -106,6 +111,17 @@ def prompt_adherence(gen: Generator, params: Params, train: pd.DataFrame
                 if k.startswith("colour_")}
     metrics["adherence_images"] = len(hits["background"])
     return metrics, rows
+
+
+def labeller_agreement(real: list[Image.Image], rows: pd.DataFrame, params: Params) -> dict:
+    """How far the adherence numbers can be trusted: the share of real val images, shrunk
+    to the model's size, whose auto-label still equals their caption's label. A field the
+    labeller cannot read at this size (a small logo at 64 px) cannot be scored reliably on
+    generated images either."""
+    got = [auto_labels(im, [], params.brand, params.labels) for im in real]
+    return {f"labeller_agreement_{f}": round(float(np.mean(
+        [g[f] == want for g, want in zip(got, rows[f], strict=True)])), 4)
+        for f in ADHERENCE_FIELDS}
 
 
 def diversity(rows: list[list[Image.Image]]) -> float:
@@ -191,7 +207,7 @@ def measure(params: Params, vae_dir: Path = VAE_DIR, unet_dir: Path = UNET_DIR,
                            params)
 
     adherence, colour_rows = prompt_adherence(gen, params, caps[caps["split"] == "train"])
-    metrics |= adherence
+    metrics |= adherence | labeller_agreement(real, pairs, params)
     prompt_rows = [gen.generate([prompt] * cfg.prompt_seeds, seed=cfg.seed)
                    for prompt in cfg.prompts]
     metrics["diversity"] = diversity(prompt_rows)

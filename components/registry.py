@@ -18,6 +18,7 @@ import getpass
 import importlib.metadata
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -58,6 +59,8 @@ def _setup(experiment: str | None = None) -> None:
     local store, the server's default otherwise) on first use."""
     import mlflow
 
+    for name in ("mlflow.store.db.utils", "alembic"):  # "creating tables": noise to a user
+        logging.getLogger(name).setLevel(logging.WARNING)
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     if experiment is None:

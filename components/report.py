@@ -19,6 +19,8 @@ GROUPS = [("VAE reconstruction (val)", ("vae_",)),
           ("Fidelity: generated vs real val images",
            ("fd", "kid", "diversity", "fid_", "feature_space")),
           ("Prompt adherence (held-out prompts)", ("prompt_adherence_",)),
+          ("Labeller agreement at the model's size (real val images)",
+           ("labeller_agreement_",)),
           ("Adherence per background colour", ("adherence_",)),
           ("Text: OCR on generated images", ("text_",)),
           ("Speed", ("sample_",))]

@@ -18,9 +18,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from components.config import Brand, Labels, Synthetic
 from components.contracts import UserError
+from components.labels import FIGURE_SHARES as FIGURE_SIZES
+from components.labels import LAYOUTS, logo_mask
 
-LAYOUTS = ["centre", "left", "right", "top", "bottom"]
-FIGURE_SIZES = {"small": 0.09, "medium": 0.16, "large": 0.24}  # share of the image side
 SHAPES = ["circle", "square", "triangle"]
 CORNERS = ["top-left", "top-right", "bottom-left", "bottom-right"]
 DARK_TEXT = (24, 24, 24)
@@ -123,13 +123,12 @@ def _text_block(draw: ImageDraw.ImageDraw, lines: list[str], layout: str, size: 
     return font, positions, (x0, y0, x0 + block_w, y0 + block_h)
 
 
-def _draw_logo(draw: ImageDraw.ImageDraw, box: tuple, colour: tuple) -> None:
-    """The brand mark: a ring around a diamond (no letters, so OCR never reads it)."""
-    x0, y0, x1, y1 = box
-    w = max(2, int((x1 - x0) * 0.12))
-    draw.ellipse(box, outline=colour, width=w)
-    cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) * 0.24
-    draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=colour)
+def _draw_logo(img: Image.Image, box: tuple, colour: tuple, logo: str) -> None:
+    """The brand mark from the logo file, tinted in the text colour (the default mark, a
+    ring around a diamond, has no letters, so OCR never reads it)."""
+    x0, y0, x1, y1 = (round(v) for v in box)
+    mask = logo_mask(logo).resize((x1 - x0, y1 - y0), Image.Resampling.LANCZOS)
+    img.paste(Image.new("RGB", mask.size, colour), (x0, y0), mask)
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple, colour: tuple) -> None:
@@ -168,7 +167,7 @@ def render(index: int, seed: int, size: int, brand: Brand, synth: Synthetic,
     pad = 0.04 * size
     taken = [tbox]
 
-    logo = bool(rng.random() < synth.logo_share)
+    logo = bool(rng.random() < synth.logo_share) and bool(brand.logos)
     corner = ""
     if logo:
         s = 0.13 * size
@@ -180,7 +179,7 @@ def render(index: int, seed: int, size: int, brand: Brand, synth: Synthetic,
         free = [c for c in CORNERS if not _overlaps(boxes[c], tbox, pad)]
         if free:
             corner = str(rng.choice(free))
-            _draw_logo(draw, boxes[corner], text_colour)
+            _draw_logo(img, boxes[corner], text_colour, brand.logos[0])
             taken.append(boxes[corner])
         else:
             logo = False

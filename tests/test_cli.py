@@ -55,11 +55,25 @@ def test_run_refuses_bad_set_without_touching_params(workdir, capsys):
     assert (workdir / "params.yaml").read_text() == before
 
 
-@pytest.mark.parametrize("verb", ["run", "stage", "generate", "params"])
+def test_labels_and_registry_verbs_fail_in_one_line(workdir, capsys, monkeypatch):
+    assert main(["labels", "import"]) == 2
+    assert "name the Label Studio export" in _err(capsys)
+    assert main(["labels", "import", "nope.json"]) == 2
+    assert "nope.json: cannot read it" in _err(capsys)
+    assert main(["labels", "stats"]) == 2
+    assert "captions.parquet: missing" in _err(capsys)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir}/m.db")
+    for verb in (["models"], ["promote", "3"], ["rollback"], ["serve"]):
+        assert main(verb) == 2, verb
+        assert "no model registered yet; run `tinyldm run` first" in _err(capsys)
+
+
+@pytest.mark.parametrize("verb", ["run", "stage", "generate", "params", "models", "labels"])
 def test_every_verb_accepts_set(verb):
     from flows.cli import build_parser
 
     p = build_parser()
-    extra = {"stage": ["scrape"], "generate": ["x", "--out", "x.png"]}.get(verb, [])
+    extra = {"stage": ["scrape"], "generate": ["x", "--out", "x.png"],
+             "labels": ["stats"]}.get(verb, [])
     args = p.parse_args([verb, *extra, "--set", "vae.epochs=2"])
     assert args.set == ["vae.epochs=2"]

@@ -73,6 +73,21 @@ def test_long_captions_are_counted_or_refused(tiny_bert: str) -> None:
                                 policy="error")).encode([long])
 
 
+def test_chunk_policy_encodes_every_window(tiny_bert: str) -> None:
+    """chunk: a long caption is the length-weighted mean of its windows, so its tail counts
+    (truncate would drop it) and a short caption encodes exactly as before."""
+    head = f"{CAPTIONS[0]} {CAPTIONS[0]}"  # over 16 tokens on its own
+    long_a, long_b = f"{head} {' '.join(['sale'] * 40)}", f"{head} {' '.join(['blue'] * 40)}"
+    chunk = get_encoder(TextEncoder(name=f"hf:{tiny_bert}", max_tokens=16, policy="chunk"))
+    cut = get_encoder(TextEncoder(name=f"hf:{tiny_bert}", max_tokens=16))
+    c, t = chunk.encode([long_a, long_b, CAPTIONS[1]]), cut.encode([long_a, long_b, CAPTIONS[1]])
+    assert c.n_truncated == t.n_truncated == 2  # counted either way
+    assert np.allclose(t.vectors[0], t.vectors[1])  # truncation lost the different tails
+    assert not np.allclose(c.vectors[0], c.vectors[1], atol=1e-3)
+    assert np.allclose(c.vectors[2], t.vectors[2], atol=1e-5)
+    _check(c.vectors, 3, 32)
+
+
 def test_unknown_or_unreachable_encoder_is_one_line(tmp_path) -> None:
     with pytest.raises(UserError, match="unknown; use minilm, tfidf or hf:"):
         get_encoder(TextEncoder(name="clip"))
