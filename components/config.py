@@ -190,6 +190,7 @@ class Unet(Section):
     warmup: int = Field(100, ge=0)
     cond_drop: float = Field(0.1, ge=0, lt=1)
     ema: float = Field(0.999, ge=0, lt=1)
+    cross_attention: bool = True  # attend to caption token states (False: pooled vector only)
     bf16: bool | Literal["auto"] = "auto"
     checkpoint_every: int = Field(250, ge=0)  # steps; 0: never
     seed: int = 0

@@ -42,6 +42,7 @@ VALID_MANIFEST = VALIDATED / "manifest.parquet"
 QUARANTINE = VALIDATED / "quarantine.parquet"
 LABELS = DATA / "labels"
 CAPTIONS = LABELS / "captions.parquet"
+SPLIT = DATA / "split" / "split.parquet"  # id, path, split: what the VAE needs of the labels
 LS_TASKS = LABELS / "labelstudio_tasks.json"
 LS_CONFIG = LABELS / "labelstudio_config.xml"
 DISAGREEMENTS = LABELS / "disagreements.csv"  # manual labels overruling confident auto ones
@@ -106,6 +107,7 @@ SCHEMAS: dict[str, pa.Schema] = {
           for suffix, t in [("", pa.string()), ("_provenance", pa.string()),
                             ("_conf", pa.float64())]],
     ]),
+    "split": pa.schema([("id", pa.string()), ("path", pa.string()), ("split", pa.string())]),
     "latent_index": pa.schema([
         ("id", pa.string()), ("row", pa.int64()), ("split", pa.string()),
         ("caption", pa.string()), ("key", pa.string()),

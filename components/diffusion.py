@@ -111,7 +111,8 @@ def training_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor,
     b = x0.shape[0]
     t = torch.randint(0, schedule.num_timesteps, (b,), generator=generator)
     noise = torch.randn(x0.shape, generator=generator)
-    keep = (torch.rand(b, generator=generator) >= cond_drop).to(c.dtype)[:, None]
+    keep = (torch.rand(b, generator=generator) >= cond_drop).to(c.dtype)
+    keep = keep.view(b, *[1] * (c.dim() - 1))  # a caption is a vector or token states
     out = model(schedule.q_sample(x0, t, noise), schedule.normalise(t), c * keep)
     per_sample = F.mse_loss(out.float(), schedule.target(x0, noise, t),
                             reduction="none").flatten(1).mean(1)
@@ -225,8 +226,8 @@ def make_sampler(cfg: SamplerCfg, schedule: NoiseSchedule) -> Sampler:
 def sample(model: nn.Module, schedule: NoiseSchedule, sampler: Sampler,
            context: torch.Tensor, shape: tuple[int, ...], guidance: float,
            generator: Generators = None) -> torch.Tensor:
-    """Latents (B, *shape) for captions `context` (B, D), with classifier-free guidance
-    out = out_u + g (out_c - out_u); g=0 is unconditional, g=1 purely conditional."""
+    """Latents (B, *shape) for captions `context` (B, D) or (B, L, D), with classifier-free
+    guidance out = out_u + g (out_c - out_u); g=0 is unconditional, g=1 purely conditional."""
     b = context.shape[0]
     x = randn((b, *shape), generator)
     uncond = torch.zeros_like(context)

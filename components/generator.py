@@ -50,7 +50,8 @@ class Generator:
     @classmethod
     def load(cls, vae_dir: Path | str, unet_dir: Path | str,
              sampler: SamplerCfg | None = None, text_encoder: Any = None) -> Generator:
-        """`text_encoder` is anything with `.encode(list[str]).vectors`; by default the
+        """`text_encoder` is anything with `.encode(list[str]).vectors` (and `.tokens`, the
+        token states, for a U-Net with cross-attention); by default the
         encoder the U-Net was trained with (its config.json names it; a fitted one, tfidf,
         is saved in the U-Net's text_encoder/ folder)."""
         config = read_unet_config(Path(unet_dir))
@@ -72,8 +73,9 @@ class Generator:
         policy instead)."""
         for p in prompts:
             if not p.strip():
-                raise UserError("prompt: empty; describe the image, e.g. "
-                                "'vivid red solid poster, text at the centre, reading \"SALE\"'")
+                raise UserError("prompt: empty; describe the image the way the training "
+                                "captions do, e.g. 'vivid red solid poster, text at the "
+                                "centre, figures none, logo no, reading \"SALE\".'")
         limit = getattr(self.text_encoder, "max_tokens", None)
         if limit and hasattr(self.text_encoder, "count_tokens"):
             for p, n in zip(prompts, self.text_encoder.count_tokens(prompts), strict=True):
@@ -97,7 +99,10 @@ class Generator:
         if steps is not None:
             cfg = cfg.model_copy(update={"steps": int(steps)})
         g = cfg.guidance if guidance is None else float(guidance)
-        context = torch.from_numpy(self.text_encoder.encode(list(prompts)).vectors).float()
+        enc = self.text_encoder.encode(list(prompts))
+        tokens = getattr(enc, "tokens", None)  # token states, for a cross-attention U-Net
+        use_tokens = tokens is not None and self.unet.cross_attention
+        context = torch.from_numpy(tokens if use_tokens else enc.vectors).float()
         gens = [torch.Generator().manual_seed(prompt_seed(seed, i))
                 for i in range(len(prompts))]
         sampler = make_sampler(cfg, self.schedule)

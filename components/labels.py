@@ -35,6 +35,7 @@ from components.contracts import (
     MANUAL_LABELS,
     OCR_TABLE,
     SCHEMAS,
+    SPLIT,
     TEXT_FIELDS,
     VALID_MANIFEST,
     UserError,
@@ -469,6 +470,8 @@ def labels(params: Params) -> dict:
                         f"{over['caption_tokens'].iloc[0]} tokens); shorten the template or "
                         "descriptions, or set text_encoder.policy to truncate or chunk")
     write_table(df[SCHEMAS["captions"].names], CAPTIONS, "captions")
+    # apart, so an edited label or caption does not retrain the VAE (it only needs the split)
+    write_table(df[SCHEMAS["split"].names], SPLIT, "split")
     write_csv(DISAGREEMENTS, ["id", "field", "manual", "auto", "auto_conf"],
               [tuple(d.values()) for d in disagreements])
     write_labelstudio(df, system)

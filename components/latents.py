@@ -1,4 +1,5 @@
-"""Encode every captioned image once: VAE posterior mean/log-variance + caption embedding.
+"""Encode every captioned image once: VAE posterior mean/log-variance + caption embedding
+(token-level states, float16, for cross-attention; one vector for an encoder without).
 
 Arrays are plain .npy files (memory-mapped by the U-Net stage), rows indexed by
 index.parquet. Entries are also kept in a content-keyed store (.cache/latents): an
@@ -89,6 +90,18 @@ def _encode_missing(keys: list[str], kind: str, encode) -> tuple[list, int]:
     return entries, len(todo)
 
 
+def pad_stack(entries: list[np.ndarray]) -> np.ndarray:
+    """Caption vectors (D,) -> (N, D); token states (L_i, D) -> (N, max L, D) float16, the
+    rows after each caption's end all zero (what the U-Net reads as padding)."""
+    if entries[0].ndim == 1:
+        return np.stack(entries).astype(np.float32)
+    out = np.zeros((len(entries), max(len(e) for e in entries), entries[0].shape[-1]),
+                   np.float16)
+    for i, e in enumerate(entries):
+        out[i, : len(e)] = e
+    return out
+
+
 def latents(params: Params) -> dict:
     caps = read_table(CAPTIONS, "captions")
     caps = caps[caps["split"].isin(["train", "val"])].reset_index(drop=True)
@@ -102,7 +115,8 @@ def latents(params: Params) -> dict:
     # an image's latent depends on its bytes (the id is their sha256), the VAE weights and
     # the size it is resized to; a caption's vector on the caption and the encoder
     image_keys = [sha256_bytes(f"{i}|{vae_hash}|{size}".encode()) for i in caps["id"]]
-    text_keys = [sha256_bytes(f"{encoder.identity}|{c}".encode()) for c in caps["caption"]]
+    text_keys = [sha256_bytes(f"{encoder.identity}|tokens|{c}".encode())
+                 for c in caps["caption"]]
 
     def encode_images(todo: list[int]) -> list[np.ndarray]:
         out, bs = [], params.latents.batch_size
@@ -114,13 +128,21 @@ def latents(params: Params) -> dict:
         return out
 
     def encode_texts(todo: list[int]) -> list[np.ndarray]:
-        return list(encoder.encode(caps["caption"].iloc[todo].tolist()).vectors)
+        """Each caption's token states without padding (L_i, D), or its vector (D,)."""
+        out = []
+        for j in range(0, len(todo), 256):
+            enc = encoder.encode(caps["caption"].iloc[todo[j : j + 256]].tolist())
+            if enc.tokens is None:
+                out.extend(enc.vectors)
+            else:
+                out.extend(t[np.abs(t).max(-1) > 0].astype(np.float16) for t in enc.tokens)
+        return out
 
     posteriors, n_images = _encode_missing(image_keys, "image", encode_images)
     vectors, n_texts = _encode_missing(text_keys, "text", encode_texts)
     post = np.stack(posteriors).astype(np.float32)  # (N, 2, C, H, W): mean, logvar
     mean, logvar = post[:, 0], post[:, 1]
-    text = np.stack(vectors).astype(np.float32)
+    text = pad_stack(vectors)
     scale = float(1.0 / max(mean.std(), 1e-6))
     truncated = (sum(n > encoder.max_tokens for n in encoder.count_tokens(
         caps["caption"].tolist())) if hasattr(encoder, "count_tokens") else 0)
@@ -132,7 +154,8 @@ def latents(params: Params) -> dict:
                 for a, b in zip(image_keys, text_keys, strict=True)],
     })
     meta = {"scale_factor": scale, "latent_shape": list(mean.shape[1:]),
-            "text_dim": int(text.shape[1]), "text_encoder": encoder.name,
+            "text_dim": int(text.shape[-1]), "text_tokens": int(text.shape[1])
+            if text.ndim == 3 else 0, "text_encoder": encoder.name,
             "vae_weights": vae_hash, "image_size": size}
     with atomic_dir(LATENTS) as tmp:
         np.save(tmp / "mean.npy", mean)

@@ -26,8 +26,11 @@ from components.contracts import UserError
 
 @dataclass
 class Encoded:
-    vectors: np.ndarray  # (N, dim) float32
+    vectors: np.ndarray  # (N, dim) float32, L2-normalised: one vector per caption
     n_truncated: int
+    # (N, L, dim) float32 token-level states, zero rows after each caption's last token:
+    # what cross-attention reads (tfidf has none: its vector is the one "token")
+    tokens: np.ndarray | None = None
 
 
 def minilm_path() -> str:
@@ -73,24 +76,34 @@ class HFTextEncoder:
                             f"of text encoder {self.name}, e.g. {texts[over[0]][:60]!r}...; "
                             "shorten them or set text_encoder.policy to truncate or chunk")
         chunk = self.policy == "chunk"
-        out = []
+        vectors, states = [], []
         for i in range(0, len(texts), self.batch_size):
             part = texts[i : i + self.batch_size]
             # chunk: the tokenizer splits a long caption into max_tokens windows (each with
-            # its special tokens); their pooled vectors are averaged, weighted by length
+            # its special tokens); their pooled vectors are averaged, weighted by length,
+            # and their token states are concatenated
             batch = self.tokenizer(part, padding=True, truncation=True,
                                    max_length=self.max_tokens, return_tensors="pt",
                                    return_overflowing_tokens=chunk)
             owner = batch.pop("overflow_to_sample_mapping", torch.arange(len(part)))
-            hidden = self.model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            hidden = self.model(**batch).last_hidden_state.float()
+            mask = batch["attention_mask"].unsqueeze(-1).float()
             summed = torch.zeros(len(part), hidden.shape[-1]).index_add_(
-                0, owner, (hidden * mask).sum(1).float())
-            counts = torch.zeros(len(part)).index_add_(0, owner, mask.sum((1, 2)).float())
-            pooled = summed / counts.clamp(min=1)[:, None]
-            out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
-        vectors = np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
-        return Encoded(vectors.astype(np.float32), len(over))
+                0, owner, (hidden * mask).sum(1))
+            counts = torch.zeros(len(part)).index_add_(0, owner, mask.sum((1, 2)))
+            vectors.append(torch.nn.functional.normalize(
+                summed / counts.clamp(min=1)[:, None], dim=-1).numpy())
+            for j in range(len(part)):
+                rows = [hidden[w][mask[w, :, 0] > 0] for w in torch.nonzero(owner == j)[:, 0]]
+                states.append(torch.cat(rows).numpy())
+        if not texts:
+            return Encoded(np.zeros((0, self.dim), np.float32), 0,
+                           np.zeros((0, 1, self.dim), np.float32))
+        width = max(len(x) for x in states)
+        tokens = np.zeros((len(texts), width, self.dim), np.float32)
+        for j, x in enumerate(states):
+            tokens[j, : len(x)] = x
+        return Encoded(np.concatenate(vectors).astype(np.float32), len(over), tokens)
 
 
 class TfidfTextEncoder:

@@ -98,6 +98,43 @@ class EmbedFC(nn.Module):
         return self.net(x)[:, :, None, None]
 
 
+def split_context(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A caption as token states (B, L, D), zero rows being padding, or one vector (B, D)
+    -> (tokens, valid (B, L), pooled (B, D)): the L2-normalised mean of the valid states,
+    which is the sentence vector of a mean-pooling encoder. All zeros is no caption."""
+    tokens = c[:, None] if c.dim() == 2 else c
+    valid = tokens.abs().amax(-1) > 0
+    summed = (tokens * valid[..., None].to(tokens.dtype)).sum(1)
+    pooled = summed / valid.sum(1, keepdim=True).clamp(min=1).to(tokens.dtype)
+    return tokens, valid, torch.nn.functional.normalize(pooled.float(), dim=-1).to(c.dtype)
+
+
+class CrossAttention(nn.Module):
+    """Decoder features attend to the caption's token states, so a word can steer a region
+    (a pooled vector mixes every word into one). A learned null token is always there to
+    attend to (an empty caption has no other key), and the output projection starts at
+    zero: training begins from the plain Context U-Net."""
+
+    def __init__(self, ch: int, context_dim: int):
+        super().__init__()
+        heads = next(h for h in (4, 2, 1) if ch % h == 0)
+        self.norm = norm(ch)
+        self.attn = nn.MultiheadAttention(ch, heads, kdim=context_dim, vdim=context_dim,
+                                          batch_first=True)
+        self.null = nn.Parameter(torch.zeros(1, 1, context_dim))
+        nn.init.zeros_(self.attn.out_proj.weight)
+        nn.init.zeros_(self.attn.out_proj.bias)
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor
+                ) -> torch.Tensor:
+        b, ch, h, w = x.shape
+        q = self.norm(x).flatten(2).transpose(1, 2)
+        kv = torch.cat([self.null.expand(b, -1, -1).to(tokens.dtype), tokens], 1)
+        pad = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=x.device), ~valid], 1)
+        out, _ = self.attn(q, kv, kv, key_padding_mask=pad, need_weights=False)
+        return x + out.transpose(1, 2).reshape(b, ch, h, w).to(x.dtype)
+
+
 def time_features(t: torch.Tensor, dim: int = 32) -> torch.Tensor:
     """t in [0, 1] (B,) -> sinusoidal features (B, dim); easier for an MLP than a scalar."""
     freqs = torch.exp(torch.arange(dim // 2, dtype=torch.float32) * (math.log(1000.0)
@@ -107,13 +144,15 @@ def time_features(t: torch.Tensor, dim: int = 32) -> torch.Tensor:
 
 
 class ContextUnet(nn.Module):
-    def __init__(self, in_channels: int, n_feat: int, context_dim: int, height: int):
+    def __init__(self, in_channels: int, n_feat: int, context_dim: int, height: int,
+                 cross_attention: bool = False):
         super().__init__()
         if height % 4:
             raise UserError(f"unet: latent height {height} is not a multiple of 4; "
                             "change vae.image_size or vae.channel_mult")
         self.in_channels, self.n_feat = in_channels, n_feat
         self.context_dim, self.height = context_dim, height
+        self.cross_attention = cross_attention
         n = n_feat
         self.init_conv = ResidualConvBlock(in_channels, n)
         self.down1 = UnetDown(n, n)            # h/2
@@ -131,26 +170,35 @@ class ContextUnet(nn.Module):
         self.up2 = UnetUp(2 * n, n)
         self.out = nn.Sequential(nn.Conv2d(2 * n, n, 3, padding=1), norm(n), nn.GELU(),
                                  nn.Conv2d(n, in_channels, 3, padding=1))
+        if cross_attention:  # at h/4 and h/2, where a token is worth a region
+            self.attn1 = CrossAttention(2 * n, context_dim)
+            self.attn2 = CrossAttention(n, context_dim)
 
     def config(self) -> dict:
         return {"in_channels": self.in_channels, "n_feat": self.n_feat,
-                "context_dim": self.context_dim, "height": self.height}
+                "context_dim": self.context_dim, "height": self.height,
+                "cross_attention": self.cross_attention}
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W) noisy latent; t: (B,) in [0, 1]; c: (B, context_dim)."""
+        """x: (B, C, H, W) noisy latent; t: (B,) in [0, 1]; c: the caption, token states
+        (B, L, context_dim) with zero rows as padding, or one vector (B, context_dim)."""
         x = self.init_conv(x)
         down1 = self.down1(x)
         down2 = self.down2(down1)
         hidden = self.to_vec(down2)
 
         tf = time_features(t).to(x.dtype)
-        c = c.to(x.dtype)
+        tokens, valid, pooled = split_context(c.to(x.dtype))
         temb1, temb2 = self.time_embed1(tf), self.time_embed2(tf)
-        cemb1, cemb2 = self.context_embed1(c), self.context_embed2(c)
+        cemb1, cemb2 = self.context_embed1(pooled), self.context_embed2(pooled)
 
-        up1 = self.up0(hidden)
-        up2 = self.up1(cemb1 * up1 + temb1, down2)
-        up3 = self.up2(cemb2 * up2 + temb2, down1)
+        up1 = cemb1 * self.up0(hidden) + temb1
+        if self.cross_attention:
+            up1 = self.attn1(up1, tokens, valid)
+        up2 = cemb2 * self.up1(up1, down2) + temb2
+        if self.cross_attention:
+            up2 = self.attn2(up2, tokens, valid)
+        up3 = self.up2(up2, down1)
         return self.out(torch.cat([up3, x], dim=1))
 
 
@@ -211,6 +259,7 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
     # the whole train split fits in memory at these sizes (960 x 4x16x16 floats = 4 MB)
     mean = torch.from_numpy(np.ascontiguousarray(cache.mean[rows]))
     std = torch.from_numpy(np.ascontiguousarray(cache.logvar[rows])).mul(0.5).exp()
+    # caption token states (N, L, D), or vectors (N, D) for an encoder without tokens
     text = torch.from_numpy(np.ascontiguousarray(cache.text[rows])).float()
     scale = float(cache.meta["scale_factor"])
     latent_shape = tuple(int(s) for s in mean.shape[1:])
@@ -219,7 +268,8 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     schedule = NoiseSchedule(diff)
-    model = ContextUnet(latent_shape[0], cfg.n_feat, text.shape[1], latent_shape[1]).train()
+    model = ContextUnet(latent_shape[0], cfg.n_feat, text.shape[-1], latent_shape[1],
+                        cfg.cross_attention).train()
     ema = ContextUnet(**model.config()).eval()
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
@@ -275,7 +325,7 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
 
     config = {"diffusion": diff.model_dump(mode="json"), "scale_factor": scale,
               "latent_shape": list(latent_shape), "text_encoder": text_encoder_name,
-              "text_dim": int(text.shape[1]), "image_size": vae.cfg.image_size,
+              "text_dim": int(text.shape[-1]), "image_size": vae.cfg.image_size,
               "train": cfg.model_dump(mode="json")}
     metrics = {"final_loss": log[-1][1], "steps": cfg.steps, "bf16": bf16,
                "resumed_at": first, "seconds": round(seconds, 2),

@@ -27,7 +27,7 @@ from torch import nn
 from components.config import Params
 from components.config import Vae as VaeCfg
 from components.contracts import (
-    CAPTIONS,
+    SPLIT,
     TRAINING_CURVE,
     VAE_DIR,
     UserError,
@@ -263,7 +263,7 @@ def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_d
     """The vae stage: train on train_paths, measure on val_paths, write out_dir whole."""
     if not train_paths:
         raise UserError("vae: no training images (the train split is empty); "
-                        "check data/labels/captions.parquet and labels.split")
+                        "check data/split/split.parquet and labels.split")
     bf16 = bf16_enabled(cfg.bf16)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -340,7 +340,7 @@ def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_d
 
 
 def vae(params: Params) -> dict:
-    """The stage: train on the train split of the captions table, validate on val."""
-    caps = read_table(CAPTIONS, "captions")
-    return train_vae(params.vae, caps.loc[caps["split"] == "train", "path"].tolist(),
-                     caps.loc[caps["split"] == "val", "path"].tolist(), VAE_DIR)
+    """The stage: train on the train split, validate on val."""
+    split = read_table(SPLIT, "split")
+    return train_vae(params.vae, split.loc[split["split"] == "train", "path"].tolist(),
+                     split.loc[split["split"] == "val", "path"].tolist(), VAE_DIR)

@@ -113,6 +113,30 @@ def test_unet_shortcut_conv_is_a_saved_parameter() -> None:
     assert len(list(net.modules())) == before
 
 
+def test_cross_attention_reads_tokens_and_ignores_padding() -> None:
+    torch.manual_seed(0)
+    plain = ContextUnet(4, 8, 6, 8).eval()
+    net = ContextUnet(4, 8, 6, 8, cross_attention=True).eval()
+    net.load_state_dict(plain.state_dict(), strict=False)
+    x, t = torch.randn(2, 4, 8, 8), torch.rand(2)
+    tokens = torch.randn(2, 3, 6)
+    padded = torch.cat([tokens, torch.zeros(2, 4, 6)], 1)
+    with torch.no_grad():
+        # at init (zero output projection) it is the plain U-Net on the pooled vector
+        pooled = torch.nn.functional.normalize(tokens.mean(1), dim=-1)
+        assert torch.allclose(net(x, t, tokens), plain(x, t, pooled), atol=1e-5)
+        for p in net.parameters():  # any trained weights
+            p.add_(0.1 * torch.randn_like(p))
+        out = net(x, t, tokens)
+        assert torch.allclose(out, net(x, t, padded), atol=1e-5)  # padding is not read
+        reordered = tokens[:, [2, 0, 1]]  # same pooled vector, other tokens per position
+        assert torch.isfinite(net(x, t, torch.zeros(2, 7, 6))).all()  # no caption
+        changed = tokens.clone()
+        changed[:, 1] = torch.randn(2, 6)
+        assert not torch.allclose(out, net(x, t, changed), atol=1e-4)
+        assert torch.allclose(out, net(x, t, reordered), atol=1e-4)  # a set, not a sequence
+
+
 @pytest.mark.parametrize("height", [8, 12, 16, 32])
 def test_unet_handles_multiples_of_four(height: int) -> None:
     net = ContextUnet(in_channels=3, n_feat=8, context_dim=5, height=height)
