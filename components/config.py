@@ -41,12 +41,40 @@ class FolderSource(Section):
     exclude: list[str] = []
 
 
-Source = Annotated[SyntheticSource | FolderSource, Field(discriminator="kind")]
+class UrlsSource(Section):
+    kind: Literal["urls"]
+    path: str  # .txt: one URL a line; .csv: a `url` column, optional `caption`/`alt` columns
+
+
+class SiteSource(Section):
+    kind: Literal["site"]
+    start_urls: list[str] = Field(min_length=1)
+    allowed_domains: list[str] = []  # default: the hosts of start_urls (and subdomains)
+    max_pages: int = Field(50, ge=1, le=100_000)
+    max_depth: int = Field(2, ge=0, le=20)
+
+
+Source = Annotated[SyntheticSource | FolderSource | UrlsSource | SiteSource,
+                   Field(discriminator="kind")]
+
+
+class Http(Section):
+    user_agent: str = "tinyldm/0.1 (brand-image collector; +https://github.com/tinyldm)"
+    timeout_s: float = Field(10.0, gt=0)
+    per_host_delay_s: float = Field(0.5, ge=0)  # between request starts to one host
+    per_host_concurrency: int = Field(2, ge=1)
+    workers: int = Field(4, ge=1, le=64)
+    retries: int = Field(3, ge=0, le=10)  # on connection errors, 429 and 5xx
+    backoff_s: float = Field(0.5, ge=0)  # doubled after each retry
+    max_retry_after_s: float = Field(30.0, ge=0)  # a longer Retry-After is cut to this
+    max_redirects: int = Field(5, ge=0)
+    obey_robots: bool = True
 
 
 class Scrape(Section):
     sources: list[Source] = Field(min_length=1)
     max_image_bytes: int = Field(20_000_000, ge=1_000)
+    http: Http = Http()
 
 
 class Brand(Section):

@@ -84,6 +84,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("fetched_at", pa.string()), ("bytes", pa.int64()), ("width", pa.int64()),
         ("height", pa.int64()), ("mode", pa.string()), ("format", pa.string()),
         ("phash", pa.string()),
+        ("near_duplicate_of", pa.string()),  # the id of the kept copy, "" for a keeper
     ]),
     "ground_truth": pa.schema([
         ("id", pa.string()), ("text", pa.string()), ("background", pa.string()),

@@ -17,10 +17,11 @@ from collections import Counter
 from pathlib import Path
 
 import imagehash
+import numpy as np
 import pandas as pd
 from PIL import Image
 
-from components.config import FolderSource, Params, SyntheticSource
+from components.config import FolderSource, Params, SiteSource, SyntheticSource, UrlsSource
 from components.contracts import (
     GROUND_TRUTH,
     RAW,
@@ -52,20 +53,28 @@ def inspect_image(data: bytes) -> dict:
         return {"width": 0, "height": 0, "mode": "", "format": "", "phash": ""}
 
 
-def _row(data: bytes, source: str, source_url: str, fetched_at: str, alt: str = "") -> dict:
+def _row(data: bytes, source: str, source_url: str, fetched_at: str, page_url: str = "",
+         alt: str = "") -> dict:
     digest = sha256_bytes(data)
     info = inspect_image(data)
     ext = EXT.get(info["format"], "bin")
     return {"id": digest, "path": str(content_path(RAW_IMAGES, digest, ext)),
-            "source": source, "source_url": source_url, "page_url": "", "alt_text": alt,
-            "fetched_at": fetched_at, "bytes": len(data), **info}
+            "source": source, "source_url": source_url, "page_url": page_url,
+            "alt_text": alt, "fetched_at": fetched_at, "bytes": len(data), **info,
+            "near_duplicate_of": ""}
+
+
+def _item(data: bytes, source: str, url: str, fetched_at: str = "", truth=None,
+          page_url: str = "", alt: str = "") -> dict:
+    return {"data": data, "source": source, "url": url, "fetched_at": fetched_at,
+            "truth": truth, "page_url": page_url, "alt": alt}
 
 
 def _synthetic(i: int, src: SyntheticSource, params: Params):
     for k in progress(range(src.n), desc=f"synthetic[{i}]", unit="img"):
         data, truth = render(k, src.seed, src.size, params.brand, params.synthetic,
                              params.labels)
-        yield data, f"synthetic:{src.seed}", f"synthetic://{src.seed}/{k}", "", truth
+        yield _item(data, f"synthetic:{src.seed}", f"synthetic://{src.seed}/{k}", truth=truth)
 
 
 def _folder(i: int, src: FolderSource, max_bytes: int, skipped: Counter):
@@ -95,7 +104,123 @@ def _folder(i: int, src: FolderSource, max_bytes: int, skipped: Counter):
             skipped["too_large"] += 1
             continue
         mtime = dt.datetime.fromtimestamp(p.stat().st_mtime, dt.UTC).isoformat()
-        yield p.read_bytes(), f"folder:{root}", p.resolve().as_uri(), mtime, None
+        yield _item(p.read_bytes(), f"folder:{root}", p.resolve().as_uri(), mtime)
+
+
+HTTP_CACHE = Path(".cache") / "http" / "conditional.json"  # ETag / Last-Modified per URL
+
+
+def _url_list(i: int, src: UrlsSource) -> list[dict]:
+    """[{url, alt}] from a .txt (one URL a line, # comments) or a .csv (`url` column,
+    optional `caption` / `alt` kept as metadata)."""
+    path = Path(src.path).expanduser()
+    if not path.is_file():
+        raise UserError(f"scrape.sources[{i}]: URL list {path} does not exist; fix its path")
+    if path.suffix.lower() == ".csv":
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        if "url" not in df.columns:
+            raise UserError(f"scrape.sources[{i}]: {path} has no 'url' column (columns: "
+                            f"{', '.join(df.columns)})")
+        meta = [c for c in ("alt", "caption") if c in df.columns]
+        return [{"url": r["url"].strip(), "alt": " | ".join(r[c] for c in meta if r[c])}
+                for r in df.to_dict("records") if r["url"].strip()]
+    return [{"url": line.strip(), "alt": ""} for line in path.read_text().splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _web(i: int, src: UrlsSource | SiteSource, params: Params, counts: Counter):
+    """Download a URL list or a crawled site's images, politely (components/fetch.py);
+    every URL ends fetched, unchanged (conditional GET: the stored copy is reused) or
+    counted under its failure reason."""
+    from components.crawl import crawl
+    from components.fetch import Fetcher
+
+    cfg = params.scrape.http
+    tag = f"{src.kind}{i}"
+    with Fetcher(user_agent=cfg.user_agent, timeout_s=cfg.timeout_s,
+                 max_bytes=params.scrape.max_image_bytes,
+                 per_host_delay_s=cfg.per_host_delay_s,
+                 per_host_concurrency=cfg.per_host_concurrency, retries=cfg.retries,
+                 backoff_s=cfg.backoff_s, max_retry_after_s=cfg.max_retry_after_s,
+                 max_redirects=cfg.max_redirects, cache_file=HTTP_CACHE,
+                 obey_robots=cfg.obey_robots) as fetcher:
+        if isinstance(src, UrlsSource):
+            refs = [{**r, "page_url": ""} for r in _url_list(i, src)]
+            source = f"urls:{src.path}"
+        else:
+            domains = src.allowed_domains  # [] -> the start URLs' hosts
+            found = crawl(fetcher, src.start_urls, domains, src.max_pages, src.max_depth,
+                          workers=cfg.workers)
+            for reason, n in found.reasons.items():
+                counts[f"{tag}.pages.{reason}"] += n
+            refs = [{"url": r.url, "page_url": r.page_url,
+                     "alt": " | ".join(x for x in (r.alt, r.title, r.caption) if x)}
+                    for r in found.images]
+            source = f"site:{src.start_urls[0]}"
+        results = fetcher.fetch_many([r["url"] for r in refs], kind="image",
+                                     workers=cfg.workers)
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    for ref, res in zip(refs, results, strict=True):
+        data = res.data
+        if res.status == "unchanged":  # 304: the copy stored last time is still current
+            stored = next(RAW_IMAGES.glob(f"{res.sha256[:2]}/{res.sha256}.*"), None)
+            data = stored.read_bytes() if stored is not None else None
+        if data is None:
+            counts[f"{tag}.{res.status if res.status != 'unchanged' else 'missing_copy'}"] += 1
+            if res.status not in ("fetched", "unchanged"):
+                print(f"scrape: {ref['url']}: {res.status} {res.detail}".rstrip())
+            continue
+        counts[f"{tag}.{res.status}"] += 1
+        yield _item(data, source, res.final_url or ref["url"], now, page_url=ref["page_url"],
+                    alt=ref["alt"])
+
+
+def _thumb(path: str) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB").resize((32, 32), Image.Resampling.BOX),
+                          dtype=np.float32) / 255
+
+
+def near_duplicates(rows: list[dict], root: Path, max_bits: int = 6,
+                    max_rms: float = 0.025) -> dict[str, str]:
+    """id -> the id of the copy it duplicates (a resized or re-encoded version). Candidates
+    share a perceptual hash within `max_bits`; as flat brand graphics often share a hash
+    without being alike, a candidate pair is confirmed by the colour thumbnails (RMS
+    difference). In each group the largest image is kept."""
+    idx = [i for i, r in enumerate(rows) if r["phash"]]
+    if len(idx) < 2:
+        return {}
+    hashes = np.array([int(rows[i]["phash"], 16) for i in idx], dtype=np.uint64)
+    as_bytes = hashes.view(np.uint8).reshape(-1, 8)
+    parent = list(range(len(idx)))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    thumbs: dict[int, np.ndarray] = {}
+    for start in range(0, len(idx), 256):  # a block of rows against all later rows
+        block = as_bytes[start : start + 256]
+        dist = np.unpackbits(block[:, None, :] ^ as_bytes[None, :, :], axis=-1).sum(-1)
+        for a, b in zip(*np.nonzero(dist <= max_bits), strict=True):
+            a += start
+            if b <= a or find(a) == find(b):
+                continue
+            for k in (a, b):
+                if k not in thumbs:
+                    thumbs[k] = _thumb(str(root / Path(rows[idx[k]]["path"]).relative_to(RAW)))
+            if np.sqrt(((thumbs[a] - thumbs[b]) ** 2).mean()) <= max_rms:
+                parent[find(b)] = find(a)
+    groups: dict[int, list[int]] = {}
+    for k in range(len(idx)):
+        groups.setdefault(find(k), []).append(idx[k])
+    out = {}
+    for members in groups.values():
+        keep = max(members, key=lambda i: (rows[i]["width"] * rows[i]["height"], -i))
+        out |= {rows[i]["id"]: rows[keep]["id"] for i in members if i != keep}
+    return out
 
 
 def scrape(params: Params) -> dict:
@@ -107,10 +232,16 @@ def scrape(params: Params) -> dict:
     with atomic_dir(RAW) as tmp:
         for i, src in enumerate(cfg.sources):
             skipped: Counter = Counter()
-            items = (_synthetic(i, src, params) if isinstance(src, SyntheticSource)
-                     else _folder(i, src, cfg.max_image_bytes, skipped))
-            for data, source, url, fetched_at, truth in items:
-                row = _row(data, source, url, fetched_at)
+            if isinstance(src, SyntheticSource):
+                items = _synthetic(i, src, params)
+            elif isinstance(src, FolderSource):
+                items = _folder(i, src, cfg.max_image_bytes, skipped)
+            else:
+                items = _web(i, src, params, counts)
+            for item in items:
+                data = item["data"]
+                row = _row(data, item["source"], item["url"], item["fetched_at"],
+                           item["page_url"], item["alt"])
                 if row["id"] in seen:
                     counts["duplicate"] += 1
                     continue
@@ -119,11 +250,15 @@ def scrape(params: Params) -> dict:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 dest.write_bytes(data)
                 rows.append(row)
-                if truth is not None:
-                    truths.append({"id": row["id"], **truth_row(truth)})
-                counts[f"fetched.{source.split(':')[0]}"] += 1
+                if item["truth"] is not None:
+                    truths.append({"id": row["id"], **truth_row(item["truth"])})
+                counts[f"fetched.{item['source'].split(':')[0]}"] += 1
             for reason, n in skipped.items():
                 counts[f"skipped.{reason}"] += n
+        dups = near_duplicates(rows, tmp)
+        for row in rows:
+            row["near_duplicate_of"] = dups.get(row["id"], "")
+        counts["near_duplicate"] = len(dups)
         manifest = pd.DataFrame(rows, columns=SCHEMAS["raw_manifest"].names)
         write_table(manifest, tmp / RAW_MANIFEST.relative_to(RAW), "raw_manifest")
         gt = pd.DataFrame(truths, columns=SCHEMAS["ground_truth"].names)

@@ -76,6 +76,8 @@ def build_suite(cfg: Validate) -> Any:
                                           meta=meta("empty_file")),
         gxe.ExpectColumnValuesToBeInSet(column="file_exists", value_set=[True],
                                         meta=meta("file_missing")),
+        gxe.ExpectColumnValuesToBeInSet(column="near_duplicate_of", value_set=[""],
+                                        meta=meta("near_duplicate")),
         # Dataset health, not a row verdict: an image whose OCR failed can still train.
         gxe.ExpectColumnValuesToBeInSet(column="ocr_error", value_set=["", "not an image"],
                                         mostly=1 - cfg.max_ocr_error_share,
@@ -116,7 +118,9 @@ def row_reason(kind: str, row: pd.Series, cfg: Validate) -> str:
     return {"null_id": "missing id", "duplicate_id": "duplicate id",
             "bad_id": f"id {row['id']!r} is not a sha256 hex digest",
             "empty_file": "empty file (0 bytes)",
-            "file_missing": f"file {row['path']} is missing"}.get(kind, kind)
+            "file_missing": f"file {row['path']} is missing",
+            "near_duplicate": f"near duplicate of {row['near_duplicate_of'][:16]} (a larger "
+                              "copy is kept)"}.get(kind, kind)
 
 
 def quarantine_reasons(df: pd.DataFrame, result: Any,

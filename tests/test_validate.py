@@ -77,3 +77,31 @@ def test_no_valid_image_is_a_user_error(repo: Path) -> None:
     (src / "a.png").write_bytes(b"junk")
     with pytest.raises(UserError, match="quarantine.parquet"):
         validate(_collect(src))
+
+
+def test_near_duplicates_keep_the_largest_copy(repo: Path) -> None:
+    """A resized, re-encoded copy is a near duplicate (quarantined, the larger kept); two
+    flat posters that merely share a perceptual hash are not."""
+    import io
+
+    from components.synthetic import render
+
+    p = load_params()
+    src = repo / "in"
+    src.mkdir()
+    big = Image.open(io.BytesIO(render(0, 4, 256, p.brand, p.synthetic, p.labels)[0]))
+    big.save(src / "poster.png")
+    big.convert("RGB").resize((180, 180)).save(src / "poster_small.jpg", quality=70)
+    Image.new("RGB", (128, 128), (230, 57, 70)).save(src / "flat_red.png")
+    Image.new("RGB", (128, 128), (35, 57, 230)).save(src / "flat_blue.png")
+    params = _collect(src)
+    raw = read_table(RAW_MANIFEST, "raw_manifest")
+    name = dict(zip(raw["id"], raw["source_url"].map(lambda u: u.rsplit("/", 1)[-1]),
+                    strict=True))
+    dups = {name[i]: name.get(k, "") for i, k in zip(raw["id"], raw["near_duplicate_of"],
+                                                     strict=True) if k}
+    assert dups == {"poster_small.jpg": "poster.png"}
+    validate(params)
+    q = read_table(QUARANTINE, "quarantine")
+    assert [name[i] for i in q["id"]] == ["poster_small.jpg"]
+    assert q["reasons"].iloc[0].startswith("near duplicate of ")
