@@ -126,8 +126,13 @@ class Validate(Section):
     max_side: int = Field(8192, ge=1)
     max_aspect: float = Field(4.0, ge=1)
     formats: list[str] = ["PNG", "JPEG", "WEBP", "GIF", "BMP"]
-    # the suite fails (rows are kept) when more than this share of OCR runs failed
+    max_pixels: int = Field(40_000_000, ge=1)  # larger declared sizes are never decoded
+    modes: list[str] = ["RGB", "L"]  # other modes are converted to RGB and counted
+    min_pixel_std: float = Field(1.0, ge=0)  # below: a blank image (0-255 grey levels)
+    # dataset health (rows are kept): the suite fails above these shares
     max_ocr_error_share: float = Field(0.05, ge=0, le=1)
+    max_text_chars: int = Field(400, ge=1)  # OCR text longer than this is suspicious...
+    max_long_text_share: float = Field(0.05, ge=0, le=1)  # ...in more than this share
 
 
 class Split(Section):

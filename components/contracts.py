@@ -72,6 +72,37 @@ def metrics_path(stage: str) -> Path:
     return EVAL_DIR / "metrics.json" if stage == "evaluate" else METRICS / f"{stage}.json"
 
 
+# ------------------------------------------------------------------ images
+def to_rgb(im: Any) -> Any:
+    """A decoded PIL image as every stage sees it: EXIF rotation applied, the first frame
+    of an animation, transparency flattened on white (how a brand graphic is meant to be
+    seen), 16/32-bit greyscale scaled to 8 bits, any mode (1, P, LA, CMYK, ...) as RGB."""
+    from PIL import Image, ImageOps
+
+    if getattr(im, "n_frames", 1) > 1:
+        im.seek(0)
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        import numpy as np
+
+        a = np.asarray(im, dtype=np.float32)
+        top = float(a.max()) if a.size and a.max() > 0 else 1.0
+        im = Image.fromarray((a * (255.0 / top)).clip(0, 255).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return im.convert("RGB")
+
+
+def open_rgb(path: Path | str) -> Any:
+    """The image file at `path` through to_rgb (fully loaded; the file is closed)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        return to_rgb(im)
+
+
 # ------------------------------------------------------------------ schemas
 # the label system's fields, in caption order: attributes, the OCR text, a description
 LABEL_FIELDS = ["background", "background_kind", "layout", "figure_size", "saturation",
@@ -85,6 +116,8 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("height", pa.int64()), ("mode", pa.string()), ("format", pa.string()),
         ("phash", pa.string()),
         ("near_duplicate_of", pa.string()),  # the id of the kept copy, "" for a keeper
+        ("frames", pa.int64()), ("pixel_std", pa.float64()),  # animation; blank images
+        ("decode_error", pa.string()),  # why the bytes are no usable image, "" if they are
     ]),
     "ground_truth": pa.schema([
         ("id", pa.string()), ("text", pa.string()), ("background", pa.string()),

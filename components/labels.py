@@ -40,6 +40,7 @@ from components.contracts import (
     VALID_MANIFEST,
     UserError,
     atomic_write_text,
+    open_rgb,
     progress,
     read_table,
     write_csv,
@@ -401,10 +402,9 @@ def write_labelstudio(df: pd.DataFrame, system: dict[str, list[str]],
 def _label_one(rec: dict, ocr: pd.DataFrame, params: Params) -> dict:
     o = ocr.loc[rec["id"]] if rec["id"] in ocr.index else None
     words = json.loads(o["words"]) if o is not None and o["words"] else []
-    with Image.open(rec["path"]) as im:
-        im.load()
-        row = auto_labels(im, words, params.brand, params.labels)
-        row["dominant_colours"] = dominant_colours(im)
+    im = open_rgb(rec["path"])
+    row = auto_labels(im, words, params.brand, params.labels)
+    row["dominant_colours"] = dominant_colours(im)
     row = {"id": rec["id"], "path": rec["path"], **row,
            "text": str(o["text"]) if o is not None else "",
            "text_conf": round(float(o["mean_conf"]) / 100, 4) if o is not None else 0.0,

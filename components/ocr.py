@@ -32,10 +32,12 @@ from components.contracts import (
     SCHEMAS,
     UserError,
     atomic_write_text,
+    open_rgb,
     progress,
     read_table,
     settings_hash,
     sha256_bytes,
+    to_rgb,
     write_table,
 )
 
@@ -124,10 +126,7 @@ def _clean(grey: Image.Image, cfg: Ocr) -> Image.Image:
 
 def preprocess(im: Image.Image, cfg: Ocr) -> tuple[Image.Image, float]:
     """Greyscale, dark text on light, contrast stretched, upscaled; returns (image, scale)."""
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        flat = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(flat, im.convert("RGBA"))
-    rgb = im.convert("RGB")
+    rgb = to_rgb(im)
     grey = rgb.convert("L")
     if cfg.invert_dark and light_text_likely(np.asarray(rgb)):
         grey = ImageOps.invert(grey)
@@ -205,9 +204,7 @@ def _ocr_one(row: dict, cfg: Ocr, version: str, shash: str) -> tuple[dict, bool]
         with contextlib.suppress(OSError, ValueError):
             return {**out, **json.loads(cached.read_text())}, True
     try:
-        with Image.open(row["path"]) as im:
-            im.load()
-            result = read_words(im, cfg)
+        result = read_words(open_rgb(row["path"]), cfg)
     except RuntimeError as e:  # pytesseract's timeout
         msg = f"timeout after {cfg.timeout_s:g} s" if "timeout" in str(e).lower() else str(e)
         return {**out, "error": msg}, False

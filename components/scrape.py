@@ -19,7 +19,7 @@ from pathlib import Path
 import imagehash
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from components.config import FolderSource, Params, SiteSource, SyntheticSource, UrlsSource
 from components.contracts import (
@@ -31,8 +31,10 @@ from components.contracts import (
     UserError,
     atomic_dir,
     content_path,
+    open_rgb,
     progress,
     sha256_bytes,
+    to_rgb,
     write_table,
 )
 from components.synthetic import render, truth_row
@@ -40,23 +42,44 @@ from components.synthetic import render, truth_row
 EXT = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp"}
 
 
-def inspect_image(data: bytes) -> dict:
-    """Decode just enough to describe the image; hostile or corrupt bytes give format ''."""
+def inspect_image(data: bytes, max_pixels: int) -> dict:
+    """Describe the image as the stages will see it (contracts.to_rgb: rotated, flattened,
+    RGB); bytes that are no usable image get format "" and the reason in decode_error.
+    The declared size is checked before decoding, so a decompression bomb is never
+    expanded."""
+    none = {"width": 0, "height": 0, "mode": "", "format": "", "phash": "", "frames": 0,
+            "pixel_std": 0.0}
+    if not data:
+        return {**none, "decode_error": "empty file (0 bytes)"}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only
+            w, h = im.size
+            if w * h > max_pixels:
+                return {**none, "width": w, "height": h, "decode_error":
+                        f"decompression bomb: declares {w}x{h} = {w * h / 1e6:.0f} MP > "
+                        f"validate.max_pixels {max_pixels / 1e6:.0f} MP"}
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
                 im.load()
-                return {"width": im.width, "height": im.height, "mode": im.mode,
-                        "format": im.format or "", "phash": str(imagehash.phash(im))}
-    except Exception:  # noqa: BLE001 - any decoder failure means "not an image"
-        return {"width": 0, "height": 0, "mode": "", "format": "", "phash": ""}
+            mode, fmt, frames = im.mode, im.format or "", getattr(im, "n_frames", 1)
+            rgb = to_rgb(im)
+    except UnidentifiedImageError:
+        return {**none, "decode_error": "not an image"}
+    except Image.DecompressionBombError as e:  # PIL's own limit, hit while opening
+        return {**none, "decode_error": f"decompression bomb: {str(e)[:160]}"}
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt, hostile: all unusable
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        return {**none, "decode_error": f"cannot decode: {first}"}
+    grey = np.asarray(rgb.convert("L").resize((64, 64), Image.Resampling.BOX), np.float32)
+    return {"width": rgb.width, "height": rgb.height, "mode": mode, "format": fmt,
+            "phash": str(imagehash.phash(rgb)), "frames": int(frames),
+            "pixel_std": round(float(grey.std()), 3), "decode_error": ""}
 
 
 def _row(data: bytes, source: str, source_url: str, fetched_at: str, page_url: str = "",
-         alt: str = "") -> dict:
+         alt: str = "", max_pixels: int = 40_000_000) -> dict:
     digest = sha256_bytes(data)
-    info = inspect_image(data)
+    info = inspect_image(data, max_pixels)
     ext = EXT.get(info["format"], "bin")
     return {"id": digest, "path": str(content_path(RAW_IMAGES, digest, ext)),
             "source": source, "source_url": source_url, "page_url": page_url,
@@ -176,9 +199,8 @@ def _web(i: int, src: UrlsSource | SiteSource, params: Params, counts: Counter):
 
 
 def _thumb(path: str) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB").resize((32, 32), Image.Resampling.BOX),
-                          dtype=np.float32) / 255
+    return np.asarray(open_rgb(path).resize((32, 32), Image.Resampling.BOX),
+                      dtype=np.float32) / 255
 
 
 def near_duplicates(rows: list[dict], root: Path, max_bits: int = 6,
@@ -241,7 +263,7 @@ def scrape(params: Params) -> dict:
             for item in items:
                 data = item["data"]
                 row = _row(data, item["source"], item["url"], item["fetched_at"],
-                           item["page_url"], item["alt"])
+                           item["page_url"], item["alt"], params.validate_.max_pixels)
                 if row["id"] in seen:
                     counts["duplicate"] += 1
                     continue

@@ -32,6 +32,7 @@ from components.contracts import (
     VAE_DIR,
     UserError,
     atomic_dir,
+    open_rgb,
     progress,
     read_table,
     write_csv,
@@ -45,16 +46,10 @@ CONFIG = "config.json"
 
 # ---------------------------------------------------------------- images
 def load_image_tensor(path: Path | str, size: int) -> torch.Tensor:
-    """One image as a 3 x size x size float tensor in [-1, 1]. Transparency and palette
-    images are flattened on white (how a brand graphic is meant to be seen)."""
+    """One image (contracts.open_rgb: rotated, flattened on white, RGB) as a
+    3 x size x size float tensor in [-1, 1]."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("RGBA", "LA", "P", "PA") or "transparency" in im.info:
-                im = im.convert("RGBA")
-                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(bg, im)
-            im = im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+        im = open_rgb(path).resize((size, size), Image.Resampling.BICUBIC)
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot read image ({e}); re-run validate to quarantine it") \
             from None

@@ -43,10 +43,12 @@ def build_frame(manifest: pd.DataFrame, ocr: pd.DataFrame | None) -> pd.DataFram
     df["aspect"] = (long / short.replace(0, np.nan)).astype(float)
     df["file_exists"] = [bool(p) and Path(p).is_file() for p in df["path"]]
     if ocr is None:
-        df["ocr_error"] = "ocr not run"
+        df["ocr_error"], df["ocr_conf"], df["ocr_text"] = "ocr not run", 0.0, ""
     else:
-        errors = ocr.drop_duplicates("id").set_index("id")["error"]
-        df["ocr_error"] = df["id"].map(errors).fillna("missing from ocr table")
+        o = ocr.drop_duplicates("id").set_index("id")
+        df["ocr_error"] = df["id"].map(o["error"]).fillna("missing from ocr table")
+        df["ocr_conf"] = df["id"].map(o["mean_conf"]).fillna(0.0).astype(float)
+        df["ocr_text"] = df["id"].map(o["text"]).fillna("")
     return df
 
 
@@ -78,10 +80,18 @@ def build_suite(cfg: Validate) -> Any:
                                         meta=meta("file_missing")),
         gxe.ExpectColumnValuesToBeInSet(column="near_duplicate_of", value_set=[""],
                                         meta=meta("near_duplicate")),
+        gxe.ExpectColumnValuesToBeBetween(column="pixel_std", min_value=cfg.min_pixel_std,
+                                          meta=meta("blank")),
         # Dataset health, not a row verdict: an image whose OCR failed can still train.
         gxe.ExpectColumnValuesToBeInSet(column="ocr_error", value_set=["", "not an image"],
                                         mostly=1 - cfg.max_ocr_error_share,
                                         meta={"reason": None}),
+        gxe.ExpectColumnValuesToBeBetween(column="ocr_conf", min_value=0, max_value=100,
+                                          meta={"reason": None}),
+        gxe.ExpectColumnValueLengthsToBeBetween(column="ocr_text",
+                                                max_value=cfg.max_text_chars,
+                                                mostly=1 - cfg.max_long_text_share,
+                                                meta={"reason": None}),
         gxe.ExpectTableRowCountToBeBetween(min_value=1, meta={"reason": None}),
     ]:
         suite.add_expectation(e)
@@ -120,7 +130,9 @@ def row_reason(kind: str, row: pd.Series, cfg: Validate) -> str:
             "empty_file": "empty file (0 bytes)",
             "file_missing": f"file {row['path']} is missing",
             "near_duplicate": f"near duplicate of {row['near_duplicate_of'][:16]} (a larger "
-                              "copy is kept)"}.get(kind, kind)
+                              "copy is kept)",
+            "blank": f"blank: pixel spread {row['pixel_std']:.2f} < {cfg.min_pixel_std:g}"
+            }.get(kind, kind)
 
 
 def quarantine_reasons(df: pd.DataFrame, result: Any,
@@ -130,7 +142,10 @@ def quarantine_reasons(df: pd.DataFrame, result: Any,
     undecodable = set(df.index[df["format"] == ""])
     first_of_id = ~df["id"].duplicated(keep="first")
     for i in undecodable:  # one reason says it all; sizes of nothing are noise
-        out[i] = [("not_an_image", "not an image")]
+        why = df.at[i, "decode_error"] or "not an image"
+        kind = ("decompression_bomb" if why.startswith("decompression bomb") else
+                "empty_file" if why.startswith("empty file") else "not_an_image")
+        out[i] = [(kind, why)]
     for r in result.results:
         kind = (r.expectation_config.meta or {}).get("reason")
         if r.success or not kind:
@@ -172,4 +187,8 @@ def validate(params: Params) -> dict:
             "quarantine_reasons": dict(sorted(counts.items())),
             "gx_success": bool(result.success), "expectations": len(result.results),
             "expectations_failed": len(failed),
-            "ocr_errors": int((~df["ocr_error"].isin(["", "not an image"])).sum())}
+            "ocr_errors": int((~df["ocr_error"].isin(["", "not an image"])).sum()),
+            # kept, read as RGB by every stage (contracts.to_rgb): worth knowing, not a fault
+            "converted_modes": {str(k): int(v) for k, v in valid.loc[
+                ~valid["mode"].isin(cfg.modes), "mode"].value_counts().items()},
+            "animated_first_frame": int((valid["frames"] > 1).sum())}

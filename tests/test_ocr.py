@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytesseract
@@ -26,11 +25,9 @@ def test_cer() -> None:
 
 
 @pytest.fixture
-def collected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Params:
+def collected(workdir: Path) -> Params:
     """8 synthetic images with ground truth plus one file that is not an image."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("CI", "1")
-    shutil.copy(PARAMS, tmp_path / "params.yaml")
+    tmp_path = workdir
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "broken.png").write_bytes(b"not a png")
     params = load_params(overrides=[

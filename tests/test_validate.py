@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from components.config import load_params
 from components.contracts import (
@@ -23,12 +23,15 @@ PARAMS = Path(__file__).parents[1] / "params.yaml"
 
 
 @pytest.fixture
-def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("GX_ANALYTICS_ENABLED", "false")
-    monkeypatch.setenv("CI", "1")
-    shutil.copy(PARAMS, tmp_path / "params.yaml")
-    return tmp_path
+def repo(workdir: Path) -> Path:
+    return workdir
+
+
+def _poster(size: tuple[int, int], colour: str) -> Image.Image:
+    """A flat colour with a mark on it (a flat colour alone is quarantined as blank)."""
+    im = Image.new("RGB", size, colour)
+    ImageDraw.Draw(im).rectangle((8, 8, 24, 20), fill="white")
+    return im
 
 
 def _collect(folder: Path):
@@ -41,11 +44,11 @@ def _collect(folder: Path):
 def test_quarantines_bad_images_with_reasons(repo: Path) -> None:
     src = repo / "in"
     src.mkdir()
-    Image.new("RGB", (64, 64), "red").save(src / "good.png")
-    Image.new("RGB", (96, 64), "blue").save(src / "good.jpg")
-    Image.new("RGB", (20, 20), "green").save(src / "tiny.png")
-    Image.new("RGB", (64, 64), "white").save(src / "scan.tif")
-    Image.new("RGB", (400, 40), "pink").save(src / "banner.png")
+    _poster((64, 64), "red").save(src / "good.png")
+    _poster((96, 64), "blue").save(src / "good.jpg")
+    _poster((20, 20), "green").save(src / "tiny.png")
+    _poster((64, 64), "grey").save(src / "scan.tif")
+    _poster((400, 40), "pink").save(src / "banner.png")
     (src / "broken.png").write_bytes(b"\x89PNG not really an image")
     metrics = validate(_collect(src))
 
@@ -92,8 +95,8 @@ def test_near_duplicates_keep_the_largest_copy(repo: Path) -> None:
     big = Image.open(io.BytesIO(render(0, 4, 256, p.brand, p.synthetic, p.labels)[0]))
     big.save(src / "poster.png")
     big.convert("RGB").resize((180, 180)).save(src / "poster_small.jpg", quality=70)
-    Image.new("RGB", (128, 128), (230, 57, 70)).save(src / "flat_red.png")
-    Image.new("RGB", (128, 128), (35, 57, 230)).save(src / "flat_blue.png")
+    _poster((128, 128), "#e63946").save(src / "flat_red.png")
+    _poster((128, 128), "#2339e6").save(src / "flat_blue.png")
     params = _collect(src)
     raw = read_table(RAW_MANIFEST, "raw_manifest")
     name = dict(zip(raw["id"], raw["source_url"].map(lambda u: u.rsplit("/", 1)[-1]),
@@ -105,3 +108,85 @@ def test_near_duplicates_keep_the_largest_copy(repo: Path) -> None:
     q = read_table(QUARANTINE, "quarantine")
     assert [name[i] for i in q["id"]] == ["poster_small.jpg"]
     assert q["reasons"].iloc[0].startswith("near duplicate of ")
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height but holds almost no data: a
+    decompression bomb as far as a decoder that trusts the header is concerned."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_hostile_folder_is_fully_accounted_for(repo: Path) -> None:
+    """Every hostile file ends validated (read as RGB by every stage) or quarantined with
+    its reason; nothing crashes, nothing is decoded beyond the pixel limit."""
+    import io
+
+    from components.contracts import open_rgb
+
+    src = repo / "in"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+
+    def good() -> Image.Image:  # a different picture each time (no near duplicates)
+        return Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+
+    (src / "zero.png").write_bytes(b"")
+    buf = io.BytesIO()
+    good().save(buf, "PNG")
+    (src / "truncated.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (src / "notes.jpg").write_text("this is not a jpeg")
+    (src / "bomb.png").write_bytes(_png_declaring(60_000, 60_000))  # PIL refuses it
+    (src / "bomb_small.png").write_bytes(_png_declaring(9_000, 9_000))  # over our limit
+    good().convert("1").save(src / "bilevel.png")
+    good().convert("P").save(src / "palette.png", transparency=0)
+    Image.fromarray(np.asarray(good().convert("L"), np.uint16) * 200).save(src / "deep.png")
+    good().convert("LA").save(src / "grey_alpha.png")
+    good().convert("CMYK").save(src / "print.jpg")
+    good().convert("RGBA").save(src / "alpha.png")
+    frames = [_poster((64, 48), c) for c in ("red", "green", "blue")]
+    frames[0].save(src / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    good().save(src / "rotated.jpg", exif=exif)
+    _poster((1, 1), "red").save(src / "dot.png")
+    _poster((800, 100), "red").save(src / "strip.png")
+    Image.new("RGB", (64, 64), "white").save(src / "blank.png")
+
+    metrics = validate(_collect(src))
+    raw = read_table(RAW_MANIFEST, "raw_manifest")
+    name = dict(zip(raw["id"], raw["source_url"].map(lambda u: u.rsplit("/", 1)[-1]),
+                    strict=True))
+    q = read_table(QUARANTINE, "quarantine")
+    reasons = {name[i]: r for i, r in zip(q["id"], q["reasons"], strict=True)}
+    valid = read_table(VALID_MANIFEST, "validated_manifest")
+    kept = {name[i] for i in valid["id"]}
+    assert len(reasons) + len(kept) == metrics["images_in"] == 16  # every file accounted
+    assert reasons["zero.png"] == "empty file (0 bytes)"
+    assert reasons["truncated.png"].startswith("cannot decode")
+    assert reasons["notes.jpg"] == "not an image"
+    assert reasons["bomb.png"].startswith("decompression bomb")
+    assert reasons["bomb_small.png"].startswith("decompression bomb: declares 9000x9000")
+    assert reasons["dot.png"].startswith("too small: 1x1")
+    assert reasons["strip.png"].startswith("aspect ratio 8.00 > 4")
+    assert reasons["blank.png"].startswith("blank: pixel spread 0.00")
+    assert kept == {"bilevel.png", "palette.png", "deep.png", "grey_alpha.png", "print.jpg",
+                    "alpha.png", "anim.gif", "rotated.jpg"}
+    modes = metrics["converted_modes"]
+    assert {"1", "P", "LA", "CMYK", "RGBA"} <= set(modes) and "RGB" not in modes
+    assert any(m.startswith("I") for m in modes)  # the 16-bit one (I;16 or I, by plugin)
+    assert metrics["animated_first_frame"] == 1
+    rows = valid.set_index(valid["id"].map(name))
+    assert (rows.loc["rotated.jpg", "width"], rows.loc["rotated.jpg", "height"]) == (48, 64)
+    for path in valid["path"]:
+        im = open_rgb(path)
+        assert im.mode == "RGB" and np.asarray(im).std() > 1  # content survives conversion
+    assert open_rgb(rows.loc["rotated.jpg", "path"]).size == (48, 64)
