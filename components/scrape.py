@@ -33,6 +33,7 @@ from components.contracts import (
     content_path,
     open_rgb,
     progress,
+    read_table,
     sha256_bytes,
     to_rgb,
     write_table,
@@ -245,12 +246,23 @@ def near_duplicates(rows: list[dict], root: Path, max_bits: int = 6,
     return out
 
 
+def changes(old: dict[str, str], new: dict[str, str]) -> Counter:
+    """source URL -> image id, last run vs this one: new, changed (same place, other bytes),
+    unchanged and vanished locations."""
+    return Counter({
+        "since_last.new": sum(u not in old for u in new),
+        "since_last.changed": sum(u in old and old[u] != i for u, i in new.items()),
+        "since_last.unchanged": sum(old.get(u) == i for u, i in new.items()),
+        "since_last.vanished": sum(u not in new for u in old)})
+
+
 def scrape(params: Params) -> dict:
     cfg = params.scrape
     rows: list[dict] = []
     truths: list[dict] = []
     seen: set[str] = set()
     counts: Counter = Counter()
+    before = (read_table(RAW_MANIFEST, "raw_manifest") if RAW_MANIFEST.exists() else None)
     with atomic_dir(RAW) as tmp:
         for i, src in enumerate(cfg.sources):
             skipped: Counter = Counter()
@@ -277,6 +289,9 @@ def scrape(params: Params) -> dict:
                 counts[f"fetched.{item['source'].split(':')[0]}"] += 1
             for reason, n in skipped.items():
                 counts[f"skipped.{reason}"] += n
+        if before is not None:  # what a re-run found against the last one, per location
+            counts.update(changes(dict(zip(before["source_url"], before["id"], strict=True)),
+                                  {r["source_url"]: r["id"] for r in rows}))
         dups = near_duplicates(rows, tmp)
         for row in rows:
             row["near_duplicate_of"] = dups.get(row["id"], "")

@@ -190,3 +190,19 @@ def test_hostile_folder_is_fully_accounted_for(repo: Path) -> None:
         im = open_rgb(path)
         assert im.mode == "RGB" and np.asarray(im).std() > 1  # content survives conversion
     assert open_rgb(rows.loc["rotated.jpg", "path"]).size == (48, 64)
+
+
+def test_rescrape_reports_new_changed_vanished(repo: Path) -> None:
+    src = repo / "in"
+    src.mkdir()
+    for k, colour in enumerate(["red", "blue", "green"]):
+        _poster((64, 48), colour).save(src / f"p{k}.png")
+    params = _collect(src)  # the first scrape
+    again = scrape(params)
+    assert (again["since_last.new"], again["since_last.unchanged"]) == (0, 3)
+    _poster((64, 48), "orange").save(src / "p0.png")  # changed in place
+    (src / "p1.png").unlink()  # vanished
+    _poster((64, 48), "purple").save(src / "p3.png")  # new
+    m = scrape(params)
+    assert (m["since_last.new"], m["since_last.changed"], m["since_last.vanished"],
+            m["since_last.unchanged"]) == (1, 1, 1, 1)
