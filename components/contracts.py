@@ -216,7 +216,10 @@ def _ensure_parent(path: Path) -> None:
         probe.touch()
         probe.unlink()
     except OSError as e:
-        raise UserError(f"{path.parent}: cannot write there ({e.strerror}); "
+        # name the real obstacle: the first ancestor that exists but is no folder
+        blocker = next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()),
+                       path.parent)
+        raise UserError(f"{blocker}: cannot write there ({e.strerror}); "
                         "fix its permissions or free disk space") from None
 
 

@@ -29,7 +29,7 @@ from components.contracts import (
     RAW_MANIFEST,
     SCHEMAS,
     UserError,
-    atomic_dir,
+    atomic_path,
     content_path,
     open_rgb,
     progress,
@@ -101,7 +101,10 @@ def _synthetic(i: int, src: SyntheticSource, params: Params):
         yield _item(data, f"synthetic:{src.seed}", f"synthetic://{src.seed}/{k}", truth=truth)
 
 
-def _folder(i: int, src: FolderSource, max_bytes: int, skipped: Counter):
+def _folder(i: int, src: FolderSource, max_bytes: int, skipped: Counter,
+            last: dict[str, dict]):
+    """Files under the folder; one that has the size and modification time it had in the
+    last run (and whose stored copy is there) is not read again: its row is reused."""
     root = Path(src.path).expanduser()
     if not root.is_dir():
         raise UserError(f"scrape.sources[{i}]: folder {root} does not exist; fix its path "
@@ -128,7 +131,13 @@ def _folder(i: int, src: FolderSource, max_bytes: int, skipped: Counter):
             skipped["too_large"] += 1
             continue
         mtime = dt.datetime.fromtimestamp(p.stat().st_mtime, dt.UTC).isoformat()
-        yield _item(p.read_bytes(), f"folder:{root}", p.resolve().as_uri(), mtime)
+        url = p.resolve().as_uri()
+        prev = last.get(url)
+        if (prev is not None and prev["fetched_at"] == mtime
+                and prev["bytes"] == p.stat().st_size and Path(prev["path"]).is_file()):
+            yield {**_item(b"", f"folder:{root}", url, mtime), "row": prev}
+            continue
+        yield _item(p.read_bytes(), f"folder:{root}", url, mtime)
 
 
 HTTP_CACHE = Path(".cache") / "http" / "conditional.json"  # ETag / Last-Modified per URL
@@ -256,49 +265,73 @@ def changes(old: dict[str, str], new: dict[str, str]) -> Counter:
         "since_last.vanished": sum(u not in new for u in old)})
 
 
+def _store(row: dict, data: bytes) -> None:
+    """Write an image into the content-addressed store once (atomically: never half a file)."""
+    path = Path(row["path"])
+    if not path.is_file():
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
+
+
+def _prune(keep: set[str]) -> int:
+    """Drop stored files no manifest row names (vanished images, a killed run's temps)."""
+    gone = 0
+    for f in RAW_IMAGES.rglob("*"):
+        if f.is_file() and str(f) not in keep:
+            f.unlink()
+            gone += 1
+    return gone
+
+
 def scrape(params: Params) -> dict:
+    """Collect every source into the content-addressed store data/raw/images (it persists
+    between runs: only new images are written, folder files unchanged since the last run
+    are not even read), then write the manifest atomically and drop what vanished."""
     cfg = params.scrape
     rows: list[dict] = []
     truths: list[dict] = []
     seen: set[str] = set()
     counts: Counter = Counter()
-    before = (read_table(RAW_MANIFEST, "raw_manifest") if RAW_MANIFEST.exists() else None)
-    with atomic_dir(RAW) as tmp:
-        for i, src in enumerate(cfg.sources):
-            skipped: Counter = Counter()
-            if isinstance(src, SyntheticSource):
-                items = _synthetic(i, src, params)
-            elif isinstance(src, FolderSource):
-                items = _folder(i, src, cfg.max_image_bytes, skipped)
+    before = read_table(RAW_MANIFEST, "raw_manifest") if RAW_MANIFEST.exists() else None
+    last = {} if before is None else {r["source_url"]: r for r in before.to_dict("records")}
+    for i, src in enumerate(cfg.sources):
+        skipped: Counter = Counter()
+        if isinstance(src, SyntheticSource):
+            items = _synthetic(i, src, params)
+        elif isinstance(src, FolderSource):
+            items = _folder(i, src, cfg.max_image_bytes, skipped, last)
+        else:
+            items = _web(i, src, params, counts)
+        for item in items:
+            if "row" in item:
+                row = {**item["row"], "near_duplicate_of": ""}
+                counts["reused"] += 1
             else:
-                items = _web(i, src, params, counts)
-            for item in items:
-                data = item["data"]
-                row = _row(data, item["source"], item["url"], item["fetched_at"],
+                row = _row(item["data"], item["source"], item["url"], item["fetched_at"],
                            item["page_url"], item["alt"], params.validate_.max_pixels)
-                if row["id"] in seen:
-                    counts["duplicate"] += 1
-                    continue
-                seen.add(row["id"])
-                dest = tmp / Path(row["path"]).relative_to(RAW)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_bytes(data)
-                rows.append(row)
-                if item["truth"] is not None:
-                    truths.append({"id": row["id"], **truth_row(item["truth"])})
-                counts[f"fetched.{item['source'].split(':')[0]}"] += 1
-            for reason, n in skipped.items():
-                counts[f"skipped.{reason}"] += n
-        if before is not None:  # what a re-run found against the last one, per location
-            counts.update(changes(dict(zip(before["source_url"], before["id"], strict=True)),
-                                  {r["source_url"]: r["id"] for r in rows}))
-        dups = near_duplicates(rows, tmp)
-        for row in rows:
-            row["near_duplicate_of"] = dups.get(row["id"], "")
-        counts["near_duplicate"] = len(dups)
-        manifest = pd.DataFrame(rows, columns=SCHEMAS["raw_manifest"].names)
-        write_table(manifest, tmp / RAW_MANIFEST.relative_to(RAW), "raw_manifest")
-        gt = pd.DataFrame(truths, columns=SCHEMAS["ground_truth"].names)
-        write_table(gt, tmp / GROUND_TRUTH.relative_to(RAW), "ground_truth")
+            if row["id"] in seen:
+                counts["duplicate"] += 1
+                continue
+            seen.add(row["id"])
+            if "row" not in item:
+                _store(row, item["data"])
+            rows.append(row)
+            if item["truth"] is not None:
+                truths.append({"id": row["id"], **truth_row(item["truth"])})
+            counts[f"fetched.{item['source'].split(':')[0]}"] += 1
+        for reason, n in skipped.items():
+            counts[f"skipped.{reason}"] += n
+    if before is not None:  # what a re-run found against the last one, per location
+        counts.update(changes(dict(zip(before["source_url"], before["id"], strict=True)),
+                              {r["source_url"]: r["id"] for r in rows}))
+    dups = near_duplicates(rows, RAW)
+    for row in rows:
+        row["near_duplicate_of"] = dups.get(row["id"], "")
+    counts["near_duplicate"] = len(dups)
+    manifest = pd.DataFrame(rows, columns=SCHEMAS["raw_manifest"].names)
+    write_table(manifest, RAW_MANIFEST, "raw_manifest")
+    write_table(pd.DataFrame(truths, columns=SCHEMAS["ground_truth"].names), GROUND_TRUTH,
+                "ground_truth")
+    counts["pruned"] = _prune(set(manifest["path"]))
     return {"images": len(rows), "undecodable": int((manifest["format"] == "").sum()),
             "with_ground_truth": len(truths), **dict(counts)}

@@ -200,9 +200,13 @@ def test_rescrape_reports_new_changed_vanished(repo: Path) -> None:
     params = _collect(src)  # the first scrape
     again = scrape(params)
     assert (again["since_last.new"], again["since_last.unchanged"]) == (0, 3)
+    assert again["reused"] == 3 and again["pruned"] == 0  # unchanged files are not read
     _poster((64, 48), "orange").save(src / "p0.png")  # changed in place
     (src / "p1.png").unlink()  # vanished
     _poster((64, 48), "purple").save(src / "p3.png")  # new
     m = scrape(params)
     assert (m["since_last.new"], m["since_last.changed"], m["since_last.vanished"],
             m["since_last.unchanged"]) == (1, 1, 1, 1)
+    assert m["reused"] == 1 and m["pruned"] == 2  # old p0 and p1 leave the store
+    stored = {str(f) for f in (repo / "data/raw/images").rglob("*") if f.is_file()}
+    assert stored == {str(repo / p) for p in read_table(RAW_MANIFEST, "raw_manifest")["path"]}
