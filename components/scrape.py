@@ -28,6 +28,7 @@ from components.contracts import (
     RAW_IMAGES,
     RAW_MANIFEST,
     SCHEMAS,
+    SchemaError,
     UserError,
     atomic_path,
     content_path,
@@ -283,6 +284,18 @@ def _prune(keep: set[str]) -> int:
     return gone
 
 
+def _last_manifest() -> pd.DataFrame | None:
+    """The last run's manifest, if there is one this version can read (reusing it only
+    saves work: an older layout means every file is read again)."""
+    if not RAW_MANIFEST.exists():
+        return None
+    try:
+        return read_table(RAW_MANIFEST, "raw_manifest")
+    except SchemaError:
+        print(f"scrape: {RAW_MANIFEST} is from an older tinyldm; reading every file again")
+        return None
+
+
 def scrape(params: Params) -> dict:
     """Collect every source into the content-addressed store data/raw/images (it persists
     between runs: only new images are written, folder files unchanged since the last run
@@ -292,7 +305,7 @@ def scrape(params: Params) -> dict:
     truths: list[dict] = []
     seen: set[str] = set()
     counts: Counter = Counter()
-    before = read_table(RAW_MANIFEST, "raw_manifest") if RAW_MANIFEST.exists() else None
+    before = _last_manifest()
     last = {} if before is None else {r["source_url"]: r for r in before.to_dict("records")}
     for i, src in enumerate(cfg.sources):
         skipped: Counter = Counter()

@@ -210,3 +210,14 @@ def test_rescrape_reports_new_changed_vanished(repo: Path) -> None:
     assert m["reused"] == 1 and m["pruned"] == 2  # old p0 and p1 leave the store
     stored = {str(f) for f in (repo / "data/raw/images").rglob("*") if f.is_file()}
     assert stored == {str(repo / p) for p in read_table(RAW_MANIFEST, "raw_manifest")["path"]}
+
+
+def test_manifest_of_an_older_version_means_reading_everything_again(repo: Path) -> None:
+    src = repo / "in"
+    src.mkdir()
+    _poster((64, 48), "red").save(src / "a.png")
+    params = _collect(src)
+    old = read_table(RAW_MANIFEST, "raw_manifest").drop(columns=["decode_error"])
+    old.to_parquet(RAW_MANIFEST)  # as an older tinyldm wrote it
+    m = scrape(params)
+    assert m["images"] == 1 and "reused" not in m
