@@ -38,7 +38,7 @@ import httpx
 from PIL import Image
 from protego import Protego
 
-from components.contracts import UserError, atomic_path, sha256_bytes
+from components.contracts import UserError, atomic_path, progress, sha256_bytes
 
 log = logging.getLogger(__name__)
 
@@ -371,7 +371,8 @@ class Fetcher:
         if not urls:
             return []
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(urls)))) as pool:
-            return list(pool.map(lambda u: self.fetch(u, kind), urls))
+            return list(progress(pool.map(lambda u: self.fetch(u, kind), urls),
+                                 total=len(urls), desc=f"download {kind}s", unit="url"))
 
     # -------------------------------------------------------------- redirects
     def _follow(self, url: str, headers: dict[str, str], max_bytes: int,
