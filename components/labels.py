@@ -389,13 +389,14 @@ def read_manual(manifest: pd.DataFrame, system: dict[str, list[str]]
 
 
 def write_labelstudio(df: pd.DataFrame, system: dict[str, list[str]],
-                      folder: Path | None = None, image_url: str = LOCAL_FILES_PREFIX) -> None:
+                      folder: Path = LS_TASKS.parent, image_url: str = LOCAL_FILES_PREFIX
+                      ) -> tuple[Path, Path]:
     """The Label Studio project files: the labelling config and one task per image with the
     current labels as a prediction (to review rather than label from scratch)."""
-    config, tasks_json = (LS_CONFIG, LS_TASKS) if folder is None else (
-        folder / LS_CONFIG.name, folder / LS_TASKS.name)
+    config, tasks_json = Path(folder) / LS_CONFIG.name, Path(folder) / LS_TASKS.name
     atomic_write_text(config, labeling_config(system))
     write_json(tasks_json, labelstudio_tasks(df.to_dict("records"), system, image_url))
+    return config, tasks_json
 
 
 # ------------------------------------------------------------------ the stage
@@ -514,8 +515,8 @@ def accuracy(df: pd.DataFrame) -> dict[str, float]:
 def export(params: Params, folder: Path, image_url: str) -> tuple[Path, Path, int]:
     """The Label Studio project files for the current labels, into `folder`."""
     df = read_table(CAPTIONS, "captions")
-    write_labelstudio(df, label_system(params), Path(folder), image_url)
-    return Path(folder) / LS_CONFIG.name, Path(folder) / LS_TASKS.name, len(df)
+    config, tasks_json = write_labelstudio(df, label_system(params), Path(folder), image_url)
+    return config, tasks_json, len(df)
 
 
 def import_labels(params: Params, src: Path) -> tuple[Path, int, list[str]]:
