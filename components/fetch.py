@@ -269,7 +269,7 @@ class Fetcher:
                  per_host_concurrency: int = 2, retries: int = 3, backoff_s: float = 0.5,
                  max_retry_after_s: float = 30.0, max_redirects: int = 5,
                  cache_file: Path | None = None, obey_robots: bool = True,
-                 max_request_s: float | None = None) -> None:
+                 max_request_s: float | None = None, save_every_s: float = 30.0) -> None:
         if ROBOTS_TOKEN not in user_agent.lower() or not any(
                 m in user_agent for m in ("http://", "https://", "@")):
             raise UserError(f"scrape.http.user_agent: {user_agent!r} must name tinyldm and a "
@@ -297,6 +297,8 @@ class Fetcher:
         self.cache_file = Path(cache_file) if cache_file is not None else None
         self._cache = _load_cache(self.cache_file)
         self._cache_dirty = False
+        self.save_every_s = save_every_s  # a killed long crawl keeps most of its validators
+        self._saved_at = time.monotonic()
         self._lock = threading.Lock()  # guards the dicts below and the cache
         self._gates: dict[str, _HostGate] = {}
         self._robots: dict[str, _Robots] = {}
@@ -320,7 +322,9 @@ class Fetcher:
             self._client.close()
 
     def save_cache(self) -> None:
-        """Written once at the end (and on demand): a killed run only loses revalidation."""
+        """Written atomically every `save_every_s` while fetching and at the end: a killed
+        run loses at most that much revalidation. An entry may name an image the caller
+        has not stored yet; `fetch(..., conditional=False)` is the way back from that."""
         if self.cache_file is None:
             return
         with self._lock:
@@ -331,13 +335,15 @@ class Fetcher:
             with atomic_path(self.cache_file) as tmp:
                 tmp.write_text(text + "\n")
             self._cache_dirty = False
+            self._saved_at = time.monotonic()
 
     # -------------------------------------------------------------- public API
-    def fetch(self, url: str, kind: str = "image") -> FetchResult:
-        """Fetch one URL; failures come back as a status, never as an exception."""
+    def fetch(self, url: str, kind: str = "image", conditional: bool = True) -> FetchResult:
+        """Fetch one URL; failures come back as a status, never as an exception.
+        `conditional=False` downloads even when the cache holds validators for it."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
-        entry = self._cached(url) if kind == "image" else None
+        entry = self._cached(url) if kind == "image" and conditional else None
         reply = self._follow(url, _conditional_headers(entry), self.max_bytes)
         if reply.failure:
             return FetchResult(url, reply.url, reply.failure, http_status=reply.code,
@@ -368,11 +374,20 @@ class Fetcher:
     def fetch_many(self, urls: list[str], kind: str = "image",
                    workers: int = 4) -> list[FetchResult]:
         """Results in the order of `urls`; per-host limits hold across all workers."""
+        return list(self.iter_fetch(urls, kind, workers))
+
+    def iter_fetch(self, urls: list[str], kind: str = "image",
+                   workers: int = 4) -> Iterator[FetchResult]:
+        """`fetch_many` as a stream, in order: the caller stores each image as it comes, so
+        a killed run keeps what it downloaded. Stopping early cancels what has not begun."""
         if not urls:
-            return []
-        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(urls)))) as pool:
-            return list(progress(pool.map(lambda u: self.fetch(u, kind), urls),
-                                 total=len(urls), desc=f"download {kind}s", unit="url"))
+            return
+        pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(urls))))
+        try:
+            yield from progress(pool.map(lambda u: self.fetch(u, kind), urls),
+                                total=len(urls), desc=f"download {kind}s", unit="url")
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     # -------------------------------------------------------------- redirects
     def _follow(self, url: str, headers: dict[str, str], max_bytes: int,
@@ -539,3 +554,6 @@ class Fetcher:
             else:
                 self._cache[url] = new
             self._cache_dirty = True
+            due = time.monotonic() - self._saved_at >= self.save_every_s
+        if due:
+            self.save_cache()

@@ -191,22 +191,25 @@ def _web(i: int, src: UrlsSource | SiteSource, params: Params, counts: Counter):
                      "alt": " | ".join(x for x in (r.alt, r.title, r.caption) if x)}
                     for r in found.images]
             source = f"site:{src.start_urls[0]}"
-        results = fetcher.fetch_many([r["url"] for r in refs], kind="image",
-                                     workers=cfg.workers)
-    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    for ref, res in zip(refs, results, strict=True):
-        data = res.data
-        if res.status == "unchanged":  # 304: the copy stored last time is still current
-            stored = next(RAW_IMAGES.glob(f"{res.sha256[:2]}/{res.sha256}.*"), None)
-            data = stored.read_bytes() if stored is not None else None
-        if data is None:
-            counts[f"{tag}.{res.status if res.status != 'unchanged' else 'missing_copy'}"] += 1
-            if res.status not in ("fetched", "unchanged"):
+        now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        stream = fetcher.iter_fetch([r["url"] for r in refs], kind="image",
+                                    workers=cfg.workers)
+        for ref, res in zip(refs, stream, strict=True):  # each image stored as it arrives
+            data = res.data
+            if res.status == "unchanged":  # 304: the copy stored last time is still current
+                stored = next(RAW_IMAGES.glob(f"{res.sha256[:2]}/{res.sha256}.*"), None)
+                if stored is not None:
+                    data = stored.read_bytes()
+                else:  # validators saved, copy not (a killed run): download it again
+                    res = fetcher.fetch(ref["url"], conditional=False)
+                    data = res.data
+            if data is None:
+                counts[f"{tag}.{res.status}"] += 1
                 print(f"scrape: {ref['url']}: {res.status} {res.detail}".rstrip())
-            continue
-        counts[f"{tag}.{res.status}"] += 1
-        yield _item(data, source, res.final_url or ref["url"], now, page_url=ref["page_url"],
-                    alt=ref["alt"])
+                continue
+            counts[f"{tag}.{res.status}"] += 1
+            yield _item(data, source, res.final_url or ref["url"], now,
+                        page_url=ref["page_url"], alt=ref["alt"])
 
 
 def _thumb(path: str) -> np.ndarray:

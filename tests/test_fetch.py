@@ -327,6 +327,20 @@ def test_conditional_get_gives_unchanged_without_a_body(site, make_fetcher, tmp_
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["cache", "http.json"]
 
 
+def test_cache_is_saved_while_fetching_and_an_unconditional_fetch_downloads(
+        site, make_fetcher, tmp_path):
+    """A killed crawl keeps its validators (saved every save_every_s, here at once), and a
+    caller that lost its copy can still get the body back."""
+    cache = tmp_path / "http.json"
+    f = make_fetcher(cache_file=cache, save_every_s=0)
+    url = site.base + "/etag.png"
+    assert f.fetch(url).status == "fetched"
+    assert url in json.loads(cache.read_text())["entries"]  # before close()
+    assert f.fetch(url).status == "unchanged"
+    again = f.fetch(url, conditional=False)
+    assert again.status == "fetched" and again.data == IMAGES["/etag.png"]
+
+
 def test_pages_must_be_html(site, make_fetcher):
     f = make_fetcher()
     page, image = f.fetch_many([site.base + "/index.html", site.base + "/an-image-as-page"],
@@ -477,3 +491,12 @@ def test_scrape_collects_a_site_and_a_url_list_and_reruns_incrementally(site, wo
     again = scrape(params)
     assert again["urls1.unchanged"] == 1 and site.bodies["/etag.png"] == 1  # 304, no body
     assert len(read_table(RAW_MANIFEST, "raw_manifest")) == len(raw)
+
+    # a run killed after saving validators but before storing the image: the 304 has no
+    # copy behind it, so the image is downloaded again rather than lost
+    etag_row = raw.set_index("source_url").loc[f"{site.base}/etag.png"]
+    (workdir / etag_row["path"]).unlink()
+    (workdir / RAW_MANIFEST).unlink()
+    third = scrape(params)
+    assert third["urls1.fetched"] == again["urls1.fetched"] + 1 and site.bodies["/etag.png"] == 2
+    assert (workdir / etag_row["path"]).exists()
