@@ -29,6 +29,7 @@ test: setup
 	$(PY) -m pytest -q
 
 bench: setup
+	$(PY) -m pip install -q -e '.[bench]' "$(TORCH)"
 	$(PY) bench/run.py
 
 lint: setup

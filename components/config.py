@@ -121,6 +121,15 @@ class Ocr(Section):
     timeout_s: float = Field(30, gt=0)
 
 
+class Scale(Section):
+    """How per-image work (OCR, auto-labels) fans out: the stage's own thread pool, or a
+    Prefect task runner over chunks of images (processes, or Dask: local or a scheduler)."""
+    task_runner: Literal["threads", "processes", "dask"] = "threads"
+    workers: int = Field(0, ge=0, le=4096)  # processes / local Dask workers; 0: one per core
+    dask_address: str = Field("", pattern=r"^$|^([a-z]+://)?[^\s:/]+:\d+$")  # "": local
+    chunk_size: int = Field(16, ge=1, le=100_000)  # images per task (processes and dask)
+
+
 class Validate(Section):
     min_side: int = Field(32, ge=1)
     max_side: int = Field(8192, ge=1)
@@ -190,7 +199,12 @@ class Vae(Section):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(2e-3, gt=0)
+    ema: float = Field(0.0, ge=0, lt=1)  # EMA decay of the weights kept (0: off)
+    early_stop_patience: int = Field(0, ge=0)  # epochs without a better val PSNR; 0: off
+    early_stop_min_delta: float = Field(0.05, ge=0)  # dB that count as better
     bf16: bool | Literal["auto"] = "auto"  # auto: when the CPU has bf16 units
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    processes: int = Field(1, ge=1, le=64)  # data-parallel processes (torchrun) on this box
     checkpoint_every: int = Field(1, ge=0)  # epochs; 0: never
     seed: int = 0
 
@@ -225,6 +239,8 @@ class Unet(Section):
     ema: float = Field(0.999, ge=0, lt=1)
     cross_attention: bool = True  # attend to caption token states (False: pooled vector only)
     bf16: bool | Literal["auto"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    processes: int = Field(1, ge=1, le=64)  # data-parallel processes (torchrun) on this box
     checkpoint_every: int = Field(250, ge=0)  # steps; 0: never
     seed: int = 0
 
@@ -255,11 +271,45 @@ class Register(Section):
         default=[GateRule(metric="prompt_adherence_background")], min_length=1)
 
 
+
+class Retrain(Section):
+    """Scheduled retraining (flows/retrain.py) and the workspace lock every run takes."""
+    retries: int = Field(2, ge=0, le=20)  # per stage, after a failure
+    retry_delay_s: float = Field(60, ge=0, le=86_400)  # before the first retry
+    exponential: bool = True  # double the delay before each further retry
+    notify: list[str] = []  # Apprise URLs told when a run fails
+    on_busy: Literal["wait", "skip"] = "wait"  # another run holds the workspace
+    busy_timeout_s: float = Field(6 * 3600, ge=0)  # wait: give up (an error) after this
+    git: Literal["none", "commit", "branch"] = "none"  # what happens to dvc.lock after a run
+    branch: str = "retrain/{date}"  # git: branch; {date}: the run's UTC time
+
+    @model_validator(mode="after")
+    def _branch_and_urls(self) -> Retrain:
+        import re
+        import string
+
+        try:
+            fields = {f for _t, f, _s, _c in string.Formatter().parse(self.branch) if f}
+        except ValueError as e:
+            raise ValueError(f"branch: {e}") from None
+        if fields - {"date"}:
+            raise ValueError(f"branch: unknown field(s) {sorted(fields - {'date'})}; "
+                             "only {date} is filled in")
+        if any(c in self.branch for c in " ~^:?*[\\") or ".." in self.branch:
+            raise ValueError(f"branch: {self.branch!r} is not a valid git branch name")
+        for i, url in enumerate(self.notify):
+            if not re.fullmatch(r"[a-zA-Z][\w+.-]*://\S+", url):
+                raise ValueError(f"notify.{i}: {url!r} is not an Apprise URL (scheme://..., "
+                                 "e.g. mailto://user:pass@example.com or slack://T/B/C)")
+        return self
+
+
 class Params(Section):
     scrape: Scrape
     brand: Brand
     synthetic: Synthetic
     ocr: Ocr = Ocr()
+    scale: Scale = Scale()
     validate_: Validate = Field(Validate(), alias="validate")
     labels: Labels
     text_encoder: TextEncoder = TextEncoder()
@@ -270,6 +320,7 @@ class Params(Section):
     unet: Unet = Unet()
     evaluate: Evaluate
     register_: Register = Field(Register(), alias="register")
+    retrain: Retrain = Retrain()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -61,10 +61,11 @@ METRICS = REPORTS / "metrics"
 
 def progress(iterable=None, **kw):
     """A tqdm bar for a loop a person waits for; silent in CI and when stderr is no
-    terminal (logs stay readable)."""
+    terminal (logs stay readable), and when the caller says so (`disable`)."""
     from tqdm import tqdm
 
-    return tqdm(iterable, disable=bool(os.environ.get("CI")) or not sys.stderr.isatty(), **kw)
+    quiet = kw.pop("disable", False) or bool(os.environ.get("CI")) or not sys.stderr.isatty()
+    return tqdm(iterable, disable=quiet, **kw)
 
 
 def metrics_path(stage: str) -> Path:

@@ -65,7 +65,7 @@ class NoiseSchedule:
         return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
     def _ab(self, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
-        ab = self.alpha_bar(t).to(like.dtype)
+        ab = self.alpha_bar(t).to(like.device, like.dtype)
         return ab.view(-1, *[1] * (like.dim() - 1)) if ab.dim() else ab
 
     def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
@@ -103,20 +103,24 @@ class NoiseSchedule:
 
 
 def training_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor,
-                  c: torch.Tensor, cond_drop: float, generator: torch.Generator | None
-                  ) -> torch.Tensor:
+                  c: torch.Tensor, cond_drop: float, generator: torch.Generator | None,
+                  part: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """MSE to the schedule's target (eps or v); each caption is zeroed with probability
     cond_drop so the same network also learns the unconditional prediction used by
-    guidance."""
-    b = x0.shape[0]
-    t = torch.randint(0, schedule.num_timesteps, (b,), generator=generator)
-    noise = torch.randn(x0.shape, generator=generator)
-    keep = (torch.rand(b, generator=generator) >= cond_drop).to(c.dtype)
+    guidance. `part` = (rank, processes): x0 is that process's slice of a global batch,
+    and the random draws are made for the whole batch and sliced the same way."""
+    b, dev = x0.shape[0], x0.device
+    rank, world = part
+    n = b * world
+    # drawn on the (CPU) generator: the same stream on any device and process count
+    t = torch.randint(0, schedule.num_timesteps, (n,), generator=generator)[rank::world]
+    noise = torch.randn((n, *x0.shape[1:]), generator=generator)[rank::world].to(dev)
+    keep = (torch.rand(n, generator=generator)[rank::world] >= cond_drop).to(dev, c.dtype)
     keep = keep.view(b, *[1] * (c.dim() - 1))  # a caption is a vector or token states
-    out = model(schedule.q_sample(x0, t, noise), schedule.normalise(t), c * keep)
+    out = model(schedule.q_sample(x0, t, noise), schedule.normalise(t).to(dev), c * keep)
     per_sample = F.mse_loss(out.float(), schedule.target(x0, noise, t),
                             reduction="none").flatten(1).mean(1)
-    return (per_sample * schedule.loss_weight(t)).mean()
+    return (per_sample * schedule.loss_weight(t).to(dev)).mean()
 
 
 # ---------------------------------------------------------------- samplers

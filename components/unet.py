@@ -242,7 +242,7 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
     """Train the Context U-Net on the cached train-split latents; write out_dir whole."""
     from components.diffusion import NoiseSchedule, training_loss
     from components.latents import TEXT_ENCODER, LatentCache
-    from components.training import Checkpoint, bf16_enabled, cosine_with_warmup
+    from components.training import Checkpoint, cosine_with_warmup, finish, runtime
     from components.vae import load_vae
 
     cache = LatentCache(latents_dir)
@@ -264,22 +264,25 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
     scale = float(cache.meta["scale_factor"])
     latent_shape = tuple(int(s) for s in mean.shape[1:])
 
-    bf16 = bf16_enabled(cfg.bf16)
+    rt = runtime(cfg.device, cfg.bf16, "unet")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     schedule = NoiseSchedule(diff)
     model = ContextUnet(latent_shape[0], cfg.n_feat, text.shape[-1], latent_shape[1],
                         cfg.cross_attention).train()
+    net = rt.wrap(model)
     ema = ContextUnet(**model.config()).eval()
     ema.load_state_dict(model.state_dict())
-    ema.requires_grad_(False)
+    ema.requires_grad_(False).to(rt.device)
+    mean, std, text = mean.to(rt.device), std.to(rt.device), text.to(rt.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = cosine_with_warmup(opt, cfg.warmup, cfg.steps)
     params, ema_params = list(model.parameters()), list(ema.parameters())
 
     log: list[tuple[int, float]] = []
     running, n_running, first = 0.0, 0, 0
-    ckpt = Checkpoint("unet", {"unet": cfg.model_dump(exclude={"checkpoint_every"}),
+    ckpt = Checkpoint("unet", {"unet": cfg.model_dump(exclude={"checkpoint_every", "device",
+                                                               "processes"}),
                                "diffusion": diff.model_dump(), "text_encoder": text_encoder_name,
                                "latents": cache.identity()})
     if (state := ckpt.load()) is not None:
@@ -293,17 +296,18 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
         print(f"unet: resuming at step {first} of {cfg.steps} from {ckpt.path}")
     start = time.perf_counter()
     bar = progress(range(first, cfg.steps), initial=first, total=cfg.steps, desc="unet",
-                   unit="step")
+                   unit="step", disable=not rt.main)
+    global_batch = cfg.batch_size * rt.world  # every process draws it; each takes a slice
     for step in bar:
-        idx = torch.randint(0, len(rows), (cfg.batch_size,), generator=gen)
-        eps = torch.randn(mean[idx].shape, generator=gen)
-        x0 = (mean[idx] + std[idx] * eps) * scale  # a fresh posterior sample each time
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = training_loss(model, schedule, x0, text[idx], cfg.cond_drop, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        idx = torch.randint(0, len(rows), (global_batch,), generator=gen)
+        eps = torch.randn((global_batch, *latent_shape), generator=gen)
+        idx, eps = rt.shard(idx, eps)
+        # a fresh posterior sample each time
+        x0 = (mean[idx] + std[idx] * eps.to(rt.device)) * scale
+        with rt.autocast():
+            loss = training_loss(net, schedule, x0, text[idx], cfg.cond_drop, gen,
+                                 (rt.rank, rt.world))
+        rt.step(loss, opt, params)
         sched.step()
         with torch.no_grad():
             # warm-up of the EMA decay: early weights are not averaged in for long
@@ -312,7 +316,7 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
         running += loss.item()
         n_running += 1
         if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
-            log.append((step + 1, running / n_running))
+            log.append((step + 1, rt.mean(running / n_running)))
             bar.set_postfix(loss=f"{log[-1][1]:.4f}")
             running, n_running = 0.0, 0
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 \
@@ -320,18 +324,25 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
             ckpt.save({"model": model.state_dict(), "ema": ema.state_dict(),
                        "opt": opt.state_dict(), "sched": sched.state_dict(),
                        "rng": gen.get_state(), "step": step + 1, "running": running,
-                       "n_running": n_running, "log": log})
+                       "n_running": n_running, "log": log}, rt.main)
     seconds = time.perf_counter() - start
+    spread = rt.weight_spread(model)
+    model, ema = model.cpu(), ema.cpu()
 
     config = {"diffusion": diff.model_dump(mode="json"), "scale_factor": scale,
               "latent_shape": list(latent_shape), "text_encoder": text_encoder_name,
               "text_dim": int(text.shape[-1]), "image_size": vae.cfg.image_size,
               "train": cfg.model_dump(mode="json")}
-    metrics = {"final_loss": log[-1][1], "steps": cfg.steps, "bf16": bf16,
+    metrics = {"final_loss": log[-1][1], "steps": cfg.steps, "bf16": rt.precision == "bf16",
+               "precision": rt.precision, "device": rt.device.type, "processes": rt.world,
                "resumed_at": first, "seconds": round(seconds, 2),
                "steps_per_s": round((cfg.steps - first) / seconds, 3),
                "train_latents": len(rows)}
-
+    if rt.world > 1:
+        metrics["process_weight_spread"] = spread
+    if not rt.main:
+        finish(rt)
+        return metrics
     with atomic_dir(Path(out_dir)) as tmp:
         save_unet(model, ema, config, tmp)
         if (Path(latents_dir) / TEXT_ENCODER).is_dir():
@@ -340,6 +351,7 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
         preview_samples(ema, vae, schedule, cache, scale, latent_shape, tmp / "samples.png")
         write_json(tmp / "metrics.json", metrics)
     ckpt.clear()
+    finish(rt)
     return metrics
 
 

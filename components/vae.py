@@ -12,6 +12,7 @@ count, so beta means the same thing at any image size.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -38,7 +39,7 @@ from components.contracts import (
     write_csv,
     write_json,
 )
-from components.training import Checkpoint, bf16_enabled, cosine_with_warmup
+from components.training import Checkpoint, Runtime, cosine_with_warmup, finish, runtime
 
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"
@@ -178,19 +179,26 @@ class VAE(nn.Module):
             return torch.sigmoid(raw) * 2 - 1
         return raw.clamp(-1, 1)
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                part: tuple[int, int] = (0, 1)
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`part` = (rank, processes): x is that slice of a global batch (training.py);
+        the noise is drawn for the whole batch on the CPU generator and sliced alike, so
+        the stream is the same on any device and process count."""
         mean, logvar = self.encode(x)
-        eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+        rank, world = part
+        eps = torch.randn((len(mean) * world, *mean.shape[1:]), generator=generator,
+                          dtype=mean.dtype)[rank::world].to(mean.device)
         z = mean + torch.exp(0.5 * logvar) * eps
         return self.decode_raw(z), mean, logvar
 
 
-def vae_loss(model: VAE, x: torch.Tensor, generator: torch.Generator | None = None
-             ) -> torch.Tensor:
-    raw, mean, logvar = model(x, generator)
+def vae_loss(model: VAE, x: torch.Tensor, generator: torch.Generator | None = None,
+             part: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    raw, mean, logvar = model(x, generator, part)
     raw, mean, logvar = raw.float(), mean.float(), logvar.float()
-    loss_name = model.cfg.loss
+    cfg = getattr(model, "module", model).cfg  # model may be wrapped in DDP
+    loss_name = cfg.loss
     if loss_name == "bce":
         recon = F.binary_cross_entropy_with_logits(raw, (x + 1) / 2)
     elif loss_name == "l1":
@@ -198,7 +206,7 @@ def vae_loss(model: VAE, x: torch.Tensor, generator: torch.Generator | None = No
     else:
         recon = F.mse_loss(raw, x)
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
-    return recon + model.cfg.beta * kl / x[0].numel()
+    return recon + cfg.beta * kl / x[0].numel()
 
 
 # ---------------------------------------------------------------- save / load
@@ -232,105 +240,154 @@ def recon_grid(originals: torch.Tensor, recons: torch.Tensor, zoom: int = 2) -> 
 
 
 @torch.no_grad()
-def evaluate_recon(model: VAE, images: torch.Tensor, batch_size: int, bf16: bool
+def evaluate_recon(model: VAE, images: torch.Tensor, batch_size: int, rt: Runtime
                    ) -> tuple[float, float, torch.Tensor]:
     """Val PSNR and SSIM on [0, 1] (torchmetrics) from the posterior mean."""
     from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
     psnr = PeakSignalNoiseRatio(data_range=1.0)
     ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+    was_training = model.training
     model.eval()
     recons = []
-    for i in range(0, len(images), batch_size):
-        x = images[i : i + batch_size]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            rec = model.decode(model.encode(x)[0])
-        rec = rec.float().clamp(-1, 1)
-        psnr.update((rec + 1) / 2, (x + 1) / 2)
-        ssim.update((rec + 1) / 2, (x + 1) / 2)
-        recons.append(rec)
-    model.train()
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            x = images[i : i + batch_size]
+            with rt.autocast():
+                rec = model.decode(model.encode(x.to(rt.device))[0])
+            rec = rec.float().clamp(-1, 1).cpu()
+            psnr.update((rec + 1) / 2, (x + 1) / 2)
+            ssim.update((rec + 1) / 2, (x + 1) / 2)
+            recons.append(rec)
+    model.train(was_training)
     return float(psnr.compute()), float(ssim.compute()), torch.cat(recons)
 
 
 def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_dir: Path
               ) -> dict:
-    """The vae stage: train on train_paths, measure on val_paths, write out_dir whole."""
+    """The vae stage: train on train_paths, measure on val_paths, write out_dir whole.
+
+    With `ema` > 0 an exponential moving average of the weights is kept, validated and
+    saved. With `early_stop_patience` > 0 training stops once val PSNR has not improved
+    by `early_stop_min_delta` for that many epochs, and the best epoch's weights are
+    saved. Under torchrun each process trains on its slice of every batch
+    (components/training.py)."""
     if not train_paths:
         raise UserError("vae: no training images (the train split is empty); "
                         "check data/split/split.parquet and labels.split")
-    bf16 = bf16_enabled(cfg.bf16)
+    rt = runtime(cfg.device, cfg.bf16, "vae")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     train = load_batch(list(train_paths), cfg.image_size)
     val = load_batch(list(val_paths), cfg.image_size)
     model = VAE(cfg).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    net = rt.wrap(model)
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema else None
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    global_batch = cfg.batch_size * rt.world
+    steps_per_epoch = math.ceil(len(train) / global_batch)
     total = steps_per_epoch * cfg.epochs
     sched = cosine_with_warmup(opt, min(50, max(1, total // 20)), total)
 
-    seen, first = 0, 0
+    seen, first, step = 0, 0, 0
     history: list[list[float]] = []  # per epoch: epoch, train loss, val PSNR, val SSIM
+    best: dict = {"psnr": -math.inf, "epoch": 0, "state": None}
     val_psnr = val_ssim = float("nan")
-    ckpt = Checkpoint("vae", {"vae": cfg.model_dump(exclude={"checkpoint_every"}),
+    ckpt = Checkpoint("vae", {"vae": cfg.model_dump(exclude={"checkpoint_every", "device",
+                                                              "processes"}),
                               "train": [str(p) for p in train_paths],
                               "val": [str(p) for p in val_paths]})
     if (state := ckpt.load()) is not None:
         model.load_state_dict(state["model"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         gen.set_state(state["rng"])
-        first, history = state["epoch"], [list(h) for h in state["history"]]
+        first, history, best = state["epoch"], [list(h) for h in state["history"]], state["best"]
+        step = first * steps_per_epoch
         val_psnr, val_ssim = history[-1][2:]
         print(f"vae: resuming at epoch {first} of {cfg.epochs} from {ckpt.path}")
+    kept = ema if ema is not None else model  # the weights validated and saved
     start = time.perf_counter()
-    bar = progress(total=total, initial=first * steps_per_epoch, desc="vae", unit="step")
+    bar = progress(total=total, initial=first * steps_per_epoch, desc="vae", unit="step",
+                   disable=not rt.main)
+    stopped_early = False
     for epoch in range(first, cfg.epochs):
         order = torch.randperm(len(train), generator=gen)
+        order = order[: len(order) - len(order) % rt.world]  # equal slices on every process
         epoch_loss = 0.0
-        for i in range(0, len(train), cfg.batch_size):
-            x = train[order[i : i + cfg.batch_size]]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = vae_loss(model, x, gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+        for i in range(0, len(order), global_batch):
+            (x,) = rt.shard(train[order[i : i + global_batch]])
+            with rt.autocast():
+                loss = vae_loss(net, x.to(rt.device), gen, (rt.rank, rt.world))
+            rt.step(loss, opt, params)
             sched.step()
+            if ema is not None:
+                with torch.no_grad():
+                    decay = min(cfg.ema, (1 + step) / (10 + step))
+                    torch._foreach_lerp_(list(ema.parameters()), params, 1 - decay)
+            step += 1
             seen += len(x)
             epoch_loss += loss.item() * len(x)
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
         if len(val):
-            val_psnr, val_ssim, _ = evaluate_recon(model, val, 64, bf16)
-        history.append([epoch + 1, epoch_loss / len(train), val_psnr, val_ssim])
+            val_psnr, val_ssim, _ = evaluate_recon(kept, val, 64, rt)
+            val_psnr, val_ssim = rt.mean(val_psnr), rt.mean(val_ssim)  # one decision for all
+        history.append([epoch + 1, rt.mean(epoch_loss / len(order) * rt.world), val_psnr,
+                        val_ssim])
         bar.set_postfix(epoch=epoch + 1, loss=f"{history[-1][1]:.4f}",
                         psnr=f"{val_psnr:.2f}", ssim=f"{val_ssim:.3f}")
+        if cfg.early_stop_patience and len(val):
+            if val_psnr > best["psnr"] + cfg.early_stop_min_delta:
+                best = {"psnr": val_psnr, "epoch": epoch + 1,
+                        "state": {k: v.detach().cpu().clone()
+                                  for k, v in kept.state_dict().items()}}
+            elif epoch + 1 - best["epoch"] >= cfg.early_stop_patience:
+                stopped_early = True
+                break
         if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0 \
                 and epoch + 1 < cfg.epochs:
             ckpt.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                       "ema": ema.state_dict() if ema is not None else {},
                        "sched": sched.state_dict(), "rng": gen.get_state(),
-                       "epoch": epoch + 1, "history": history})
+                       "epoch": epoch + 1, "history": history, "best": best}, rt.main)
     bar.close()
     seconds = time.perf_counter() - start
-    model.eval()
+    spread = rt.weight_spread(model)
+    if stopped_early:  # the best epoch's weights and numbers are what is saved
+        kept.load_state_dict(best["state"])
+        val_psnr, val_ssim = history[best["epoch"] - 1][2:]
+        print(f"vae: stopped early after epoch {len(history)}: val PSNR not better by "
+              f"{cfg.early_stop_min_delta} dB for {cfg.early_stop_patience} epochs; kept "
+              f"epoch {best['epoch']} ({val_psnr:.2f} dB)")
+    kept = kept.cpu().eval()
 
     losses = [h[1] for h in history]
     metrics = {"val_psnr": val_psnr, "val_ssim": val_ssim, "train_loss": losses[-1],
-               "epochs": cfg.epochs, "bf16": bf16, "resumed_at_epoch": first,
-               "seconds": round(seconds, 2), "images_per_s": round(seen / seconds, 2),
+               "epochs": len(history), "best_epoch": best["epoch"] or len(history),
+               "stopped_early": stopped_early, "ema": cfg.ema, "bf16": rt.precision == "bf16",
+               "precision": rt.precision, "device": rt.device.type, "processes": rt.world,
+               "resumed_at_epoch": first, "seconds": round(seconds, 2),
+               "images_per_s": round(seen * rt.world / seconds, 2),
                "train_images": len(train), "val_images": len(val), "epoch_losses": losses}
-    shown = val[:8] if len(val) else train[:8]
-    with torch.no_grad():
-        recons = model.decode(model.encode(shown)[0])
-    with atomic_dir(Path(out_dir)) as tmp:
-        save_vae(model, cfg, tmp)
-        recon_grid(shown, recons).save(tmp / "recon.png")
-        write_csv(tmp / TRAINING_CURVE, ["epoch", "loss", "val_psnr", "val_ssim"],
-                  [(int(e), f"{lo:.6f}", f"{p:.4f}", f"{s:.4f}") for e, lo, p, s in history])
-        write_json(tmp / "metrics.json", metrics)
-    ckpt.clear()
+    if rt.world > 1:
+        metrics["process_weight_spread"] = spread
+    if rt.main:
+        shown = val[:8] if len(val) else train[:8]
+        with torch.no_grad():
+            recons = kept.decode(kept.encode(shown)[0])
+        with atomic_dir(Path(out_dir)) as tmp:
+            save_vae(kept, cfg, tmp)
+            recon_grid(shown, recons).save(tmp / "recon.png")
+            write_csv(tmp / TRAINING_CURVE, ["epoch", "loss", "val_psnr", "val_ssim"],
+                      [(int(e), f"{lo:.6f}", f"{p:.4f}", f"{s:.4f}")
+                       for e, lo, p, s in history])
+            write_json(tmp / "metrics.json", metrics)
+    ckpt.clear(rt.main)
+    finish(rt)
     return metrics
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -31,6 +32,7 @@ STAGE_FUNCS = {
     "register": "components.registry:register",
 }
 assert list(STAGE_FUNCS) == STAGES
+STAGE_ERRORS = Path(".cache") / "stage-errors"  # <stage>.txt: the last failed run's one line
 
 
 def venv_on_path() -> None:
@@ -53,8 +55,16 @@ def cmd_stage(args) -> int:
     if args.name not in STAGE_FUNCS:
         raise UserError(f"unknown stage {args.name!r}; stages: {', '.join(STAGES)}")
     params = _params(args)
+    section = getattr(params, args.name, None)
+    if getattr(section, "processes", 1) > 1 and "WORLD_SIZE" not in os.environ:
+        return _torchrun(args, section.processes)
     module, func = STAGE_FUNCS[args.name].split(":")
-    metrics = getattr(importlib.import_module(module), func)(params)
+    from flows.fanout import stage_kwargs  # per-image stages: the task runner of params.scale
+
+    stage = getattr(importlib.import_module(module), func)
+    metrics = stage(params, **stage_kwargs(args.name, params))
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports
+        return 0
     write_metrics(args.name, metrics)
     shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                       for k, v in metrics.items() if not isinstance(v, dict | list))
@@ -62,16 +72,51 @@ def cmd_stage(args) -> int:
     return 0
 
 
-def cmd_run(args) -> int:
+def _torchrun(args, processes: int) -> int:
+    """The same stage in `processes` data-parallel processes on this machine (torchrun,
+    standalone rendezvous); each runs this command again, with WORLD_SIZE set."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={processes}", "-m", "flows.cli", "stage", args.name,
+           "--params", str(args.params)] + [f"--set={x}" for x in args.set or []]
+    print(f"{args.name}: {processes} data-parallel processes (torchrun)")
+    return subprocess.call(cmd)
+
+
+def _params_recorded(args):
+    """Validated params, with --set values written to the file first (DVC reads it)."""
     from components.config import write_overrides
 
-    _params(args)  # validate before anything starts
+    params = _params(args)  # validate before anything starts
     if args.set:
         write_overrides(args.params, args.set)
         print(f"{args.params}: set {', '.join(args.set)} (recorded so dvc.lock matches)")
+    return params
+
+
+def cmd_run(args) -> int:
+    params = _params_recorded(args)
     from flows.pipeline import run_pipeline
 
-    run_pipeline(force=args.force)
+    run_pipeline(force=args.force, on_busy=params.retrain.on_busy,
+                 busy_timeout_s=params.retrain.busy_timeout_s)
+    return 0
+
+
+def cmd_retrain(args) -> int:
+    _params_recorded(args)
+    from flows.retrain import run_retrain
+
+    run_retrain()
+    return 0
+
+
+def cmd_schedule(args) -> int:
+    _params_recorded(args)
+    from flows.retrain import serve_schedule
+
+    serve_schedule(args.cron, args.timezone, args.name)
     return 0
 
 
@@ -180,6 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="re-run every stage")
     r.set_defaults(func=cmd_run)
 
+    rt = sub.add_parser("retrain", parents=[common], help="one retraining run now: scrape; "
+                        "stop if no image or manual label changed; else the DAG, dvc push, "
+                        "dvc.lock to git as params `retrain` says")
+    rt.set_defaults(func=cmd_retrain)
+
+    sc = sub.add_parser("schedule", parents=[common], help="serve the retraining flow on a "
+                        "cron schedule (needs a Prefect server: PREFECT_API_URL)")
+    sc.add_argument("--cron", required=True, help='e.g. "0 3 * * 1": Mondays at 03:00')
+    sc.add_argument("--timezone", default="UTC", help="IANA name, e.g. Europe/Paris")
+    sc.add_argument("--name", default="retrain", help="deployment name")
+    sc.set_defaults(func=cmd_schedule)
+
     s = sub.add_parser("stage", parents=[common], help="run one stage (what dvc.yaml calls)")
     s.add_argument("name", help=", ".join(STAGES))
     s.set_defaults(func=cmd_stage)
@@ -237,10 +294,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # a failed stage leaves its one line for the flow that ran it (run_stage reads it)
+    error_file = None
+    if args.verb == "stage" and args.name in STAGE_FUNCS:
+        error_file = STAGE_ERRORS / f"{args.name}.txt"
+        with contextlib.suppress(OSError):
+            error_file.unlink(missing_ok=True)
     try:
         return args.func(args)
     except UserError as e:
         print(f"tinyldm: error: {e}", file=sys.stderr)
+        if error_file:
+            with contextlib.suppress(OSError):  # the line above is printed either way
+                error_file.parent.mkdir(parents=True, exist_ok=True)
+                error_file.write_text(f"{e}\n")
         return 2
     except KeyboardInterrupt:
         print("tinyldm: interrupted; finished stages are kept, run again to resume",

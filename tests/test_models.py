@@ -327,16 +327,24 @@ def test_unet_killed_and_resumed_equals_straight_run(tmp_path: Path, monkeypatch
             .equals(pd.read_csv(tmp_path / "resumed" / "loss.csv")))
 
 
-def test_vae_killed_and_resumed_equals_straight_run(tmp_path: Path, monkeypatch) -> None:
-    import components.vae as vae_module
-
-    monkeypatch.chdir(tmp_path)
+def _vae_images(tmp_path: Path, n: int = 10) -> list[Path]:
     paths = []
-    for i in range(10):
+    for i in range(n):
         p = tmp_path / f"{i}.png"
         Image.new("RGB", (40, 40), (25 * i, 200 - 15 * i, 90)).save(p)
         paths.append(p)
-    cfg = TINY_VAE.model_copy(update={"epochs": 3, "checkpoint_every": 1})
+    return paths
+
+
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_vae_killed_and_resumed_equals_straight_run(tmp_path: Path, monkeypatch,
+                                                    ema: float) -> None:
+    import components.vae as vae_module
+
+    monkeypatch.chdir(tmp_path)
+    paths = _vae_images(tmp_path)
+    cfg = TINY_VAE.model_copy(update={"epochs": 3, "checkpoint_every": 1, "ema": ema,
+                                      "early_stop_patience": 5})
     straight = train_vae(cfg, paths[:8], paths[8:], tmp_path / "straight")
     with monkeypatch.context() as m:
         _interrupt_after(m, vae_module, "vae_loss", 2 * 2 + 1)  # 2 steps an epoch: in epoch 3
@@ -386,3 +394,24 @@ def test_the_models_do_not_need_torchvision() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "False"
+
+
+def test_vae_early_stopping_keeps_the_best_epoch(tmp_path: Path, monkeypatch) -> None:
+    """No epoch after the first is 'better' by 100 dB: with patience 1 training stops after
+    epoch 2 and saves epoch 1's weights, whose PSNR is the one reported."""
+    from components.training import runtime
+    from components.vae import evaluate_recon, load_batch
+
+    monkeypatch.chdir(tmp_path)
+    paths = _vae_images(tmp_path)
+    cfg = TINY_VAE.model_copy(update={"epochs": 6, "early_stop_patience": 1,
+                                      "early_stop_min_delta": 100.0, "ema": 0.5})
+    m = train_vae(cfg, paths[:8], paths[8:], tmp_path / "vae")
+    assert m["stopped_early"] and m["epochs"] == 2 and m["best_epoch"] == 1
+    curve = pd.read_csv(tmp_path / "vae" / "loss.csv")
+    assert list(curve["epoch"]) == [1, 2] and m["val_psnr"] == pytest.approx(
+        curve["val_psnr"][0], abs=1e-3)
+    psnr, _ssim, _ = evaluate_recon(load_vae(tmp_path / "vae"),
+                                    load_batch(paths[8:], cfg.image_size), 64,
+                                    runtime("cpu", False))
+    assert psnr == pytest.approx(m["val_psnr"], abs=1e-3)  # the saved weights are epoch 1's
