@@ -14,7 +14,6 @@ import colorsys
 import functools
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -41,7 +40,6 @@ from components.contracts import (
     UserError,
     atomic_write_text,
     open_rgb,
-    progress,
     read_table,
     write_csv,
     write_json,
@@ -54,6 +52,7 @@ from components.labelstudio import (
     read_export,
 )
 from components.labelstudio import tasks as labelstudio_tasks
+from components.ocr import Mapper, check_worker, fan_out
 
 ACCURACY_FIELDS = ["background", "background_kind", "layout", "figure_size", "saturation",
                    "logo"]  # the attributes the built-in generator records
@@ -400,20 +399,41 @@ def write_labelstudio(df: pd.DataFrame, system: dict[str, list[str]],
 
 
 # ------------------------------------------------------------------ the stage
-def _label_one(rec: dict, ocr: pd.DataFrame, params: Params) -> dict:
+@dataclass(frozen=True)
+class LabelJob:
+    """All a worker needs besides the images: plain, picklable settings."""
+    brand: Brand  # logo paths absolute, so a worker in another folder finds them
+    labels: Labels
+    root: str  # the repository folder; image paths are relative to it
+
+
+def _item(rec: dict, ocr: pd.DataFrame) -> dict:
+    """One image's work item: its path and OCR reading, as plain data."""
     o = ocr.loc[rec["id"]] if rec["id"] in ocr.index else None
-    words = json.loads(o["words"]) if o is not None and o["words"] else []
-    im = open_rgb(rec["path"])
-    row = auto_labels(im, words, params.brand, params.labels)
+    return {"id": rec["id"], "path": rec["path"],
+            "words": str(o["words"] or "") if o is not None else "",
+            "text": str(o["text"]) if o is not None else "",
+            "text_conf": round(float(o["mean_conf"]) / 100, 4) if o is not None else 0.0}
+
+
+def _label_one(item: dict, job: LabelJob) -> dict:
+    words = json.loads(item["words"]) if item["words"] else []
+    im = open_rgb(Path(job.root) / item["path"])
+    row = auto_labels(im, words, job.brand, job.labels)
     row["dominant_colours"] = dominant_colours(im)
-    row = {"id": rec["id"], "path": rec["path"], **row,
-           "text": str(o["text"]) if o is not None else "",
-           "text_conf": round(float(o["mean_conf"]) / 100, 4) if o is not None else 0.0,
-           "description": "", "description_conf": 0.0,
-           "split": split_of(rec["id"], params.labels)}
+    row = {"id": item["id"], "path": item["path"], **row, "text": item["text"],
+           "text_conf": item["text_conf"], "description": "", "description_conf": 0.0,
+           "split": split_of(item["id"], job.labels)}
     for f in LABEL_FIELDS:
         row[f"{f}_provenance"] = {"text": "ocr", "description": "none"}.get(f, "auto")
     return row
+
+
+def label_chunk(job: LabelJob, items: list[dict]) -> list[dict]:
+    """Auto-label a chunk of images wherever it runs (a thread here, a process, a Dask
+    worker)."""
+    check_worker(job.root)
+    return [_label_one(item, job) for item in items]
 
 
 def apply_manual(df: pd.DataFrame, manual: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]:
@@ -446,16 +466,22 @@ def token_counts(params: Params, captions: list[str]) -> tuple[list[int], int | 
     return (enc.count_tokens(captions) if captions else []), enc.max_tokens
 
 
-def labels(params: Params) -> dict:
+def labels(params: Params, mapper: Mapper | None = None) -> dict:
+    """Auto labels, manual labels over them, captions, split, Label Studio tasks. `mapper`
+    fans the images out (flows/fanout.py); None: this process's thread pool."""
     cfg = params.labels
     manifest = read_table(VALID_MANIFEST, "validated_manifest")
     ocr = read_table(OCR_TABLE, "ocr").set_index("id")
     if manifest.empty:
         raise UserError(f"{VALID_MANIFEST}: no valid images to label")
-    records = manifest.to_dict("records")
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # OpenCV and numpy free the GIL
-        rows = list(progress(pool.map(lambda r: _label_one(r, ocr, params), records),
-                             total=len(records), desc="labels", unit="img"))
+    items = [_item(r, ocr) for r in manifest.to_dict("records")]
+    root = Path.cwd()
+    brand = params.brand.model_copy(update={"logos": [str(root / p)
+                                                      for p in params.brand.logos]})
+    job = LabelJob(brand, cfg, str(root))
+    threads = os.cpu_count() or 1  # OpenCV and numpy free the GIL
+    rows = fan_out(functools.partial(label_chunk, job), items, mapper,
+                   params.scale.chunk_size, threads, "labels")
     df = pd.DataFrame(rows)
 
     system = label_system(params)

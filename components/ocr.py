@@ -5,16 +5,25 @@ OMP_THREAD_LIMIT=1 stops each process from spawning its own OpenMP threads (whic
 fight each other on a small box). Results are cached per (image bytes, engine version,
 settings), so a re-run OCRs only new or changed images. A failure on one image (timeout,
 Tesseract error, undecodable file) is recorded in its `error` column; the run goes on.
+
+Per-image work fans out through a mapper (see "fan-out"): by default this process's thread
+pool; flows/fanout.py plugs in Prefect task runners (processes, Dask) from params.scale.
+Workers get plain settings and image paths and return plain data; the cache is read and
+written here only, so a worker needs no write access and a cache hit never leaves this box.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
+import socket
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean, median
 
@@ -71,18 +80,31 @@ def engine_version() -> str:
                         "or run make run, which installs it") from None
 
 
+_omp_lock = threading.Lock()
+_omp_users = 0
+_omp_saved: str | None = None
+
+
 @contextlib.contextmanager
 def _single_threaded_tesseract() -> Iterator[None]:
-    """pytesseract hands os.environ to every subprocess; set the limit for this stage only."""
-    old = os.environ.get("OMP_THREAD_LIMIT")
-    os.environ["OMP_THREAD_LIMIT"] = "1"
+    """pytesseract hands os.environ to every subprocess; set the limit while OCR runs only.
+    Counted, because chunks overlap in the threads of one process (a Dask worker's too)."""
+    global _omp_users, _omp_saved
+    with _omp_lock:
+        if _omp_users == 0:
+            _omp_saved = os.environ.get("OMP_THREAD_LIMIT")
+            os.environ["OMP_THREAD_LIMIT"] = "1"
+        _omp_users += 1
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("OMP_THREAD_LIMIT", None)
-        else:
-            os.environ["OMP_THREAD_LIMIT"] = old
+        with _omp_lock:
+            _omp_users -= 1
+            if _omp_users == 0:
+                if _omp_saved is None:
+                    os.environ.pop("OMP_THREAD_LIMIT", None)
+                else:
+                    os.environ["OMP_THREAD_LIMIT"] = _omp_saved
 
 
 def _otsu(grey: np.ndarray) -> int:
@@ -187,34 +209,97 @@ def read_texts(images: list[Image.Image], cfg: Ocr) -> list[str]:
         return [r["text"] for r in pool.map(lambda im: read_words(im, cfg), images)]
 
 
+# ------------------------------------------------------------------ fan-out (labels too)
+# A mapper calls fn on each chunk (a list of work items) and yields the chunks' results in
+# order. fn is a top-level function bound to plain settings (functools.partial), so it
+# pickles to a process or a Dask worker; it returns plain data, one entry per item.
+Mapper = Callable[[Callable[[list], list], list[list]], Iterable[list]]
+
+
+def thread_map(workers: int) -> Mapper:
+    """The default mapper: this process's thread pool (no orchestration cost)."""
+    def run(fn: Callable[[list], list], chunks: list[list]) -> Iterator[list]:
+        with ThreadPoolExecutor(max(1, min(workers, len(chunks)))) as pool:
+            yield from pool.map(fn, chunks)
+    return run
+
+
+def fan_out(fn: Callable[[list], list], items: list, mapper: Mapper | None, chunk_size: int,
+            workers: int, desc: str) -> list:
+    """fn over items through the mapper; flat results in item order, with a progress bar.
+    Without a mapper the thread pool takes one item at a time (as ever); a task runner
+    takes chunk_size, since each of its tasks has a fixed cost."""
+    if not items:  # all cached: start no task runner
+        return []
+    mapper, size = (thread_map(workers), 1) if mapper is None else (mapper, chunk_size)
+    chunks = [items[i : i + size] for i in range(0, len(items), size)]
+    out: list = []
+    with progress(total=len(items), desc=desc, unit="img") as bar:
+        for chunk, got in zip(chunks, mapper(fn, chunks), strict=True):
+            if len(got) != len(chunk):
+                raise RuntimeError(f"{desc}: a worker returned {len(got)} results for "
+                                   f"{len(chunk)} images")
+            out.extend(got)
+            bar.update(len(got))
+    return out
+
+
+def check_worker(root: str) -> None:
+    """A worker reads images by path under the repository folder; say so where it cannot."""
+    if not Path(root).is_dir():
+        raise UserError(f"worker {socket.gethostname()} cannot see {root}: workers read the "
+                        "images by path; run them on this machine, or mount the repository "
+                        "folder on them at the same path")
+
+
+@dataclass(frozen=True)
+class OcrJob:
+    """All a worker needs besides the image paths: plain, picklable settings."""
+    cfg: Ocr
+    engine_version: str  # what the driver recorded (and keyed the cache with)
+    root: str  # the repository folder; image paths are relative to it
+
+
+def _read_file(path: Path, cfg: Ocr) -> dict:
+    """OCR one image file -> read_words' result, or {"error": ...}; never raises for a bad
+    image (a missing Tesseract is no bad image)."""
+    try:
+        return read_words(open_rgb(path), cfg)
+    except RuntimeError as e:  # pytesseract's timeout
+        msg = f"timeout after {cfg.timeout_s:g} s" if "timeout" in str(e).lower() else str(e)
+        return {"error": msg}
+    except pytesseract.TesseractNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - one bad image must not stop the run
+        return {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
+
+
+def ocr_chunk(job: OcrJob, rows: list[dict]) -> list[dict]:
+    """OCR a chunk of images wherever it runs (a thread here, a process, a Dask worker)."""
+    check_worker(job.root)
+    try:
+        here = f"Tesseract {pytesseract.get_tesseract_version(cached=True)}"
+    except (pytesseract.TesseractNotFoundError, OSError):
+        here = "no Tesseract"
+    if here != f"Tesseract {job.engine_version}":
+        raise UserError(f"worker {socket.gethostname()} has {here}, this machine Tesseract "
+                        f"{job.engine_version}: install that version on every worker "
+                        "(results are cached by engine version)")
+    with _single_threaded_tesseract():
+        return [_read_file(Path(job.root) / r["path"], job.cfg) for r in rows]
+
+
 # ------------------------------------------------------------------ cache
 def _cache_file(image_id: str, version: str, shash: str) -> Path:
     key = sha256_bytes(f"{image_id}|{version}|{shash}".encode())
     return CACHE / key[:2] / f"{key}.json"
 
 
-def _ocr_one(row: dict, cfg: Ocr, version: str, shash: str) -> tuple[dict, bool]:
-    """Return (result row, cache hit). Never raises: failures land in `error`."""
-    out = {"id": row["id"], "text": "", "mean_conf": 0.0, "n_words": 0, "words": "[]",
-           "engine_version": version, "settings_hash": shash, "error": ""}
-    if not row["format"]:
-        return {**out, "error": "not an image"}, False
-    cached = _cache_file(row["id"], version, shash)
-    if cached.exists():
+def _cached(path: Path) -> dict | None:
+    if path.exists():
         with contextlib.suppress(OSError, ValueError):
-            return {**out, **json.loads(cached.read_text())}, True
-    try:
-        result = read_words(open_rgb(row["path"]), cfg)
-    except RuntimeError as e:  # pytesseract's timeout
-        msg = f"timeout after {cfg.timeout_s:g} s" if "timeout" in str(e).lower() else str(e)
-        return {**out, "error": msg}, False
-    except pytesseract.TesseractNotFoundError:
-        raise
-    except Exception as e:  # noqa: BLE001 - one bad image must not stop the run
-        return {**out, "error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}, False
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(cached, json.dumps(result))
-    return {**out, **result}, False
+            return json.loads(path.read_text())
+    return None
 
 
 # ------------------------------------------------------------------ stage
@@ -225,7 +310,9 @@ def _ground_truth() -> dict[str, str]:
     return dict(zip(gt["id"], gt["text"], strict=True))
 
 
-def ocr(params: Params) -> dict:
+def ocr(params: Params, mapper: Mapper | None = None) -> dict:
+    """OCR every image of the raw manifest (cache misses only) -> data/ocr/ocr.parquet.
+    `mapper` fans the images out (flows/fanout.py); None: this process's thread pool."""
     cfg = params.ocr
     version = engine_version()
     manifest = read_table(RAW_MANIFEST, "raw_manifest")
@@ -233,9 +320,27 @@ def ocr(params: Params) -> dict:
     workers = cfg.workers or os.cpu_count() or 1
     rows = manifest[["id", "path", "format"]].to_dict("records")
     start = time.perf_counter()
-    with _single_threaded_tesseract(), ThreadPoolExecutor(workers) as pool:
-        done = list(progress(pool.map(lambda r: _ocr_one(r, cfg, version, shash), rows),
-                             total=len(rows), desc="ocr", unit="img"))
+    done: list[tuple[dict, bool]] = []
+    todo: list[int] = []  # indices into done of the images to OCR
+    for row in rows:  # cache and non-images here: only real work leaves this process
+        out = {"id": row["id"], "text": "", "mean_conf": 0.0, "n_words": 0, "words": "[]",
+               "engine_version": version, "settings_hash": shash, "error": ""}
+        hit = _cached(_cache_file(row["id"], version, shash)) if row["format"] else None
+        if not row["format"]:
+            out["error"] = "not an image"
+        elif hit is None:
+            todo.append(len(done))
+        done.append(({**out, **(hit or {})}, hit is not None))
+    job = OcrJob(cfg, version, str(Path.cwd()))
+    with _single_threaded_tesseract():
+        results = fan_out(functools.partial(ocr_chunk, job), [rows[i] for i in todo],
+                          mapper, params.scale.chunk_size, workers, "ocr")
+    for i, result in zip(todo, results, strict=True):
+        if not result.get("error"):
+            cached = _cache_file(rows[i]["id"], version, shash)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(cached, json.dumps(result))
+        done[i] = ({**done[i][0], **result}, False)
     seconds = time.perf_counter() - start
     table = pd.DataFrame([r for r, _hit in done], columns=SCHEMAS["ocr"].names)
     write_table(table, OCR_TABLE, "ocr")
@@ -243,7 +348,8 @@ def ocr(params: Params) -> dict:
     metrics: dict = {"images": len(table), "ocr_errors": int((table["error"] != "").sum()),
                      "cache_hits": sum(hit for _r, hit in done), "seconds": round(seconds, 2),
                      "images_per_s": round(len(table) / seconds, 2) if seconds else 0.0,
-                     "engine_version": version, "workers": workers}
+                     "engine_version": version, "task_runner": params.scale.task_runner,
+                     "workers": workers if mapper is None else getattr(mapper, "workers", 0)}
     truth = _ground_truth()
     scored = [(cer(r["text"], truth[r["id"]]), normalise(r["text"]) == normalise(truth[r["id"]]))
               for r, _hit in done if r["id"] in truth]
