@@ -7,8 +7,15 @@ graph, and each task asks DVC to reproduce exactly one stage, so `tinyldm run` a
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import socket
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import networkx as nx
@@ -24,9 +31,14 @@ from components.contracts import (
     read_json,
     write_json,
 )
-from flows.cli import venv_on_path
+from flows.cli import STAGE_ERRORS, venv_on_path
 
 RUN_LOG = REPORTS / "pipeline_run.json"  # per-stage wall times of the last run (bench/ reads it)
+# One run of the DAG at a time per workspace (`tinyldm run`, `tinyldm retrain`, scheduled
+# runs): an OS file lock, released by the OS when its holder dies, so it is never stale.
+WORKSPACE_LOCK = Path(".cache/pipeline.lock")
+LOCK_OWNER = WORKSPACE_LOCK.with_suffix(".owner.json")  # who holds it, for the waiting run
+STAGE_FAILED = "StageFailed"  # state name of a run that stopped at a failed stage
 
 
 def _quiet_dvc() -> None:
@@ -57,12 +69,76 @@ def run_stage(name: str, force: bool = False) -> dict | State:
     try:
         with Repo(".") as repo:
             ran = repo.reproduce(targets=[name], single_item=True, force=force)
-    except ReproductionError:
-        return Failed(message=f"stage {name} failed; its error is printed above. Fix it and "
-                              "run again: finished stages are not redone")
+    except ReproductionError as e:
+        return Failed(message=f"stage {name} failed: {stage_error(name, e)}. Fix it and run "
+                              "again: finished stages are not redone")
     seconds = round(time.monotonic() - t0, 1)
     log.info("stage %s: %s in %.1f s", name, "ran" if ran else "up to date", seconds)
     return {"stage": name, "ran": bool(ran), "seconds": seconds}
+
+
+def stage_error(name: str, exc: BaseException) -> str:
+    """The stage's own one-line error (`tinyldm stage` records it), else DVC's reason."""
+    recorded = STAGE_ERRORS / f"{name}.txt"
+    if recorded.exists():
+        return recorded.read_text().strip()
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return f"{exc} (its output is above)"
+
+
+def _owner() -> str:
+    try:
+        o = json.loads(LOCK_OWNER.read_text())
+        return f"{o['what']}, pid {o['pid']} on {o['host']}, since {o['since']}"
+    except (OSError, ValueError, KeyError):
+        return "owner unknown"
+
+
+@dataclass
+class Lease:
+    held: bool  # False: another run has the workspace and this one skips
+    note: str = ""  # the one line printed when this run waited or skipped
+
+
+@contextmanager
+def workspace_lock(what: str, on_busy: str = "wait", timeout_s: float = 0) -> Iterator[Lease]:
+    """Hold this workspace for one run. When another run has it: on_busy "skip" yields an
+    unheld Lease, "wait" waits up to timeout_s (then UserError); one line says which."""
+    from filelock import FileLock, Timeout
+
+    WORKSPACE_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(WORKSPACE_LOCK), thread_local=False)
+    note = ""
+    try:
+        lock.acquire(timeout=0)
+        busy = False
+    except Timeout:
+        busy = True
+    if busy:  # (not inside the except: a skip yields, and the run must not chain onto it)
+        owner = _owner()
+        if on_busy == "skip":
+            note = f"{what}: skipped: another run ({owner}) holds this workspace " \
+                   "(retrain.on_busy: skip)"
+            print(note)
+            yield Lease(False, note)
+            return
+        t0 = time.monotonic()
+        try:
+            lock.acquire(timeout=timeout_s)
+        except Timeout:
+            raise UserError(f"{what}: another run ({owner}) still holds {WORKSPACE_LOCK} after "
+                            f"{timeout_s:g} s; let it finish, or raise retrain.busy_timeout_s"
+                            ) from None
+        note = f"{what}: waited {time.monotonic() - t0:.1f} s for another run ({owner}) to finish"
+        print(note)
+    try:
+        write_json(LOCK_OWNER, {"what": what, "pid": os.getpid(), "host": socket.gethostname(),
+                                "since": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")})
+        yield Lease(True, note)
+    finally:
+        LOCK_OWNER.unlink(missing_ok=True)
+        lock.release()
 
 
 def _metric(stage: str, key: str):
@@ -94,25 +170,43 @@ def summary(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-@flow(name="tinyldm-pipeline", log_prints=True)
-def pipeline(force: bool = False) -> list[dict] | State:
-    venv_on_path()  # dvc.yaml calls `tinyldm stage ...` through the shell
+def run_dag(stage: Callable = run_stage, force: bool = False,
+            done: dict[str, dict] | None = None) -> list[dict] | State:
+    """Every stage of dvc.yaml in DVC's order through `stage` (run_stage, or a copy with
+    retries), skipping those in `done` (already run by the caller); stops at a failure."""
     order = stage_order()
+    done = done or {}
     results = []
     for i, name in enumerate(order, 1):
+        if name in done:
+            results.append(done[name])
+            continue
         print(f"[{i}/{len(order)}] {name}")
-        state = run_stage(name, force, return_state=True)
+        state = stage(name, force, return_state=True)
         if state.is_failed():
-            return Failed(message=state.message)
+            return Failed(name=STAGE_FAILED, message=state.message)
         results.append(state.result())
     write_json(RUN_LOG, results)
     print(summary(results))
     return results
 
 
-def run_pipeline(force: bool = False) -> list[dict]:
+@flow(name="tinyldm-pipeline", log_prints=True)
+def pipeline(force: bool = False, on_busy: str = "wait",
+             busy_timeout_s: float = 21600) -> list[dict] | State:
+    venv_on_path()  # dvc.yaml calls `tinyldm stage ...` through the shell
+    try:
+        with workspace_lock("tinyldm run", on_busy, busy_timeout_s) as lease:
+            return run_dag(run_stage, force) if lease.held else []
+    except UserError as e:
+        return Failed(message=str(e))
+
+
+def run_pipeline(force: bool = False, on_busy: str = "wait",
+                 busy_timeout_s: float = 21600) -> list[dict]:
     """The flow, with a failed stage turned into one UserError line for the CLI."""
-    state = pipeline(force=force, return_state=True)
+    state = pipeline(force=force, on_busy=on_busy, busy_timeout_s=busy_timeout_s,
+                     return_state=True)
     if state.is_failed():
         raise UserError(state.message or "pipeline failed; see the messages above")
     return state.result()
