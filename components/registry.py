@@ -4,7 +4,8 @@ One parent run per pipeline run holds every param, every stage's metrics (prefix
 stage), the data version and the review artifacts; a nested run per stage holds that
 stage's params and metrics. The generator is logged as a pyfunc *model from code*
 (components/pyfunc_model.py) and registered; each new version is `challenger` and takes
-`champion` only when `decide()` says it beats the current champion's run.
+`champion` only when `decide()` says it beats the current champion's run. Concurrent
+registrations of one model pass the gate one at a time, in version order.
 
 Embedded default, nothing to start: a SQLite store `mlflow.db` and an artifact folder
 `mlartifacts/` in the working directory. MLFLOW_TRACKING_URI points elsewhere.
@@ -24,6 +25,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,8 @@ from components.contracts import UserError
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 MODEL_ARTIFACT = "generator"  # the logged model's name inside its run
+GATE_STATE = "gate.state"  # version tag: pending -> settled (see _await_earlier_gates)
+GATE_WAIT_S = 1800.0  # longest wait for an earlier version's gate (a champion re-measure)
 # what the served model needs installed; pinned to the versions that logged it. Passing
 # these explicitly also spares MLflow from loading the model in a subprocess to guess them.
 REQUIREMENTS = ["mlflow", "torch", "safetensors", "numpy", "pandas", "pyarrow", "pillow",
@@ -450,6 +454,34 @@ def _move_champion(client: Any, name: str, mv: Any, previous: Any | None, how: s
         "champion.at": pd.Timestamp.now(tz="UTC").isoformat(timespec="seconds")})
 
 
+def _await_earlier_gates(client: Any, name: str, version: int,
+                         timeout: float = GATE_WAIT_S) -> None:
+    """Gates run one at a time, in version order: wait while an earlier version of `name` is
+    still `pending` at its gate. Two gates at once would both compare with the same champion
+    and both move it (the last write wins; the other promotion drops out of the champion
+    history), and MLflow's SQL store fails two concurrent first writes of one alias. The
+    registry hands out version numbers atomically, so every process agrees on the order.
+    A version still pending after `timeout` (its registration died) is marked abandoned."""
+    deadline, said = time.monotonic() + timeout, False
+    while True:
+        pending = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'")
+                         if int(v.version) < version
+                         and (v.tags or {}).get(GATE_STATE) == "pending")
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            for n in pending:
+                client.set_model_version_tag(name, str(n), GATE_STATE, "abandoned")
+            print(f"register: {name} version(s) {pending} still pending at the gate after "
+                  f"{timeout:.0f} s; marked abandoned (their registration died), going on")
+            return
+        if not said:
+            print(f"register: waiting for the gate of {name} version(s) {pending} "
+                  f"(registered just before version {version})", flush=True)
+            said = True
+        time.sleep(1)
+
+
 def register(params: Params, root: Path = Path(".")) -> dict:
     import mlflow
 
@@ -487,18 +519,22 @@ def register(params: Params, root: Path = Path(".")) -> dict:
         info = log_generator(params, root)
         smoke_test(info.model_uri, params.evaluate.prompts[0])
         name = cfg.model_name
-        mv = mlflow.register_model(info.model_uri, name)
-        champ = _alias_version(client, name, CHAMPION)
-        champ_metrics, source = (None, "") if champ is None else champion_metrics(
-            client, name, champ, params, eval_tags.get("evaluate.eval_set"))
-        if champ_metrics:
-            mlflow.log_metrics({f"champion.{k}": v for k, v in champ_metrics.items()})
-        decision = decide(cfg.gate, metrics["evaluate"], champ_metrics)
-        client.set_registered_model_alias(name, CHALLENGER, str(mv.version))
-        _tag_version(client, name, mv, gate_tags(decision, champ and str(champ.version))
-                     | {"gate.champion_source": source})
-        if decision.promote:
-            _move_champion(client, name, mv, champ, "gate", decision.reason)
+        mv = mlflow.register_model(info.model_uri, name, tags={GATE_STATE: "pending"})
+        try:
+            _await_earlier_gates(client, name, int(mv.version))
+            champ = _alias_version(client, name, CHAMPION)
+            champ_metrics, source = (None, "") if champ is None else champion_metrics(
+                client, name, champ, params, eval_tags.get("evaluate.eval_set"))
+            if champ_metrics:
+                mlflow.log_metrics({f"champion.{k}": v for k, v in champ_metrics.items()})
+            decision = decide(cfg.gate, metrics["evaluate"], champ_metrics)
+            client.set_registered_model_alias(name, CHALLENGER, str(mv.version))
+            _tag_version(client, name, mv, gate_tags(decision, champ and str(champ.version))
+                         | {"gate.champion_source": source})
+            if decision.promote:
+                _move_champion(client, name, mv, champ, "gate", decision.reason)
+        finally:  # also on failure: later versions wait for this one to settle
+            client.set_model_version_tag(name, str(mv.version), GATE_STATE, "settled")
         result = {
             "version": int(mv.version),
             "alias": CHAMPION if decision.promote else CHALLENGER,
