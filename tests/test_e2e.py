@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 TINY = [
+    "register.model_name=tinyldm-e2e", "register.experiment=tinyldm-e2e",
     "scrape.sources=[{kind: synthetic, n: 48, seed: 3, size: 128}]",
     "vae.epochs=2", "vae.batch_size=16",
     "unet.steps=40", "unet.batch_size=16", "unet.n_feat=32",
@@ -44,13 +45,16 @@ def _run(args, cwd, env, timeout=900):
 
 
 @pytest.mark.e2e
-def test_pipeline_end_to_end(tmp_path):
+def test_pipeline_end_to_end(tmp_path, mlflow_server):
+    """Against the shared setup's MLflow: a tracking server on a PostgreSQL backend store
+    (tests/services.py); everything else embedded (Prefect's temporary server, no remote)."""
     repo = tmp_path / "repo"
     repo.mkdir()
     _repo_copy(repo)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING",
                                                                    "PREFECT_API"))}
-    env.update(PATH=f"{BIN}:{env['PATH']}", PREFECT_HOME=str(tmp_path / "prefect"), CI="1")
+    env.update(PATH=f"{BIN}:{env['PATH']}", PREFECT_HOME=str(tmp_path / "prefect"), CI="1",
+               MLFLOW_TRACKING_URI=mlflow_server.url)
     sets = [a for s in TINY for a in ("--set", s)]
     r = _run([str(BIN / "tinyldm"), "run", *sets], repo, env)
     out = r.stdout + r.stderr
@@ -75,6 +79,11 @@ def test_pipeline_end_to_end(tmp_path):
         assert (repo / c.metrics_path(stage)).exists(), stage
     reg = json.loads((repo / c.metrics_path("register")).read_text())
     assert reg["alias"] == "champion" and reg["version"] == 1
+    from mlflow import MlflowClient  # the version is in the server's Postgres store
+
+    server = MlflowClient(mlflow_server.url)
+    assert server.get_model_version_by_alias("tinyldm-e2e", "champion").version == "1"
+    assert not (repo / "mlflow.db").exists()  # nothing went to the embedded default
     ev = json.loads((repo / c.metrics_path("evaluate")).read_text())
     assert ev["fd"] >= 0 and ev["sample_images_per_s"] > 0 and ev["fid_images"] >= 2
     models = _run([str(BIN / "tinyldm"), "models"], repo, env).stdout

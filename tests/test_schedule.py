@@ -138,10 +138,9 @@ def prefect_server(tmp_path_factory):
 @pytest.fixture
 def api(prefect_server):
     """In-process flows report to the test's server."""
+    from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogHandler
     from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from prefect.events.worker import EventsWorker
 
     with temporary_settings(updates={PREFECT_API_URL: prefect_server["url"]}):
         yield prefect_server
