@@ -46,7 +46,14 @@ def cluster():
         c.scheduler.add_plugin(c.done)
         yield c
     if not had_server:  # the temporary Prefect server flows/fanout started: stop it while
-        SubprocessASGIServer().stop()  # pytest captures output (at exit: a closed stream)
+        # pytest captures output (at exit: a closed stream), once the runs' logs and events
+        # are sent (else the exit drain waits forever on the stopped server)
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogHandler
+
+        APILogHandler().flush()
+        EventsWorker.drain_all(timeout=30)
+        SubprocessASGIServer().stop()
 
 
 def _dask(address: str) -> list[str]:
