@@ -63,11 +63,13 @@ def main() -> int:
         vae_opt.step()
 
     side = vae_cfg.image_size // vae.down_factor
-    unet = ContextUnet(vae_cfg.latent_channels, unet_cfg.n_feat, 384, side).train()
+    unet = ContextUnet(vae_cfg.latent_channels, unet_cfg.n_feat, 384, side,
+                       unet_cfg.cross_attention).train()
     unet_opt = torch.optim.AdamW(unet.parameters())
     schedule = NoiseSchedule(Diffusion())
     z = torch.randn(unet_cfg.batch_size, vae_cfg.latent_channels, side, side)
-    c = torch.randn(unet_cfg.batch_size, 384)
+    # caption token states as the latent cache stores them (default captions: <= 29 tokens)
+    c = torch.randn(unet_cfg.batch_size, 29, 384)
 
     def unet_step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
