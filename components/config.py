@@ -22,6 +22,17 @@ class ConfigError(UserError):
     pass
 
 
+def format_fields(name: str, template: str) -> set[str]:
+    """The {field} names a str.format template uses; a malformed one is a ValueError
+    naming the setting."""
+    import string
+
+    try:
+        return {f for _t, f, _s, _c in string.Formatter().parse(template) if f}
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -166,14 +177,9 @@ class Labels(Section):
 
     @model_validator(mode="after")
     def _template(self) -> Labels:
-        import string
-
         from components.contracts import LABEL_FIELDS
 
-        try:
-            used = {f for _t, f, _s, _c in string.Formatter().parse(self.caption_template) if f}
-        except ValueError as e:
-            raise ValueError(f"caption_template: {e}") from None
+        used = format_fields("caption_template", self.caption_template)
         unknown = used - set(LABEL_FIELDS)
         if unknown:
             raise ValueError(f"caption_template: unknown field(s) {sorted(unknown)}; "
@@ -286,12 +292,8 @@ class Retrain(Section):
     @model_validator(mode="after")
     def _branch_and_urls(self) -> Retrain:
         import re
-        import string
 
-        try:
-            fields = {f for _t, f, _s, _c in string.Formatter().parse(self.branch) if f}
-        except ValueError as e:
-            raise ValueError(f"branch: {e}") from None
+        fields = format_fields("branch", self.branch)
         if fields - {"date"}:
             raise ValueError(f"branch: unknown field(s) {sorted(fields - {'date'})}; "
                              "only {date} is filled in")

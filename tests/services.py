@@ -24,7 +24,7 @@ PG_USER, PG_PASSWORD = "tinyldm", "tinyldm-test-password"
 
 
 # ------------------------------------------------------------------ processes
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -114,7 +114,7 @@ def postgres() -> Iterator[Postgres]:
         if init.returncode != 0:
             last = (init.stderr.strip().splitlines() or [f"exit code {init.returncode}"])[-1]
             pytest.fail(f"initdb failed: {last}", pytrace=False)
-        port = _free_port()
+        port = free_port()
         with open(log, "w") as out:
             proc = subprocess.Popen(
                 [server, "-D", str(base / "data"), "-p", str(port),
@@ -155,7 +155,7 @@ def mlflow_server(postgres: Postgres, tmp_path_factory) -> Iterator[Server]:
     """`mlflow server` as in infra/compose.yaml, minus auth and S3: Postgres backend store,
     artifacts proxied by the server (--artifacts-destination), schema migrated on start."""
     home = tmp_path_factory.mktemp("mlflow-server")
-    port, log = _free_port(), home / "server.log"
+    port, log = free_port(), home / "server.log"
     env = {**os.environ, "PGPASSWORD": PG_PASSWORD, "PATH": f"{BIN}:{os.environ['PATH']}",
            # no job-runner processes beside the web workers (genai jobs: unused here)
            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}

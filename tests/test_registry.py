@@ -8,7 +8,6 @@ import copy
 import io
 import json
 import math
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from PIL import Image
+from services import free_port
 
 from components import registry
 from components.config import GateRule, load_params
@@ -285,12 +285,6 @@ def test_register_promote_rollback_round_trip(store: Path,
 
 
 # ------------------------------------------------------------------ serving
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: dict) -> tuple[int, str]:
     req = urllib.request.Request(url, json.dumps(body).encode(),
                                  {"Content-Type": "application/json"})
@@ -306,7 +300,7 @@ def test_serve_answers_invocations_with_png(store: Path) -> None:
     _tiny_models(store)
     _write_metrics(store, {"prompt_adherence_background": 0.5})
     version = registry.register(params)["version"]
-    port = _free_port()
+    port = free_port()
     log = open(store / "serve.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([str(Path(sys.executable).parent / "tinyldm"), "serve",
                              "--params", str(PARAMS), "--port", str(port)],

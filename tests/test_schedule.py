@@ -11,7 +11,6 @@ test_e2e's job.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
+from services import free_port
 
 from components.config import Retrain, write_overrides
 from components.contracts import UserError, metrics_path
@@ -57,12 +57,6 @@ def _git(*args: str) -> str:
 def _train_runs(ws: Path) -> int:
     log = ws / "train_runs.log"
     return len(log.read_text().splitlines()) if log.exists() else 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(check, seconds: float, what: str):
@@ -104,7 +98,7 @@ def prefect_server(tmp_path_factory):
     """A real `prefect server start` on 127.0.0.1 and a free port, with its own
     PREFECT_HOME (a fresh database); stopped by its PID."""
     home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(home), PREFECT_API_URL=url,
@@ -202,7 +196,7 @@ def test_schedule_refuses_bad_cron_and_missing_server_in_one_line(workdir, capsy
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
         assert main(["schedule", "--cron", CRON]) == 2
         assert "PREFECT_API_URL is not set" in err()
-    with temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{_free_port()}/api"}):
+    with temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{free_port()}/api"}):
         assert main(["schedule", "--cron", CRON]) == 2
         assert "no Prefect server answers" in err()
 
