@@ -53,7 +53,8 @@ def main() -> int:
 
     vae = VAE(vae_cfg).train()
     vae_opt = torch.optim.AdamW(vae.parameters())
-    x = torch.rand(vae_cfg.batch_size, 3, vae_cfg.image_size, vae_cfg.image_size) * 2 - 1
+    side = min(vae_cfg.crop or vae_cfg.image_size, vae_cfg.image_size)  # what training sees
+    x = torch.rand(vae_cfg.batch_size, 3, side, side) * 2 - 1
 
     def vae_step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

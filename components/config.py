@@ -202,7 +202,8 @@ class Vae(Section):
     latent_channels: int = Field(4, ge=1, le=64)
     loss: Literal["mse", "bce", "l1"] = "mse"
     beta: float = Field(1e-5, ge=0)
-    epochs: int = Field(10, ge=1)
+    crop: int = Field(32, ge=0)  # train on random square crops this side; 0: whole images
+    epochs: int = Field(32, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(2e-3, gt=0)
     ema: float = Field(0.0, ge=0, lt=1)  # EMA decay of the weights kept (0: off)
@@ -213,6 +214,14 @@ class Vae(Section):
     processes: int = Field(1, ge=1, le=64)  # data-parallel processes (torchrun) on this box
     checkpoint_every: int = Field(1, ge=0)  # epochs; 0: never
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> Vae:
+        down = 2 ** (len(self.channel_mult) - 1)
+        if 0 < self.crop < self.image_size and self.crop % down:
+            raise ValueError(f"crop: {self.crop} is not a multiple of the down factor {down} "
+                             "(0 or image_size: train on whole images)")
+        return self
 
 
 class Latents(Section):

@@ -106,8 +106,8 @@ def open_rgb(path: Path | str) -> Any:
 
 # ------------------------------------------------------------------ schemas
 # the label system's fields, in caption order: attributes, the OCR text, a description
-LABEL_FIELDS = ["background", "background_kind", "layout", "figure_size", "saturation",
-                "logo", "text", "description"]
+LABEL_FIELDS = ["background", "background_kind", "gradient_to", "layout", "figure_size",
+                "saturation", "logo", "text", "description"]
 TEXT_FIELDS = ["text", "description"]  # free text: the OCR transcription, a description
 SCHEMAS: dict[str, pa.Schema] = {
     "raw_manifest": pa.schema([

@@ -56,8 +56,8 @@ def vae_quality(vae_dir: Path, paths: list[str]) -> dict:
                               4)}
 
 
-ADHERENCE_FIELDS = ["background", "background_kind", "saturation", "layout", "figure_size",
-                    "logo"]
+ADHERENCE_FIELDS = ["background", "background_kind", "gradient_to", "saturation", "layout",
+                    "figure_size", "logo"]
 
 
 def adherence_cases(params: Params) -> list[dict]:
@@ -65,11 +65,14 @@ def adherence_cases(params: Params) -> list[dict]:
     gradient, with saturation, layout, figure size and logo cycling through their values,
     so most combinations are not the ones of any one training image."""
     levels = list(params.labels.saturation_levels)
+    colours = list(params.brand.palette)
     cases = []
-    for i, colour in enumerate(params.brand.palette):
+    for i, colour in enumerate(colours):
         for j, kind in enumerate(["solid", "gradient"]):
             k = 2 * i + j
+            to = colours[(i + 1 + k % (len(colours) - 1)) % len(colours)]
             row = {"background": colour, "background_kind": kind,
+                   "gradient_to": to if kind == "gradient" else "none",
                    "saturation": levels[(i + j) % len(levels)],
                    "layout": LAYOUTS[k % len(LAYOUTS)],
                    "figure_size": FIGURE_SIZES[k % len(FIGURE_SIZES)],

@@ -54,8 +54,8 @@ from components.labelstudio import (
 from components.labelstudio import tasks as labelstudio_tasks
 from components.ocr import Mapper, check_worker, fan_out
 
-ACCURACY_FIELDS = ["background", "background_kind", "layout", "figure_size", "saturation",
-                   "logo"]  # the attributes the built-in generator records
+ACCURACY_FIELDS = ["background", "background_kind", "gradient_to", "layout", "figure_size",
+                   "saturation", "logo"]  # the attributes the built-in generator records
 LAYOUTS = ["centre", "left", "right", "top", "bottom"]
 FIGURE_SIZES = ["none", "small", "medium", "large"]
 FIGURE_SHARES = {"small": 0.09, "medium": 0.16, "large": 0.24}  # typical side / image side
@@ -66,8 +66,9 @@ def label_system(params: Params) -> dict[str, list[str]]:
     """Every choice field and its allowed values: what the auto-labellers fill, manual
     labels may set, and Label Studio offers."""
     return {"background": list(params.brand.palette), "background_kind": KINDS,
-            "layout": LAYOUTS, "figure_size": FIGURE_SIZES,
-            "saturation": list(params.labels.saturation_levels), "logo": ["yes", "no"]}
+            "gradient_to": [*params.brand.palette, "none"], "layout": LAYOUTS,
+            "figure_size": FIGURE_SIZES, "saturation": list(params.labels.saturation_levels),
+            "logo": ["yes", "no"]}
 
 
 # ------------------------------------------------------------------ auto-labellers
@@ -99,16 +100,23 @@ def background_bands(img: Image.Image) -> tuple[np.ndarray, np.ndarray]:
     return np.median(a[:band].reshape(-1, 3), 0), np.median(a[-band:].reshape(-1, 3), 0)
 
 
+def nearest_colour(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]]
+                   ) -> tuple[str, float]:
+    """The palette colour nearest by perceptual hue, and a confidence (0-1)."""
+    hue = _lch_hue(rgb)
+    dists = sorted((_hue_distance(hue, _lch_hue(np.array(c))), name)
+                   for name, c in palette.items())
+    (d1, name), (d2, _) = dists[0], dists[1]
+    return name, 1.0 - d1 / max(d1 + d2, 1e-9)
+
+
 def label_background(img: Image.Image, brand: Brand, cfg: Labels) -> dict:
-    """Background colour name (nearest palette colour by perceptual hue), solid / gradient /
-    texture, saturation level."""
+    """Background colour name (nearest palette colour by perceptual hue, at the top),
+    solid / gradient / texture, the colour a gradient fades to (at the bottom; "none" for
+    the others), saturation level."""
     top, bottom = background_bands(img)
     palette = brand.rgb()
-    hue = _lch_hue(top)
-    dists = sorted((_hue_distance(hue, _lch_hue(np.array(rgb))), name)
-                   for name, rgb in palette.items())
-    (d1, name), (d2, _) = dists[0], dists[1]
-    colour_conf = 1.0 - d1 / max(d1 + d2, 1e-9)
+    name, colour_conf = nearest_colour(top, palette)
     a = np.asarray(img.convert("RGB").resize((WORK, WORK)), dtype=np.float32)
     band = max(1, round(0.03 * WORK))
     noise = float(np.mean([a[:band].std(axis=(0, 1)).mean(), a[-band:].std(axis=(0, 1)).mean()]))
@@ -118,6 +126,7 @@ def label_background(img: Image.Image, brand: Brand, cfg: Labels) -> dict:
     else:
         kind = "gradient" if spread > cfg.gradient_threshold else "solid"
         kind_conf = min(1.0, abs(spread - cfg.gradient_threshold) / cfg.gradient_threshold)
+    to, to_conf = nearest_colour(bottom, palette) if kind == "gradient" else ("none", kind_conf)
     s = _hsv(top)[1]
     ref_s = _hsv(np.array(palette[name]))[1]
     ratio = s / max(ref_s, 1e-6)
@@ -127,6 +136,7 @@ def label_background(img: Image.Image, brand: Brand, cfg: Labels) -> dict:
     sat_conf = max(0.0, 1.0 - abs(ratio - sat_val) / max(gap, 1e-6))
     return {"background": name, "background_conf": round(colour_conf, 4),
             "background_kind": kind, "background_kind_conf": round(kind_conf, 4),
+            "gradient_to": to, "gradient_to_conf": round(to_conf, 4),
             "saturation": sat_name, "saturation_conf": round(sat_conf, 4)}
 
 
@@ -530,6 +540,7 @@ def accuracy(df: pd.DataFrame) -> dict[str, float]:
         return {}
     gt = read_table(GROUND_TRUTH, "ground_truth").set_index("id")
     gt["logo"] = gt["logo"].map({True: "yes", False: "no"})
+    gt["gradient_to"] = gt["gradient_to"].replace("", "none")
     both = df[df["id"].isin(gt.index)].set_index("id")
     if both.empty:
         return {}

@@ -54,11 +54,11 @@ def test_split_is_deterministic_and_follows_the_shares(workdir) -> None:
 
 def test_caption_follows_the_template_in_order_and_flattens_text() -> None:
     row = {"saturation": "vivid", "background": "red", "background_kind": "solid",
-           "layout": "top", "figure_size": "small", "logo": "yes", "text": "SUMMER\nSALE",
-           "description": ""}
+           "gradient_to": "none", "layout": "top", "figure_size": "small", "logo": "yes",
+           "text": "SUMMER\nSALE", "description": ""}
     template = load_params(PARAMS).labels.caption_template
-    assert caption(row, template) == ('vivid red solid poster, text at the top, figures '
-                                      'small, logo yes, reading "SUMMER SALE".')
+    assert caption(row, template) == ('vivid red solid poster, fading to none, text at the '
+                                      'top, figures small, logo yes, reading "SUMMER SALE".')
     row["description"] = "a  beach\nballs"
     assert caption(row, template).endswith('reading "SUMMER SALE". a beach balls')
 
@@ -79,9 +79,10 @@ def test_image_labellers_read_the_ground_truth(rendered) -> None:
     p = load_params(PARAMS)
     images, truths = rendered
     got = [auto_labels(im, [], p.brand, p.labels) for im in images]
-    for field in ["background", "background_kind", "layout", "figure_size", "saturation",
-                  "logo"]:
-        want = [("yes" if t.logo else "no") if field == "logo" else getattr(t, field)
+    for field in ["background", "background_kind", "gradient_to", "layout", "figure_size",
+                  "saturation", "logo"]:
+        want = [("yes" if t.logo else "no") if field == "logo" else
+                (t.gradient_to or "none") if field == "gradient_to" else getattr(t, field)
                 for t in truths]
         acc = np.mean([g[field] == w for g, w in zip(got, want, strict=True)])
         assert acc >= 0.97, (field, acc)
@@ -90,7 +91,7 @@ def test_image_labellers_read_the_ground_truth(rendered) -> None:
     # 8 px is beyond the matcher (evaluate reports that as labeller_agreement_logo)
     small = [auto_labels(im.resize((64, 64), Image.Resampling.BICUBIC), [], p.brand, p.labels)
              for im in images[:40]]
-    for field in ["background", "background_kind", "layout", "saturation"]:
+    for field in ["background", "background_kind", "gradient_to", "layout", "saturation"]:
         acc = np.mean([a[field] == b[field] for a, b in zip(got, small, strict=False)])
         assert acc >= 0.9, (field, acc)
 
@@ -136,8 +137,8 @@ def test_auto_labels_match_ground_truth_and_manual_wins(pipeline_to_validate, wo
     params = pipeline_to_validate
     m = labels(params)
     assert m["images"] == 16 and m["captions_over_limit"] == 0
-    for field in ("background", "background_kind", "layout", "figure_size", "saturation",
-                  "logo"):
+    for field in ("background", "background_kind", "gradient_to", "layout", "figure_size",
+                  "saturation", "logo"):
         assert m[f"accuracy_{field}"] >= 0.9, (field, m)
     caps = read_table(CAPTIONS, "captions")
     assert (caps["background_provenance"] == "auto").all()

@@ -74,6 +74,23 @@ def test_train_vae_writes_outputs(tmp_path: Path) -> None:
         train_vae(TINY_VAE, [], paths, tmp_path / "none")
 
 
+def test_random_crop_is_a_seeded_window_on_the_latent_grid() -> None:
+    from components.vae import random_crop
+
+    x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32)
+    assert random_crop(x, 0, 4, torch.Generator()) is x  # 0: whole images
+    seen = set()
+    for seed in range(20):
+        a = random_crop(x, 16, 4, torch.Generator().manual_seed(seed))
+        b = random_crop(x, 16, 4, torch.Generator().manual_seed(seed))
+        assert torch.equal(a, b) and a.shape == (2, 3, 16, 16)
+        i, j = divmod(int(a[0, 0, 0, 0]), 32)
+        assert i % 4 == 0 and j % 4 == 0 and i <= 16 and j <= 16
+        assert torch.equal(a, x[..., i : i + 16, j : j + 16])
+        seen.add((i, j))
+    assert len(seen) > 5
+
+
 def test_q_sample_uses_sqrt_one_minus_alpha_bar() -> None:
     schedule = NoiseSchedule(Diffusion(timesteps=100))
     t = torch.full((20000,), 10)
@@ -336,15 +353,15 @@ def _vae_images(tmp_path: Path, n: int = 10) -> list[Path]:
     return paths
 
 
-@pytest.mark.parametrize("ema", [0.0, 0.9])
+@pytest.mark.parametrize("ema, crop", [(0.0, 0), (0.9, 16)])
 def test_vae_killed_and_resumed_equals_straight_run(tmp_path: Path, monkeypatch,
-                                                    ema: float) -> None:
+                                                    ema: float, crop: int) -> None:
     import components.vae as vae_module
 
     monkeypatch.chdir(tmp_path)
     paths = _vae_images(tmp_path)
     cfg = TINY_VAE.model_copy(update={"epochs": 3, "checkpoint_every": 1, "ema": ema,
-                                      "early_stop_patience": 5})
+                                      "early_stop_patience": 5, "crop": crop})
     straight = train_vae(cfg, paths[:8], paths[8:], tmp_path / "straight")
     with monkeypatch.context() as m:
         _interrupt_after(m, vae_module, "vae_loss", 2 * 2 + 1)  # 2 steps an epoch: in epoch 3
