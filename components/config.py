@@ -246,7 +246,7 @@ class Sampler(Section):
 
 class Unet(Section):
     n_feat: int = Field(64, ge=8, le=1024)
-    steps: int = Field(3000, ge=1)
+    steps: int = Field(2300, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-3, gt=0)
     warmup: int = Field(100, ge=0)

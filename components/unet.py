@@ -358,7 +358,7 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
 @torch.no_grad()
 def preview_samples(model: ContextUnet, vae: nn.Module, schedule, cache, scale: float,
                     latent_shape: tuple[int, ...], out: Path, n: int = 8) -> None:
-    """The first n val captions (train if no val), DDIM 25 steps, guidance 3, one row."""
+    """The first n val captions (train if no val), DDIM 25 steps, guidance 2, one row."""
     from components.diffusion import DDIMSampler, sample
     from components.vae import image_grid, to_pil
 
@@ -370,7 +370,7 @@ def preview_samples(model: ContextUnet, vae: nn.Module, schedule, cache, scale: 
     sampler = DDIMSampler(schedule, 0.0)
     sampler.set_timesteps(25)
     gens = [torch.Generator().manual_seed(i) for i in range(len(rows))]
-    z = sample(model, schedule, sampler, context, latent_shape, 3.0, gens)
+    z = sample(model, schedule, sampler, context, latent_shape, 2.0, gens)
     image_grid([to_pil(vae.decode(z / scale))], cell=64).save(out)
 
 
