@@ -209,6 +209,7 @@ class Vae(Section):
     ema: float = Field(0.0, ge=0, lt=1)  # EMA decay of the weights kept (0: off)
     early_stop_patience: int = Field(0, ge=0)  # epochs without a better val PSNR; 0: off
     early_stop_min_delta: float = Field(0.05, ge=0)  # dB that count as better
+    val_per_epoch: int = Field(32, ge=0)  # val images of the per-epoch curve; 0: all
     bf16: bool | Literal["auto"] = "auto"  # auto: when the CPU has bf16 units
     device: Literal["auto", "cpu", "cuda"] = "auto"
     processes: int = Field(1, ge=1, le=64)  # data-parallel processes (torchrun) on this box

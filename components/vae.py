@@ -297,6 +297,7 @@ def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_d
     gen = torch.Generator().manual_seed(cfg.seed)
     train = load_batch(list(train_paths), cfg.image_size)
     val = load_batch(list(val_paths), cfg.image_size)
+    watch = val[: cfg.val_per_epoch or len(val)]  # the per-epoch curve and early stopping
     model = VAE(cfg).train()
     net = rt.wrap(model)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema else None
@@ -352,8 +353,8 @@ def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_d
             epoch_loss += loss.item() * len(x)
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
-        if len(val):
-            val_psnr, val_ssim, _ = evaluate_recon(kept, val, 64, rt)
+        if len(watch):
+            val_psnr, val_ssim, _ = evaluate_recon(kept, watch, 64, rt)
             val_psnr, val_ssim = rt.mean(val_psnr), rt.mean(val_ssim)  # one decision for all
         history.append([epoch + 1, rt.mean(epoch_loss / len(order) * rt.world), val_psnr,
                         val_ssim])
@@ -376,12 +377,14 @@ def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_d
     bar.close()
     seconds = time.perf_counter() - start
     spread = rt.weight_spread(model)
-    if stopped_early:  # the best epoch's weights and numbers are what is saved
+    if stopped_early:  # the best epoch's weights are what is saved
         kept.load_state_dict(best["state"])
-        val_psnr, val_ssim = history[best["epoch"] - 1][2:]
         print(f"vae: stopped early after epoch {len(history)}: val PSNR not better by "
               f"{cfg.early_stop_min_delta} dB for {cfg.early_stop_patience} epochs; kept "
-              f"epoch {best['epoch']} ({val_psnr:.2f} dB)")
+              f"epoch {best['epoch']} ({best['psnr']:.2f} dB)")
+    if len(val):  # the saved weights on the whole val split
+        val_psnr, val_ssim, _ = evaluate_recon(kept, val, 64, rt)
+        val_psnr, val_ssim = rt.mean(val_psnr), rt.mean(val_ssim)
     kept = kept.cpu().eval()
 
     losses = [h[1] for h in history]
@@ -391,7 +394,8 @@ def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_d
                "precision": rt.precision, "device": rt.device.type, "processes": rt.world,
                "resumed_at_epoch": first, "seconds": round(seconds, 2),
                "images_per_s": round(seen * rt.world / seconds, 2),
-               "train_images": len(train), "val_images": len(val), "epoch_losses": losses}
+               "train_images": len(train), "val_images": len(val),
+               "val_images_per_epoch": len(watch), "epoch_losses": losses}
     if rt.world > 1:
         metrics["process_weight_spread"] = spread
     if rt.main:

@@ -66,10 +66,19 @@ def test_train_vae_writes_outputs(tmp_path: Path) -> None:
         p = tmp_path / f"{i}.png"
         Image.new("RGB", (64, 64), colour).save(p)
         paths.append(p)
-    m = train_vae(TINY_VAE, paths[:4], paths[4:], tmp_path / "vae")
+    m = train_vae(TINY_VAE.model_copy(update={"val_per_epoch": 1}), paths[:4], paths[4:],
+                  tmp_path / "vae")
     assert {"weights.safetensors", "config.json", "recon.png"} <= {
         p.name for p in (tmp_path / "vae").iterdir()}
     assert m["epochs"] == 1 and m["images_per_s"] > 0 and np.isfinite(m["val_psnr"])
+    # the curve watches 1 val image; the reported PSNR is the saved weights' on both
+    from components.training import runtime
+    from components.vae import evaluate_recon, load_batch
+
+    assert m["val_images_per_epoch"] == 1 and m["val_images"] == 2
+    psnr, _ssim, _ = evaluate_recon(load_vae(tmp_path / "vae"), load_batch(paths[4:], 32), 64,
+                                    runtime("cpu", False))
+    assert psnr == pytest.approx(m["val_psnr"], abs=1e-3)
     with pytest.raises(UserError):
         train_vae(TINY_VAE, [], paths, tmp_path / "none")
 
