@@ -45,10 +45,10 @@ def main() -> int:
     ref = results[("ddpm", 1000)][0]
     ddim = results[("ddim", 50)][0]
     print(f"{'sampler':14s} {'s/image':>8s} {'vs ddpm':>8s} {'vs ddim':>8s}  adherence "
-          "(background, kind, saturation)")
+          "(background, kind, saturation, layout)")
     for (name, steps), (per_image, m) in results.items():
         adh = ", ".join(f"{m[f'prompt_adherence_{f}']:.3f}"
-                        for f in ("background", "background_kind", "saturation"))
+                        for f in ("background", "background_kind", "saturation", "layout"))
         print(f"{name + '-' + str(steps):14s} {per_image:8.3f} {ref / per_image:7.2f}x "
               f"{ddim / per_image:7.2f}x  {adh}")
     return 0

@@ -159,7 +159,8 @@ def summary(results: list[dict]) -> str:
              f"  VAE PSNR:     {fmt(_metric('vae', 'val_psnr'), '.2f')} dB (val)",
              "  adherence:    " + ", ".join(
                  f"{f} {fmt(_metric('evaluate', f'prompt_adherence_{f}'), '.3f')}"
-                 for f in ("background", "background_kind", "saturation", "layout", "logo"))
+                 for f in ("background", "background_kind", "gradient_to", "saturation", "layout",
+                           "logo"))
              + " (auto-labels of generated images = the prompt)",
              f"  fidelity:     FD {fmt(_metric('evaluate', 'fd'), '.3f')}, KID "
              f"{fmt(_metric('evaluate', 'kid'), '.4f')}, text recall "
