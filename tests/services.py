@@ -35,6 +35,23 @@ def _tail(log: Path, lines: int = 6) -> str:
     return " | ".join([ln.strip() for ln in text.splitlines() if ln.strip()][-lines:])
 
 
+def wait_http(url: str, proc: subprocess.Popen, log: Path, what: str,
+              timeout: float = 180) -> None:
+    """Poll GET url until it answers 200; fail the test (with the log's tail) when the
+    process exits or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"{what} ({url}) did not answer within {timeout} s (exit code "
+                        f"{proc.poll()}); log tail: {_tail(log)}", pytrace=False)
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+
+
 def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 30) -> None:
     """Stop a process this module started, by its PID: `sig`, a grace period, then SIGKILL
     (to its process group when it leads one, so its workers go too)."""
@@ -167,19 +184,7 @@ def mlflow_server(postgres: Postgres, tmp_path_factory) -> Iterator[Server]:
             cwd=home, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        timeout = 180
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server ({url}) did not answer GET /health within "
-                            f"{timeout} s (exit code {proc.poll()}); log tail: {_tail(log)}",
-                            pytrace=False)
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
+        wait_http(f"{url}/health", proc, log, "mlflow server")
         yield Server(url, home / "artifacts")
     finally:
         _stop(proc)  # SIGTERM: mlflow forwards it to its uvicorn workers

@@ -10,7 +10,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from PIL import Image
-from services import free_port
+from services import free_port, wait_http
 
 from components import registry
 from components.config import GateRule, load_params
@@ -307,16 +306,7 @@ def test_serve_answers_invocations_with_png(store: Path) -> None:
                             cwd=store, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, (store / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "server did not come up"
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
+        wait_http(f"{base}/ping", proc, store / "serve.log", "tinyldm serve")
         status, text = _post(f"{base}/invocations", {
             "dataframe_split": {"columns": ["prompt"], "data": [["vivid red solid poster"]]},
             "params": {"seed": 1, "width": 48, "height": 32}})
