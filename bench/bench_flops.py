@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from components.config import Diffusion, Unet, Vae  # noqa: E402
 from components.diffusion import NoiseSchedule, training_loss  # noqa: E402
-from components.training import bf16_enabled  # noqa: E402
+from components.training import adamw, bf16_enabled  # noqa: E402
 from components.unet import ContextUnet  # noqa: E402
 from components.vae import VAE, vae_loss  # noqa: E402
 
@@ -52,7 +52,7 @@ def main() -> int:
     peak = 2 * 2048**3 / timed(lambda: a @ b, args.steps)
 
     vae = VAE(vae_cfg).train()
-    vae_opt = torch.optim.AdamW(vae.parameters())
+    vae_opt = adamw(vae.parameters(), vae_cfg.lr, 0.01)
     side = min(vae_cfg.crop or vae_cfg.image_size, vae_cfg.image_size)  # what training sees
     x = torch.rand(vae_cfg.batch_size, 3, side, side) * 2 - 1
 
@@ -66,7 +66,7 @@ def main() -> int:
     side = vae_cfg.image_size // vae.down_factor
     unet = ContextUnet(vae_cfg.latent_channels, unet_cfg.n_feat, 384, side,
                        unet_cfg.cross_attention).train()
-    unet_opt = torch.optim.AdamW(unet.parameters())
+    unet_opt = adamw(unet.parameters(), unet_cfg.lr, 0.0)
     schedule = NoiseSchedule(Diffusion())
     z = torch.randn(unet_cfg.batch_size, vae_cfg.latent_channels, side, side)
     # caption token states as the latent cache stores them (default captions: <= 29 tokens)

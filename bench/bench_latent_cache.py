@@ -27,7 +27,7 @@ from components.contracts import CAPTIONS, LATENTS, VAE_DIR, read_table  # noqa:
 from components.diffusion import NoiseSchedule, training_loss  # noqa: E402
 from components.latents import LatentCache, pad_stack  # noqa: E402
 from components.text_encoders import get_encoder  # noqa: E402
-from components.training import bf16_enabled  # noqa: E402
+from components.training import adamw, bf16_enabled  # noqa: E402
 from components.unet import ContextUnet  # noqa: E402
 from components.vae import load_batch, load_vae  # noqa: E402
 
@@ -59,7 +59,7 @@ def main() -> int:
         torch.manual_seed(0)
         model = ContextUnet(shape[0], cfg.n_feat, cache.text.shape[-1], shape[1],
                             cfg.cross_attention).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+        opt = adamw(model.parameters(), cfg.lr, 0.0)
         schedule = NoiseSchedule(params.diffusion)
         t0 = time.perf_counter()
         for idx in batches:

@@ -39,7 +39,14 @@ from components.contracts import (
     write_csv,
     write_json,
 )
-from components.training import Checkpoint, Runtime, cosine_with_warmup, finish, runtime
+from components.training import (
+    Checkpoint,
+    Runtime,
+    adamw,
+    cosine_with_warmup,
+    finish,
+    runtime,
+)
 
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"
@@ -302,7 +309,7 @@ def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_d
     net = rt.wrap(model)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema else None
     params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    opt = adamw(params, cfg.lr, 0.01)
     global_batch = cfg.batch_size * rt.world
     steps_per_epoch = math.ceil(len(train) / global_batch)
     total = steps_per_epoch * cfg.epochs

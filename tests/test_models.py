@@ -163,6 +163,30 @@ def test_cross_attention_reads_tokens_and_ignores_padding() -> None:
         assert torch.allclose(out, net(x, t, reordered), atol=1e-4)  # a set, not a sequence
 
 
+
+def test_cross_attention_computes_what_multihead_attention_does() -> None:
+    from components.unet import CrossAttention
+
+    torch.manual_seed(0)
+    ours = CrossAttention(8, 6)
+    ref = torch.nn.MultiheadAttention(8, ours.heads, kdim=6, vdim=6, batch_first=True)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.copy_(torch.randn_like(p))
+        ref.q_proj_weight.copy_(ours.to_q.weight)
+        ref.k_proj_weight.copy_(ours.to_k.weight)
+        ref.v_proj_weight.copy_(ours.to_v.weight)
+        ref.in_proj_bias.copy_(torch.cat([ours.to_q.bias, ours.to_k.bias, ours.to_v.bias]))
+        ref.out_proj.load_state_dict(ours.to_out.state_dict())
+        x, tokens = torch.randn(2, 8, 4, 4), torch.randn(2, 3, 6)
+        valid = torch.tensor([[True, True, False], [True, False, False]])
+        q = ours.norm(x).flatten(2).transpose(1, 2)
+        kv = torch.cat([ours.null.expand(2, -1, -1), tokens], 1)
+        pad = torch.cat([torch.zeros(2, 1, dtype=torch.bool), ~valid], 1)
+        expected, _ = ref(q, kv, kv, key_padding_mask=pad, need_weights=False)
+        expected = x + expected.transpose(1, 2).reshape(x.shape)
+        assert torch.allclose(ours(x, tokens, valid), expected, atol=1e-5)
+
 @pytest.mark.parametrize("height", [8, 12, 16, 32])
 def test_unet_handles_multiples_of_four(height: int) -> None:
     net = ContextUnet(in_channels=3, n_feat=8, context_dim=5, height=height)
