@@ -35,7 +35,8 @@ def main() -> int:
     size = p.scrape.sources[0].size if p.scrape.sources[0].kind == "synthetic" else 256
     drawn = [render(i, args.seed, size, p.brand, p.synthetic, p.labels) for i in range(args.n)]
     images = [Image.open(io.BytesIO(d)).convert("RGB") for d, _t in drawn]
-    truth = [{**t.__dict__, "logo": "yes" if t.logo else "no"} for _d, t in drawn]
+    truth = [{**t.__dict__, "logo": "yes" if t.logo else "no",
+              "gradient_to": t.gradient_to or "none"} for _d, t in drawn]
     print(f"{args.n} images, seed {args.seed}")
     print(f"{'size':>5} {'img/s':>7}  " + " ".join(f"{f:>15}" for f in ACCURACY_FIELDS))
     for side in (size, p.vae.image_size):

@@ -170,7 +170,7 @@ def render(index: int, seed: int, size: int, brand: Brand, synth: Synthetic,
     logo = bool(rng.random() < synth.logo_share) and bool(brand.logos)
     corner = ""
     if logo:
-        s = 0.13 * size
+        s = synth.logo_size * size
         m = 0.04 * size
         boxes = {"top-left": (m, m, m + s, m + s),
                  "top-right": (size - m - s, m, size - m, m + s),
