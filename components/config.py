@@ -112,7 +112,7 @@ class Synthetic(Section):
     vocabulary: list[str] = Field(min_length=3)
     gradient_share: float = Field(0.25, ge=0, le=1)
     logo_share: float = Field(0.4, ge=0, le=1)
-    logo_size: float = Field(0.2, ge=0.08, le=0.3)  # the labeller looks for 8-30% of the side
+    logo_size: float = Field(0.13, ge=0.08, le=0.3)  # the labeller looks for 8-30% of the side
 
 
 class Ocr(Section):
