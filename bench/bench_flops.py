@@ -25,12 +25,17 @@ from components.unet import ContextUnet  # noqa: E402
 from components.vae import VAE, vae_loss  # noqa: E402
 
 
-def timed(fn, steps: int) -> float:
+def timed(fn, steps: int, rounds: int = 3) -> float:
+    """Seconds per call: the best of `rounds` rounds of `steps` calls (after one warm-up),
+    so a noisy neighbour on a shared box shows up as less, not more, spread."""
     fn()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    return (time.perf_counter() - t0) / steps
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / steps)
+    return best
 
 
 def flops_of(fn) -> int:
