@@ -48,7 +48,7 @@ def main() -> int:
                        params.text_encoder.name, VAE_DIR)
             seconds = time.perf_counter() - t0
             gen = Generator.load(VAE_DIR, Path(tmp) / "unet", params.sampler)
-            adherence, _grids = prompt_adherence(gen, params, train)
+            adherence, _ = prompt_adherence(gen, params, train)
         images = adherence["adherence_images"]
         rows.append((seed, seconds, [adherence[f"prompt_adherence_{f}"]
                                      for f in ADHERENCE_FIELDS]))
