@@ -45,15 +45,19 @@ from components.vae import image_grid, load_batch, load_vae, to_pil
 
 
 @torch.no_grad()
-def vae_quality(vae_dir: Path, paths: list[str]) -> dict:
+def vae_quality(vae_dir: Path, rows: pd.DataFrame, params: Params) -> dict:
+    """PSNR and SSIM of the reconstructions of val images, and the labeller's agreement with
+    their captions on the reconstructions: what prompt adherence can reach through this VAE
+    (a colour the decoder shifts, or text it blurs past reading, caps it)."""
     vae = load_vae(vae_dir)
-    x = load_batch(paths, vae.cfg.image_size)
+    x = load_batch(rows["path"].tolist(), vae.cfg.image_size)
     mean, _ = vae.encode(x)
     rec = vae.decode(mean).clamp(-1, 1)
     a, b = (rec + 1) / 2, (x + 1) / 2
+    agreement = labeller_agreement(to_pil(rec), rows, params)
     return {"vae_psnr": round(float(peak_signal_noise_ratio(a, b, data_range=1.0)), 3),
             "vae_ssim": round(float(structural_similarity_index_measure(a, b, data_range=1.0)),
-                              4)}
+                              4)} | {f"vae_{k}": v for k, v in agreement.items()}
 
 
 ADHERENCE_FIELDS = ["background", "background_kind", "gradient_to", "saturation", "layout",
@@ -193,7 +197,7 @@ def measure(params: Params, vae_dir: Path = VAE_DIR, unet_dir: Path = UNET_DIR,
     if len(val) < 2:
         raise UserError(f"evaluate: the val split has {len(val)} image(s), at least 2 are "
                         "needed; add images or raise labels.split.val")
-    metrics: dict = vae_quality(vae_dir, val["path"].head(64).tolist())
+    metrics: dict = vae_quality(vae_dir, val.head(64), params)
     gen = Generator.load(vae_dir, unet_dir, sampler or params.sampler)
     extractor, feature_space = feature_extractor(cfg)
 

@@ -2,8 +2,8 @@
 
 The auto-labellers are plain functions of an image (and its OCR words), so evaluate runs
 the very same ones on generated images to measure prompt adherence. The image-based ones
-share one segmentation: a background model from the edge bands, "ink" (achromatic marks
-far from it: text, logo) and flat one-colour figures. Manual labels (CSV files and Label
+share one segmentation: a background model from the edge bands, "ink" (text and logo:
+marks that depart from it toward white or black, blurred or not) and flat one-colour figures. Manual labels (CSV files and Label
 Studio exports under labels/manual/) take precedence; every field records where its value
 came from and how sure it is.
 """
@@ -75,6 +75,15 @@ def label_system(params: Params) -> dict[str, list[str]]:
 WORK = 128  # side of the square the image-based labellers look at (also for 64 px images)
 FG_DIFF = 40  # colour distance from the background model above which a pixel is foreground
 FIG_DIFF = 15  # lower for figures: soft shapes on a gradient differ little from it
+INK_DIFF = 30  # ink: this far from the background...
+INK_COS = 0.95  # ...in the direction of white or black (cosine of the angle)
+
+
+def scale_saturation(rgb: tuple[int, int, int], factor: float) -> tuple[int, int, int]:
+    """A colour at a saturation level (labels.saturation_levels: HSV saturation scales)."""
+    h, s, v = colorsys.rgb_to_hsv(*(c / 255 for c in rgb))
+    r, g, b = colorsys.hsv_to_rgb(h, s * factor, v)
+    return round(r * 255), round(g * 255), round(b * 255)
 
 
 def _hsv(rgb: np.ndarray) -> tuple[float, float, float]:
@@ -100,11 +109,18 @@ def background_bands(img: Image.Image) -> tuple[np.ndarray, np.ndarray]:
     return np.median(a[:band].reshape(-1, 3), 0), np.median(a[-band:].reshape(-1, 3), 0)
 
 
-def nearest_colour(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]]
-                   ) -> tuple[str, float]:
-    """The palette colour nearest by perceptual hue, and a confidence (0-1)."""
+@functools.lru_cache(maxsize=256)
+def _level_hue(rgb: tuple[int, int, int], factor: float) -> float:
+    return _lch_hue(np.array(scale_saturation(rgb, factor)))
+
+
+def nearest_colour(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]],
+                   levels: list[float]) -> tuple[str, float]:
+    """The palette colour nearest by perceptual hue at any of the saturation levels (a
+    desaturated red drifts 11 degrees toward pink: compared with full red only, it sits
+    near the red/pink boundary), and a confidence (0-1)."""
     hue = _lch_hue(rgb)
-    dists = sorted((_hue_distance(hue, _lch_hue(np.array(c))), name)
+    dists = sorted((min(_hue_distance(hue, _level_hue(c, f)) for f in levels), name)
                    for name, c in palette.items())
     (d1, name), (d2, _) = dists[0], dists[1]
     return name, 1.0 - d1 / max(d1 + d2, 1e-9)
@@ -116,7 +132,8 @@ def label_background(img: Image.Image, brand: Brand, cfg: Labels) -> dict:
     the others), saturation level."""
     top, bottom = background_bands(img)
     palette = brand.rgb()
-    name, colour_conf = nearest_colour(top, palette)
+    levels = list(cfg.saturation_levels.values())
+    name, colour_conf = nearest_colour(top, palette, levels)
     a = np.asarray(img.convert("RGB").resize((WORK, WORK)), dtype=np.float32)
     band = max(1, round(0.03 * WORK))
     noise = float(np.mean([a[:band].std(axis=(0, 1)).mean(), a[-band:].std(axis=(0, 1)).mean()]))
@@ -126,7 +143,8 @@ def label_background(img: Image.Image, brand: Brand, cfg: Labels) -> dict:
     else:
         kind = "gradient" if spread > cfg.gradient_threshold else "solid"
         kind_conf = min(1.0, abs(spread - cfg.gradient_threshold) / cfg.gradient_threshold)
-    to, to_conf = nearest_colour(bottom, palette) if kind == "gradient" else ("none", kind_conf)
+    to, to_conf = (nearest_colour(bottom, palette, levels) if kind == "gradient"
+                   else ("none", kind_conf))
     s = _hsv(top)[1]
     ref_s = _hsv(np.array(palette[name]))[1]
     ratio = s / max(ref_s, 1e-6)
@@ -143,7 +161,8 @@ def label_background(img: Image.Image, brand: Brand, cfg: Labels) -> dict:
 @dataclass
 class Segmentation:
     """An image at WORK x WORK split into background (a top-to-bottom linear model from the
-    edge bands), ink (text and marks: achromatic, far from the background) and the rest."""
+    edge bands), ink (text and marks: far from the background, toward white or black) and
+    the rest."""
     rgb: np.ndarray
     residual: np.ndarray  # colour distance of each pixel from the background model
     ink: np.ndarray
@@ -155,9 +174,19 @@ def segment(img: Image.Image) -> Segmentation:
     band = max(1, round(0.03 * WORK))
     top, bottom = np.median(a[:band].reshape(-1, 3), 0), np.median(a[-band:].reshape(-1, 3), 0)
     t = np.linspace(0.0, 1.0, WORK, dtype=np.float32)[:, None, None]
-    residual = np.sqrt(((a - (top * (1 - t) + bottom * t)) ** 2).sum(2))
-    chroma, lum = a.max(2) - a.min(2), a.mean(2)
-    ink = (residual > FG_DIFF) & (chroma < 40) & ((lum > 200) | (lum < 80))
+    bg = top * (1 - t) + bottom * t
+    diff = a - bg
+    residual = np.sqrt((diff ** 2).sum(2))
+    # Ink is achromatic: a pixel of it, blurred or not, mixes the background with white or
+    # black, so it departs from the background *toward* white or black. Testing that
+    # direction (not "is it near-white or near-black") keeps soft text ink on blurry small
+    # images, and keeps the soft edges of a coloured figure out of it.
+    toward = np.zeros_like(residual)
+    for target in (255.0, 0.0):
+        way = target - bg
+        toward = np.maximum(toward, (diff * way).sum(2)
+                            / (residual * np.sqrt((way ** 2).sum(2)) + 1e-6))
+    ink = (residual > INK_DIFF) & (toward > INK_COS)
     return Segmentation(a, residual, ink)
 
 
@@ -222,16 +251,15 @@ def layout_from_box(x0: float, y0: float, x1: float, y1: float) -> tuple[str, fl
 
 
 def label_figures(seg: Segmentation, logo_box: tuple[int, int, int] | None
-                  ) -> tuple[str, float, np.ndarray]:
+                  ) -> tuple[str, float]:
     """Size class of the largest figure: solid shapes that differ from the background, are
-    one colour, and keep clear of the text and the logo. -> (class, confidence, mask)."""
+    one colour, and keep clear of the text and the logo. -> (class, confidence)."""
     cand = cv2.morphologyEx((seg.residual > FIG_DIFF).astype(np.uint8), cv2.MORPH_OPEN,
                             np.ones((3, 3), np.uint8))
     near_ink = cv2.dilate(seg.ink.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
     near = _block(near_ink, logo_box, 3)
     n, lab, stats, _ = cv2.connectedComponentsWithStats(cand, connectivity=8)
     touching = set(np.unique(lab[near & (lab > 0)]).tolist())
-    mask = np.zeros_like(seg.ink)
     sides = []
     for k in range(1, n):
         if k in touching or stats[k, cv2.CC_STAT_AREA] < 30:
@@ -240,25 +268,20 @@ def label_figures(seg: Segmentation, logo_box: tuple[int, int, int] | None
         if np.mean(np.linalg.norm(colours - np.median(colours, 0), axis=1) < 20) < 0.5:
             continue  # many colours: text edges or noise, not a flat shape
         sides.append(max(stats[k, cv2.CC_STAT_WIDTH], stats[k, cv2.CC_STAT_HEIGHT]) / WORK)
-        mask |= lab == k
     if not sides:
-        return "none", 1.0, mask
+        return "none", 1.0
     side = max(sides)
     ranked = sorted(FIGURE_SHARES, key=lambda k: abs(FIGURE_SHARES[k] - side))
     d1, d2 = (abs(FIGURE_SHARES[k] - side) for k in ranked[:2])
-    return ranked[0], round(1.0 - d1 / max(d1 + d2, 1e-9), 4), mask
+    return ranked[0], round(1.0 - d1 / max(d1 + d2, 1e-9), 4)
 
 
 def label_layout(seg: Segmentation, logo_box: tuple[int, int, int] | None,
-                 figures: np.ndarray, words: list[dict], width: int, height: int
-                 ) -> tuple[str, float]:
-    """Where the text block sits: the extent of the foreground that is neither a figure nor
-    the logo (this also holds for blurry small images, where text is no longer crisp ink);
-    from the OCR word boxes when there is none."""
-    fg = (seg.residual > FG_DIFF) & ~cv2.dilate(figures.astype(np.uint8),
-                                                np.ones((3, 3), np.uint8)).astype(bool)
-    text = cv2.morphologyEx((fg & ~_block(np.zeros_like(fg), logo_box, 2)).astype(np.uint8),
-                            cv2.MORPH_OPEN, np.ones((2, 2), np.uint8)) > 0
+                 words: list[dict], width: int, height: int) -> tuple[str, float]:
+    """Where the text block sits: the extent of the ink that is not the logo; from the OCR
+    word boxes when there is none."""
+    text = cv2.morphologyEx((seg.ink & ~_block(np.zeros_like(seg.ink), logo_box, 2))
+                            .astype(np.uint8), cv2.MORPH_OPEN, np.ones((2, 2), np.uint8)) > 0
     if text.sum() >= 20:
         # letters merge into lines and lines into the block; a stray mark (an undetected
         # logo, a speck) stays a separate, smaller cluster
@@ -297,8 +320,8 @@ def auto_labels(img: Image.Image, words: list[dict], brand: Brand, cfg: Labels) 
     """Every automatic field of one image with its confidence (evaluate calls this too)."""
     seg = segment(img)
     logo, logo_conf, logo_box = find_logo(seg, brand.logos, cfg.logo_threshold)
-    figures, figures_conf, figure_mask = label_figures(seg, logo_box)
-    layout, layout_conf = label_layout(seg, logo_box, figure_mask, words, *img.size)
+    figures, figures_conf = label_figures(seg, logo_box)
+    layout, layout_conf = label_layout(seg, logo_box, words, *img.size)
     return {**label_background(img, brand, cfg),
             "layout": layout, "layout_conf": round(layout_conf, 4),
             "figure_size": figures, "figure_size_conf": figures_conf,

@@ -8,7 +8,6 @@ and prompt adherence are measured against.
 
 from __future__ import annotations
 
-import colorsys
 import io
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -19,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 from components.config import Brand, Labels, Synthetic
 from components.contracts import UserError
 from components.labels import FIGURE_SHARES as FIGURE_SIZES
-from components.labels import LAYOUTS, logo_mask
+from components.labels import LAYOUTS, logo_mask, scale_saturation
 
 SHAPES = ["circle", "square", "triangle"]
 CORNERS = ["top-left", "top-right", "bottom-left", "bottom-right"]
@@ -39,12 +38,6 @@ class Truth:
     saturation: str
     logo: bool
     logo_corner: str  # "" when no logo
-
-
-def scale_saturation(rgb: tuple[int, int, int], factor: float) -> tuple[int, int, int]:
-    h, s, v = colorsys.rgb_to_hsv(*(c / 255 for c in rgb))
-    r, g, b = colorsys.hsv_to_rgb(h, s * factor, v)
-    return round(r * 255), round(g * 255), round(b * 255)
 
 
 def luminance(rgb: tuple[int, int, int]) -> float:
