@@ -173,7 +173,7 @@ class Labels(Section):
     caption_template: str
     gradient_threshold: float = Field(40, ge=0)
     texture_threshold: float = Field(25, gt=0)
-    logo_threshold: float = Field(0.6, gt=0, lt=1)
+    logo_threshold: float = Field(0.5, gt=0, lt=1)
     saturation_levels: dict[str, float]
 
     @model_validator(mode="after")

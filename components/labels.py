@@ -77,6 +77,7 @@ FG_DIFF = 40  # colour distance from the background model above which a pixel is
 FIG_DIFF = 15  # lower for figures: soft shapes on a gradient differ little from it
 INK_DIFF = 30  # ink: this far from the background...
 INK_COS = 0.95  # ...in the direction of white or black (cosine of the angle)
+LOGO_FULL = 120  # colour distance from the background at which a pixel is wholly logo
 
 
 def scale_saturation(rgb: tuple[int, int, int], factor: float) -> tuple[int, int, int]:
@@ -213,14 +214,19 @@ def _logo_template(path: str, side: int) -> np.ndarray:
 def find_logo(seg: Segmentation, logos: list[str], threshold: float
               ) -> tuple[str, float, tuple[int, int, int] | None]:
     """Any of the logo files, at 8% to 30% of the image side, anywhere: normalised
-    cross-correlation of its shape with the foreground mask (colour-blind, so a logo in any
-    colour matches). -> (yes/no, confidence, (x, y, side) of the best match)."""
-    fg = (seg.residual > FG_DIFF).astype(np.float32)
+    cross-correlation of its shape with how far each pixel departs from the background
+    (a soft map, not a thresholded one: an 8-pixel logo on a blurry 64 px image is a
+    ring of half-strength pixels; colour-blind, so a logo in any colour matches).
+    -> (yes/no, confidence, (x, y, side) of the best match)."""
+    fg = np.minimum(seg.residual / LOGO_FULL, 1.0).astype(np.float32)
     best, box = 0.0, None
     for path in logos:
         for share in np.linspace(0.08, 0.30, 12):
             side = int(round(share * WORK))
             r = cv2.matchTemplate(fg, _logo_template(path, side), cv2.TM_CCOEFF_NORMED)
+            # a window of flat background has no shape to correlate (0/0)
+            energy = cv2.boxFilter(fg * fg, -1, (side, side), anchor=(0, 0))
+            r = np.where(energy[: r.shape[0], : r.shape[1]] > 0.02, np.nan_to_num(r), 0.0)
             _lo, score, _lo_at, at = cv2.minMaxLoc(r)
             if score > best:
                 best, box = float(score), (at[0], at[1], side)
