@@ -228,6 +228,7 @@ class Vae(Section):
 
 class Latents(Section):
     batch_size: int = Field(64, ge=1)
+    flip: bool = False
 
 
 class Diffusion(Section):
@@ -443,6 +444,8 @@ def write_overrides(path: Path | str, overrides: list[str]) -> None:
     load_params(path, overrides)  # validate first: never write a broken params.yaml
     ry = YAML()
     ry.preserve_quotes = True
+    ry.width = 4096  # never re-wrap a long line (a template, a prompt)
+    ry.indent(mapping=2, sequence=4, offset=2)  # lists stay indented as written
     path = Path(path)
     doc = ry.load(path.read_text())
 

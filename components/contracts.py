@@ -145,7 +145,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "split": pa.schema([("id", pa.string()), ("path", pa.string()), ("split", pa.string())]),
     "latent_index": pa.schema([
         ("id", pa.string()), ("row", pa.int64()), ("split", pa.string()),
-        ("caption", pa.string()), ("key", pa.string()),
+        ("caption", pa.string()), ("key", pa.string()), ("flip", pa.bool_()),
     ]),
 }
 SCHEMAS["validated_manifest"] = SCHEMAS["raw_manifest"]

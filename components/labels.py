@@ -3,9 +3,9 @@
 The auto-labellers are plain functions of an image (and its OCR words), so evaluate runs
 the very same ones on generated images to measure prompt adherence. The image-based ones
 share one segmentation: a background model from the edge bands, "ink" (text and logo:
-marks that depart from it toward white or black, blurred or not) and flat one-colour figures. Manual labels (CSV files and Label
-Studio exports under labels/manual/) take precedence; every field records where its value
-came from and how sure it is.
+marks that depart from it toward white or black, blurred or not) and flat one-colour
+figures. Manual labels (CSV files and Label Studio exports under labels/manual/) take
+precedence; every field records where its value came from and how sure it is.
 """
 
 from __future__ import annotations

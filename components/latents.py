@@ -1,5 +1,7 @@
 """Encode every captioned image once: VAE posterior mean/log-variance + caption embedding
 (token-level states, float16, for cross-attention; one vector for an encoder without).
+With latents.flip, every train image also gets a mirrored copy whose caption says left
+where the original says right (and the other way round).
 
 Arrays are plain .npy files (memory-mapped by the U-Net stage), rows indexed by
 index.parquet. Entries are also kept in a content-keyed store (.cache/latents): an
@@ -21,6 +23,7 @@ import torch
 from components.config import Params
 from components.contracts import (
     CAPTIONS,
+    LABEL_FIELDS,
     LATENTS,
     VAE_DIR,
     UserError,
@@ -33,6 +36,7 @@ from components.contracts import (
     sha256_file,
     write_table,
 )
+from components.labels import caption
 from components.text_encoders import get_encoder, save_encoder
 from components.vae import load_batch, load_vae
 
@@ -102,11 +106,28 @@ def pad_stack(entries: list[np.ndarray]) -> np.ndarray:
     return out
 
 
+MIRROR = {"left": "right", "right": "left"}
+
+
+def mirrored(caps: pd.DataFrame, template: str) -> pd.DataFrame:
+    """The train rows as their mirror images: flip set, layout left <-> right, and the
+    caption written again from the template. (Mirrored text is no longer text: for
+    text-heavy posters this teaches backwards letters, so it is off by default.)"""
+    out = caps[caps["split"] == "train"].copy()
+    out["flip"] = True
+    out["layout"] = out["layout"].map(lambda v: MIRROR.get(v, v))
+    out["caption"] = [caption(r, template) for r in out[LABEL_FIELDS].to_dict("records")]
+    return out
+
+
 def latents(params: Params) -> dict:
     caps = read_table(CAPTIONS, "captions")
-    caps = caps[caps["split"].isin(["train", "val"])].reset_index(drop=True)
+    caps = caps[caps["split"].isin(["train", "val"])].assign(flip=False)
     if caps.empty:
         raise UserError(f"{CAPTIONS}: no train/val rows to encode")
+    if params.latents.flip:
+        caps = pd.concat([caps, mirrored(caps, params.labels.caption_template)])
+    caps = caps.reset_index(drop=True)
     vae = load_vae(VAE_DIR)
     size = vae.cfg.image_size
     vae_hash = sha256_file(VAE_DIR / "weights.safetensors")[:16]
@@ -114,7 +135,8 @@ def latents(params: Params) -> dict:
                           fit_captions=caps.loc[caps["split"] == "train", "caption"].tolist())
     # an image's latent depends on its bytes (the id is their sha256), the VAE weights and
     # the size it is resized to; a caption's vector on the caption and the encoder
-    image_keys = [sha256_bytes(f"{i}|{vae_hash}|{size}".encode()) for i in caps["id"]]
+    image_keys = [sha256_bytes(f"{i}|{vae_hash}|{size}{'|flip' if f else ''}".encode())
+                  for i, f in zip(caps["id"], caps["flip"], strict=True)]
     text_keys = [sha256_bytes(f"{encoder.identity}|tokens|{c}".encode())
                  for c in caps["caption"]]
 
@@ -122,7 +144,10 @@ def latents(params: Params) -> dict:
         out, bs = [], params.latents.batch_size
         with torch.no_grad():
             for j in progress(range(0, len(todo), bs), desc="latents", unit="batch"):
-                x = load_batch(caps["path"].iloc[todo[j : j + bs]].tolist(), size)
+                rows = caps.iloc[todo[j : j + bs]]
+                x = load_batch(rows["path"].tolist(), size)
+                flip = torch.from_numpy(rows["flip"].to_numpy(bool))
+                x[flip] = x[flip].flip(-1)
                 mean, logvar = vae.encode(x)
                 out.extend(torch.stack([mean, logvar], 1).float().numpy())
         return out
@@ -152,6 +177,7 @@ def latents(params: Params) -> dict:
         "caption": caps["caption"],
         "key": [sha256_bytes(f"{a}|{b}".encode())[:16]
                 for a, b in zip(image_keys, text_keys, strict=True)],
+        "flip": caps["flip"].astype(bool),
     })
     meta = {"scale_factor": scale, "latent_shape": list(mean.shape[1:]),
             "text_dim": int(text.shape[-1]), "text_tokens": int(text.shape[1])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from components.config import Params, load_params
 from components.contracts import CAPTIONS, LATENTS, VAE_DIR, read_table, write_table
@@ -12,7 +13,7 @@ from components.labels import labels
 from components.latents import LatentCache, latents
 from components.ocr import ocr
 from components.scrape import scrape
-from components.vae import vae
+from components.vae import load_batch, load_vae, vae
 from components.validate import validate
 
 TINY = ["scrape.sources=[{kind: synthetic, n: 12, seed: 2, size: 64}]", "ocr.workers=2",
@@ -63,3 +64,32 @@ def test_rerun_encodes_only_what_changed(collected: Params, workdir) -> None:
     assert len(list((store / "image").rglob("*.npy"))) == n
     assert len(list((store / "text").rglob("*.npy"))) == n
     assert (VAE_DIR / "weights.safetensors").exists()
+
+
+def test_flip_adds_a_mirrored_copy_of_each_train_image_with_left_and_right_swapped(
+        collected: Params, workdir) -> None:
+    plain = latents(collected)
+    m = latents(load_params(overrides=[*TINY, "latents.flip=true"]))
+    cache = LatentCache(LATENTS)
+    idx = cache.index
+    flipped, train = idx[idx["flip"]], idx[(idx["split"] == "train") & ~idx["flip"]]
+    assert sorted(flipped["id"]) == sorted(train["id"]) and (flipped["split"] == "train").all()
+    assert m["images"] == plain["images"] + len(flipped)
+    assert m["images_encoded"] == len(flipped)  # the originals come from the store
+
+    caps = read_table(CAPTIONS, "captions").set_index("id")
+    swap = {"left": "right", "right": "left"}
+    for _, row in flipped.iterrows():
+        layout = caps.loc[row["id"], "layout"]
+        assert f"text at the {swap.get(layout, layout)}," in row["caption"]
+        assert row["caption"].replace(swap.get(layout, layout), layout) == \
+            caps.loc[row["id"], "caption"]
+
+    # the mirrored latent is the encoding of the mirrored image
+    vae_model = load_vae(VAE_DIR)
+    row = flipped.iloc[0]
+    x = load_batch([caps.loc[row["id"], "path"]], vae_model.cfg.image_size).flip(-1)
+    with torch.no_grad():
+        want = vae_model.encode(x)[0][0].numpy()
+    assert np.allclose(cache.mean[int(row["row"])], want, atol=1e-5)
+    assert latents(collected)["images_encoded"] == 0  # switched off: the plain rows again
