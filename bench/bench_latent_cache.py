@@ -58,7 +58,7 @@ def main() -> int:
         """images / text: encode them each batch (else read the cache)."""
         torch.manual_seed(0)
         model = ContextUnet(shape[0], cfg.n_feat, cache.text.shape[-1], shape[1],
-                            cfg.cross_attention).train()
+                            cfg.cross_attention, cfg.pool_queries).train()
         opt = adamw(model.parameters(), cfg.lr, 0.0)
         schedule = NoiseSchedule(params.diffusion)
         t0 = time.perf_counter()

@@ -101,7 +101,7 @@ class Generator:
         g = cfg.guidance if guidance is None else float(guidance)
         enc = self.text_encoder.encode(list(prompts))
         tokens = getattr(enc, "tokens", None)  # token states, for a cross-attention U-Net
-        use_tokens = tokens is not None and self.unet.cross_attention
+        use_tokens = tokens is not None and (self.unet.cross_attention or self.unet.pool_queries)
         context = torch.from_numpy(tokens if use_tokens else enc.vectors).float()
         gens = [torch.Generator().manual_seed(prompt_seed(seed, i))
                 for i in range(len(prompts))]

@@ -73,7 +73,6 @@ def label_system(params: Params) -> dict[str, list[str]]:
 
 # ------------------------------------------------------------------ auto-labellers
 WORK = 128  # side of the square the image-based labellers look at (also for 64 px images)
-FG_DIFF = 40  # colour distance from the background model above which a pixel is foreground
 FIG_DIFF = 15  # lower for figures: soft shapes on a gradient differ little from it
 INK_DIFF = 30  # ink: this far from the background...
 INK_COS = 0.95  # ...in the direction of white or black (cosine of the angle)

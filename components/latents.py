@@ -146,7 +146,7 @@ def latents(params: Params) -> dict:
             for j in progress(range(0, len(todo), bs), desc="latents", unit="batch"):
                 rows = caps.iloc[todo[j : j + bs]]
                 x = load_batch(rows["path"].tolist(), size)
-                flip = torch.from_numpy(rows["flip"].to_numpy(bool))
+                flip = torch.tensor(rows["flip"].tolist(), dtype=torch.bool)
                 x[flip] = x[flip].flip(-1)
                 mean, logvar = vae.encode(x)
                 out.extend(torch.stack([mean, logvar], 1).float().numpy())

@@ -148,6 +148,26 @@ class CrossAttention(nn.Module):
         return x + out.transpose(1, 2).reshape(b, ch, h, w).to(x.dtype)
 
 
+class AttentionPool(nn.Module):
+    """Learned queries, each attending over the caption's token states: one vector per
+    query, so a single word (the layout's, the logo's) reaches the context MLPs whole. The
+    mean over ~30 tokens dilutes it: captions differing in one such word have cosine 0.99.
+    No caption (no valid token) gives zeros, as the mean-pooled vector does."""
+
+    def __init__(self, dim: int, queries: int, key_dim: int = 64):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.query = nn.Parameter(torch.randn(queries, key_dim) * key_dim ** -0.5)
+        self.to_k = nn.Linear(dim, key_dim)
+
+    def forward(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        t = self.norm(tokens)
+        scores = (self.query.to(t.dtype) @ self.to_k(t).transpose(1, 2)).float()  # (B, Q, L)
+        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+        weights = torch.nan_to_num(scores.softmax(-1))  # a row with no valid token: 0
+        return (weights.to(t.dtype) @ t).flatten(1)  # (B, Q * dim)
+
+
 def time_features(t: torch.Tensor, dim: int = 32) -> torch.Tensor:
     """t in [0, 1] (B,) -> sinusoidal features (B, dim); easier for an MLP than a scalar."""
     freqs = torch.exp(torch.arange(dim // 2, dtype=torch.float32) * (math.log(1000.0)
@@ -158,14 +178,14 @@ def time_features(t: torch.Tensor, dim: int = 32) -> torch.Tensor:
 
 class ContextUnet(nn.Module):
     def __init__(self, in_channels: int, n_feat: int, context_dim: int, height: int,
-                 cross_attention: bool = False):
+                 cross_attention: bool = False, pool_queries: int = 0):
         super().__init__()
         if height % 4:
             raise UserError(f"unet: latent height {height} is not a multiple of 4; "
                             "change vae.image_size or vae.channel_mult")
         self.in_channels, self.n_feat = in_channels, n_feat
         self.context_dim, self.height = context_dim, height
-        self.cross_attention = cross_attention
+        self.cross_attention, self.pool_queries = cross_attention, pool_queries
         n = n_feat
         self.init_conv = ResidualConvBlock(in_channels, n)
         self.down1 = UnetDown(n, n)            # h/2
@@ -174,8 +194,11 @@ class ContextUnet(nn.Module):
 
         self.time_embed1 = EmbedFC(32, 2 * n)
         self.time_embed2 = EmbedFC(32, n)
-        self.context_embed1 = EmbedFC(context_dim, 2 * n)
-        self.context_embed2 = EmbedFC(context_dim, n)
+        # the caption: its mean-pooled vector, and one vector per learned query
+        if pool_queries:
+            self.pool = AttentionPool(context_dim, pool_queries)
+        self.context_embed1 = EmbedFC(context_dim * (1 + pool_queries), 2 * n)
+        self.context_embed2 = EmbedFC(context_dim * (1 + pool_queries), n)
 
         self.up0 = nn.Sequential(nn.ConvTranspose2d(2 * n, 2 * n, height // 4, height // 4),
                                  norm(2 * n), nn.GELU())
@@ -190,7 +213,7 @@ class ContextUnet(nn.Module):
     def config(self) -> dict:
         return {"in_channels": self.in_channels, "n_feat": self.n_feat,
                 "context_dim": self.context_dim, "height": self.height,
-                "cross_attention": self.cross_attention}
+                "cross_attention": self.cross_attention, "pool_queries": self.pool_queries}
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) noisy latent; t: (B,) in [0, 1]; c: the caption, token states
@@ -202,6 +225,8 @@ class ContextUnet(nn.Module):
 
         tf = time_features(t).to(x.dtype)
         tokens, valid, pooled = split_context(c.to(x.dtype))
+        if self.pool_queries:
+            pooled = torch.cat([pooled, self.pool(tokens, valid).to(pooled.dtype)], 1)
         temb1, temb2 = self.time_embed1(tf), self.time_embed2(tf)
         cemb1, cemb2 = self.context_embed1(pooled), self.context_embed2(pooled)
 
@@ -282,7 +307,7 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
     gen = torch.Generator().manual_seed(cfg.seed)
     schedule = NoiseSchedule(diff)
     model = ContextUnet(latent_shape[0], cfg.n_feat, text.shape[-1], latent_shape[1],
-                        cfg.cross_attention).train()
+                        cfg.cross_attention, cfg.pool_queries).train()
     net = rt.wrap(model)
     ema = ContextUnet(**model.config()).eval()
     ema.load_state_dict(model.state_dict())

@@ -22,7 +22,7 @@ from components.diffusion import (
     sample,
 )
 from components.generator import Generator
-from components.unet import ContextUnet, load_unet, save_unet, train_unet
+from components.unet import ContextUnet, load_unet, save_unet, split_context, train_unet
 from components.vae import VAE, load_image_tensor, load_vae, save_vae, train_vae
 
 TINY_VAE = Vae(image_size=32, base_channels=8, channel_mult=[1, 2, 2], latent_channels=4,
@@ -162,6 +162,27 @@ def test_cross_attention_reads_tokens_and_ignores_padding() -> None:
         assert not torch.allclose(out, net(x, t, changed), atol=1e-4)
         assert torch.allclose(out, net(x, t, reordered), atol=1e-4)  # a set, not a sequence
 
+
+
+def test_attention_pool_sees_what_the_mean_hides_and_ignores_padding() -> None:
+    torch.manual_seed(0)
+    plain = ContextUnet(4, 8, 6, 8).eval()
+    pooled = ContextUnet(4, 8, 6, 8, pool_queries=2).eval()
+    x, t = torch.randn(2, 4, 8, 8), torch.rand(2)
+    tokens = torch.randn(2, 3, 6)
+    shift = torch.randn(2, 6)
+    same_mean = tokens.clone()  # two words changed, their mean (the pooled vector) kept
+    same_mean[:, 0] += shift
+    same_mean[:, 1] -= shift
+    padded = torch.cat([tokens, torch.zeros(2, 4, 6)], 1)
+    with torch.no_grad():
+        assert torch.allclose(plain(x, t, tokens), plain(x, t, same_mean), atol=1e-5)
+        out = pooled(x, t, tokens)
+        assert not torch.allclose(out, pooled(x, t, same_mean), atol=1e-4)
+        assert torch.allclose(out, pooled(x, t, padded), atol=1e-5)
+        empty = torch.zeros(2, 5, 6)  # no caption: the pool adds zeros, nothing undefined
+        assert torch.equal(pooled.pool(*split_context(empty)[:2]), torch.zeros(2, 12))
+        assert torch.isfinite(pooled(x, t, empty)).all()
 
 
 def test_cross_attention_computes_what_multihead_attention_does() -> None:
