@@ -257,6 +257,7 @@ class Unet(Section):
     ema: float = Field(0.999, ge=0, lt=1)
     cross_attention: bool = True  # attend to caption token states (False: pooled vector only)
     pool_queries: int = Field(4, ge=0, le=16)  # learned queries pooling the caption tokens
+    text_drop: float = Field(0.5, ge=0, le=1)  # share of captions trained without free text
     bf16: bool | Literal["auto"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     processes: int = Field(1, ge=1, le=64)  # data-parallel processes (torchrun) on this box

@@ -1,7 +1,10 @@
 """Encode every captioned image once: VAE posterior mean/log-variance + caption embedding
 (token-level states, float16, for cross-attention; one vector for an encoder without).
-With latents.flip, every train image also gets a mirrored copy whose caption says left
-where the original says right (and the other way round).
+Each image also gets its caption without the free text (OCR text, description): the U-Net
+trains on it for a share of steps (unet.text_drop), so that it learns the attributes'
+words rather than memorising each image by its unique text. With latents.flip, every
+train image also gets a mirrored copy whose caption says left where the original says
+right (and the other way round).
 
 Arrays are plain .npy files (memory-mapped by the U-Net stage), rows indexed by
 index.parquet. Entries are also kept in a content-keyed store (.cache/latents): an
@@ -25,6 +28,7 @@ from components.contracts import (
     CAPTIONS,
     LABEL_FIELDS,
     LATENTS,
+    TEXT_FIELDS,
     VAE_DIR,
     UserError,
     atomic_dir,
@@ -42,7 +46,8 @@ from components.vae import load_batch, load_vae
 
 CACHE = Path(".cache") / "latents"  # content-keyed entries, kept across runs (DVC clears outs)
 TEXT_ENCODER = "text_encoder"  # a fitted encoder (tfidf) travels with the latents and model
-CACHE_FILES = ["mean.npy", "logvar.npy", "text.npy", "index.parquet", "meta.json"]
+CACHE_FILES = ["mean.npy", "logvar.npy", "text.npy", "text_attributes.npy", "index.parquet",
+               "meta.json"]
 
 
 class LatentCache:
@@ -57,6 +62,7 @@ class LatentCache:
         self.mean = np.load(d / "mean.npy", mmap_mode="r")
         self.logvar = np.load(d / "logvar.npy", mmap_mode="r")
         self.text = np.load(d / "text.npy", mmap_mode="r")
+        self.text_attributes = np.load(d / "text_attributes.npy", mmap_mode="r")
         self.index = pd.read_parquet(d / "index.parquet")
         self.meta = read_json(d / "meta.json")
 
@@ -120,6 +126,13 @@ def mirrored(caps: pd.DataFrame, template: str) -> pd.DataFrame:
     return out
 
 
+def attributes_only(caps: pd.DataFrame, template: str) -> list[str]:
+    """Each caption written again without its free text (what the image reads, a
+    description): the attribute words alone."""
+    return [caption({**r, **dict.fromkeys(TEXT_FIELDS, "")}, template)
+            for r in caps[LABEL_FIELDS].to_dict("records")]
+
+
 def latents(params: Params) -> dict:
     caps = read_table(CAPTIONS, "captions")
     caps = caps[caps["split"].isin(["train", "val"])].assign(flip=False)
@@ -137,8 +150,11 @@ def latents(params: Params) -> dict:
     # the size it is resized to; a caption's vector on the caption and the encoder
     image_keys = [sha256_bytes(f"{i}|{vae_hash}|{size}{'|flip' if f else ''}".encode())
                   for i, f in zip(caps["id"], caps["flip"], strict=True)]
+    texts = caps["caption"].tolist()
+    plain = attributes_only(caps, params.labels.caption_template)
+    n_rows = len(texts)
     text_keys = [sha256_bytes(f"{encoder.identity}|tokens|{c}".encode())
-                 for c in caps["caption"]]
+                 for c in texts + plain]
 
     def encode_images(todo: list[int]) -> list[np.ndarray]:
         out, bs = [], params.latents.batch_size
@@ -154,9 +170,9 @@ def latents(params: Params) -> dict:
 
     def encode_texts(todo: list[int]) -> list[np.ndarray]:
         """Each caption's token states without padding (L_i, D), or its vector (D,)."""
-        out = []
+        out, strings = [], texts + plain
         for j in range(0, len(todo), 256):
-            enc = encoder.encode(caps["caption"].iloc[todo[j : j + 256]].tolist())
+            enc = encoder.encode([strings[i] for i in todo[j : j + 256]])
             if enc.tokens is None:
                 out.extend(enc.vectors)
             else:
@@ -167,7 +183,7 @@ def latents(params: Params) -> dict:
     vectors, n_texts = _encode_missing(text_keys, "text", encode_texts)
     post = np.stack(posteriors).astype(np.float32)  # (N, 2, C, H, W): mean, logvar
     mean, logvar = post[:, 0], post[:, 1]
-    text = pad_stack(vectors)
+    text, text_attributes = pad_stack(vectors[:n_rows]), pad_stack(vectors[n_rows:])
     scale = float(1.0 / max(mean.std(), 1e-6))
     truncated = (sum(n > encoder.max_tokens for n in encoder.count_tokens(
         caps["caption"].tolist())) if hasattr(encoder, "count_tokens") else 0)
@@ -176,7 +192,7 @@ def latents(params: Params) -> dict:
         "id": caps["id"], "row": np.arange(len(caps), dtype=np.int64), "split": caps["split"],
         "caption": caps["caption"],
         "key": [sha256_bytes(f"{a}|{b}".encode())[:16]
-                for a, b in zip(image_keys, text_keys, strict=True)],
+                for a, b in zip(image_keys, text_keys[:n_rows], strict=True)],
         "flip": caps["flip"].astype(bool),
     })
     meta = {"scale_factor": scale, "latent_shape": list(mean.shape[1:]),
@@ -187,6 +203,7 @@ def latents(params: Params) -> dict:
         np.save(tmp / "mean.npy", mean)
         np.save(tmp / "logvar.npy", logvar)
         np.save(tmp / "text.npy", text)
+        np.save(tmp / "text_attributes.npy", text_attributes)
         write_table(index, tmp / "index.parquet", "latent_index")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         save_encoder(encoder, tmp / TEXT_ENCODER)

@@ -297,8 +297,13 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
     # the whole train split fits in memory at these sizes (960 x 4x16x16 floats = 4 MB)
     mean = torch.from_numpy(np.ascontiguousarray(cache.mean[rows]))
     std = torch.from_numpy(np.ascontiguousarray(cache.logvar[rows])).mul(0.5).exp()
-    # caption token states (N, L, D), or vectors (N, D) for an encoder without tokens
-    text = torch.from_numpy(np.ascontiguousarray(cache.text[rows])).float()
+    # caption token states (N, L, D), or vectors (N, D) for an encoder without tokens; and
+    # the same captions without their free text, padded to one length to mix the two
+    text, plain = (torch.from_numpy(np.ascontiguousarray(a[rows])).float()
+                   for a in (cache.text, cache.text_attributes))
+    if text.dim() == 3:
+        length = max(text.shape[1], plain.shape[1])
+        text, plain = (nn.functional.pad(t, (0, 0, 0, length - t.shape[1])) for t in (text, plain))
     scale = float(cache.meta["scale_factor"])
     latent_shape = tuple(int(s) for s in mean.shape[1:])
 
@@ -312,7 +317,8 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
     ema = ContextUnet(**model.config()).eval()
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False).to(rt.device)
-    mean, std, text = mean.to(rt.device), std.to(rt.device), text.to(rt.device)
+    mean, std = mean.to(rt.device), std.to(rt.device)
+    text, plain = text.to(rt.device), plain.to(rt.device)
     opt = adamw(model.parameters(), cfg.lr, 0.0)
     sched = cosine_with_warmup(opt, cfg.warmup, cfg.steps)
     params, ema_params = list(model.parameters()), list(ema.parameters())
@@ -339,11 +345,14 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
     for step in bar:
         idx = torch.randint(0, len(rows), (global_batch,), generator=gen)
         eps = torch.randn((global_batch, *latent_shape), generator=gen)
-        idx, eps = rt.shard(idx, eps)
+        drop = torch.rand(global_batch, generator=gen) < cfg.text_drop
+        idx, eps, drop = rt.shard(idx, eps, drop)
         # a fresh posterior sample each time
         x0 = (mean[idx] + std[idx] * eps.to(rt.device)) * scale
+        drop = drop.to(rt.device).view(-1, *[1] * (text.dim() - 1))
+        context = torch.where(drop, plain[idx], text[idx])
         with rt.autocast():
-            loss = training_loss(net, schedule, x0, text[idx], cfg.cond_drop, gen,
+            loss = training_loss(net, schedule, x0, context, cfg.cond_drop, gen,
                                  (rt.rank, rt.world))
         rt.step(loss, opt, params)
         sched.step()

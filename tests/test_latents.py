@@ -10,7 +10,7 @@ import torch
 from components.config import Params, load_params
 from components.contracts import CAPTIONS, LATENTS, VAE_DIR, read_table, write_table
 from components.labels import labels
-from components.latents import LatentCache, latents
+from components.latents import LatentCache, attributes_only, latents
 from components.ocr import ocr
 from components.scrape import scrape
 from components.vae import load_batch, load_vae, vae
@@ -33,9 +33,12 @@ def test_rerun_encodes_only_what_changed(collected: Params, workdir) -> None:
     params = collected
     first = latents(params)
     n = first["images"]
-    assert n == 12 and first["images_encoded"] == n and first["captions_encoded"] == n
+    # every caption, and every caption without its free text (attributes only)
+    assert n == 12 and first["images_encoded"] == n and first["captions_encoded"] == 2 * n
     before = LatentCache(LATENTS)
     mean, text = np.array(before.mean), np.array(before.text)
+    plain = np.array(before.text_attributes)  # the captions without what the image reads
+    assert len(plain) == n and not np.allclose(plain, text[:, : plain.shape[1]])
 
     again = latents(params)
     assert again["images_encoded"] == 0 and again["captions_encoded"] == 0
@@ -59,10 +62,12 @@ def test_rerun_encodes_only_what_changed(collected: Params, workdir) -> None:
     assert not np.allclose(np.array(LatentCache(LATENTS).mean), mean)
 
     m = latents(load_params(overrides=[*TINY, "text_encoder.max_tokens=16"]))
-    assert m["images_encoded"] == 0 and m["captions_encoded"] == n
+    assert m["images_encoded"] == 0 and m["captions_encoded"] == 2 * n
     store = workdir / ".cache" / "latents"  # stale entries are dropped, the store stays small
     assert len(list((store / "image").rglob("*.npy"))) == n
-    assert len(list((store / "text").rglob("*.npy"))) == n
+    assert len(list((store / "text").rglob("*.npy"))) == len(
+        set(LatentCache(LATENTS).index["caption"]) | set(attributes_only(
+            read_table(CAPTIONS, "captions"), params.labels.caption_template)))
     assert (VAE_DIR / "weights.safetensors").exists()
 
 

@@ -247,6 +247,7 @@ def write_tiny_cache(root: Path, n: int = 24, dim: int = 6, shape=(4, 8, 8),
     np.save(root / "mean.npy", rng.normal(size=(n, *shape)).astype(np.float32))
     np.save(root / "logvar.npy", np.full((n, *shape), -4.0, np.float32))
     np.save(root / "text.npy", rng.normal(size=(n, dim)).astype(np.float32))
+    np.save(root / "text_attributes.npy", rng.normal(size=(n, dim)).astype(np.float32))
     split = ["train"] * (n - 8) + ["val"] * 4 + ["test"] * 4
     pd.DataFrame({"id": [f"i{i}" for i in range(n)], "row": np.arange(n), "split": split,
                   "caption": [f"caption {i}" for i in range(n)],
@@ -366,6 +367,24 @@ def _same_weights(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_text_drop_trains_on_the_captions_without_their_free_text(tmp_path: Path) -> None:
+    cache = write_tiny_cache(tmp_path / "latents")
+    vae = VAE(Vae(image_size=32, base_channels=8, channel_mult=[1, 2, 2]))
+    save_vae(vae, vae.cfg, tmp_path / "vae")
+
+    def run(name: str, drop: float) -> Path:
+        train_unet(Unet(n_feat=8, steps=6, batch_size=4, warmup=1, bf16=False, text_drop=drop,
+                        checkpoint_every=0), Diffusion(timesteps=50), cache, tmp_path / name,
+                   "stub", tmp_path / "vae")
+        return tmp_path / name
+
+    never, always = run("never", 0.0), run("always", 1.0)
+    assert not _same_weights(never, always)
+    # with attribute captions equal to the full ones, dropping the text changes nothing
+    np.save(cache / "text_attributes.npy", np.load(cache / "text.npy"))
+    assert _same_weights(never, run("same", 1.0))
+
+
 def test_unet_killed_and_resumed_equals_straight_run(tmp_path: Path, monkeypatch) -> None:
     import components.diffusion as diffusion
 
@@ -435,6 +454,8 @@ def test_tfidf_encoder_travels_with_the_unet_to_the_generator(tmp_path: Path) ->
     cache = write_tiny_cache(tmp_path / "latents", n=len(captions), dim=4, encoder="tfidf")
     enc = TfidfTextEncoder.fit(captions, 4)
     np.save(cache / "text.npy", enc.encode(captions).vectors)
+    np.save(cache / "text_attributes.npy", enc.encode([c.split(" reading")[0]
+                                                       for c in captions]).vectors)
     save_encoder(enc, cache / "text_encoder")
     vae = VAE(Vae(image_size=32, base_channels=8, channel_mult=[1, 2, 2]))
     save_vae(vae, vae.cfg, tmp_path / "vae")
