@@ -93,8 +93,7 @@ def main() -> int:
     print(f"{'model':28s} {'params':>10s} {'steps/s':>8s} {'speed-up':>8s}")
     for n_feat in args.n_feat or [cfg.n_feat]:
         torch.manual_seed(0)
-        ours = ContextUnet(shape[0], n_feat, TEXT_DIM, size, cfg.cross_attention,
-                           cfg.pool_queries).train()
+        ours = ContextUnet.from_config(cfg, shape[0], TEXT_DIM, size, n_feat).train()
         theirs = diffusers_unet(n_params(ours), shape[0], size).train()
         rates = {"ours": 0.0, "theirs": 0.0}
         for _ in range(args.rounds):  # interleaved; the best round of each counts

@@ -69,8 +69,7 @@ def main() -> int:
         vae_opt.step()
 
     side = vae_cfg.image_size // vae.down_factor
-    unet = ContextUnet(vae_cfg.latent_channels, unet_cfg.n_feat, 384, side,
-                       unet_cfg.cross_attention, unet_cfg.pool_queries).train()
+    unet = ContextUnet.from_config(unet_cfg, vae_cfg.latent_channels, 384, side).train()
     unet_opt = adamw(unet.parameters(), unet_cfg.lr, 0.0)
     schedule = NoiseSchedule(Diffusion())
     z = torch.randn(unet_cfg.batch_size, vae_cfg.latent_channels, side, side)

@@ -57,8 +57,7 @@ def main() -> int:
     def run(images: bool, text: bool) -> float:
         """images / text: encode them each batch (else read the cache)."""
         torch.manual_seed(0)
-        model = ContextUnet(shape[0], cfg.n_feat, cache.text.shape[-1], shape[1],
-                            cfg.cross_attention, cfg.pool_queries).train()
+        model = ContextUnet.from_config(cfg, shape[0], cache.text.shape[-1], shape[1]).train()
         opt = adamw(model.parameters(), cfg.lr, 0.0)
         schedule = NoiseSchedule(params.diffusion)
         t0 = time.perf_counter()

@@ -210,6 +210,14 @@ class ContextUnet(nn.Module):
             self.attn1 = CrossAttention(2 * n, context_dim)
             self.attn2 = CrossAttention(n, context_dim)
 
+    @classmethod
+    def from_config(cls, cfg: UnetCfg, in_channels: int, context_dim: int, height: int,
+                    n_feat: int | None = None) -> ContextUnet:
+        """The U-Net that `unet.*` describes, for latents (in_channels, height, height)
+        and captions of context_dim (n_feat: another width, for benches)."""
+        return cls(in_channels, n_feat or cfg.n_feat, context_dim, height,
+                   cfg.cross_attention, cfg.pool_queries)
+
     def config(self) -> dict:
         return {"in_channels": self.in_channels, "n_feat": self.n_feat,
                 "context_dim": self.context_dim, "height": self.height,
@@ -311,8 +319,8 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     schedule = NoiseSchedule(diff)
-    model = ContextUnet(latent_shape[0], cfg.n_feat, text.shape[-1], latent_shape[1],
-                        cfg.cross_attention, cfg.pool_queries).train()
+    model = ContextUnet.from_config(cfg, latent_shape[0], text.shape[-1],
+                                    latent_shape[1]).train()
     net = rt.wrap(model)
     ema = ContextUnet(**model.config()).eval()
     ema.load_state_dict(model.state_dict())
