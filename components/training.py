@@ -140,6 +140,8 @@ def runtime(device: str, bf16: bool | str, what: str = "training") -> Runtime:
     if use_cuda:
         dev = torch.device("cuda", local % torch.cuda.device_count())
         torch.cuda.set_device(dev)
+        # exact resume needs the same convolution algorithms on every run
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
         amp = None if bf16 is False else (
             torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     else:

@@ -170,8 +170,8 @@ class AttentionPool(nn.Module):
 
 def time_features(t: torch.Tensor, dim: int = 32) -> torch.Tensor:
     """t in [0, 1] (B,) -> sinusoidal features (B, dim); easier for an MLP than a scalar."""
-    freqs = torch.exp(torch.arange(dim // 2, dtype=torch.float32) * (math.log(1000.0)
-                                                                       / (dim // 2 - 1)))
+    freqs = torch.exp(torch.arange(dim // 2, dtype=torch.float32, device=t.device)
+                      * (math.log(1000.0) / (dim // 2 - 1)))
     angles = t.float()[:, None] * freqs[None] * math.pi
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 

@@ -20,10 +20,11 @@ from components.diffusion import (
     NoiseSchedule,
     make_sampler,
     sample,
+    training_loss,
 )
 from components.generator import Generator
 from components.unet import ContextUnet, load_unet, save_unet, split_context, train_unet
-from components.vae import VAE, load_image_tensor, load_vae, save_vae, train_vae
+from components.vae import VAE, load_image_tensor, load_vae, save_vae, train_vae, vae_loss
 
 TINY_VAE = Vae(image_size=32, base_channels=8, channel_mult=[1, 2, 2], latent_channels=4,
                epochs=1, batch_size=4, bf16=False)
@@ -477,15 +478,40 @@ def test_min_snr_weighting_is_off_by_default_and_capped_when_on() -> None:
 
 
 def test_the_models_do_not_need_torchvision() -> None:
+    """No module of ours imports torchvision, and where it is not installed (the CPU build
+    here) every model module imports without it. Where it is installed, torchmetrics
+    imports it on its own (seen on a CUDA machine), so only the first half applies."""
+    import importlib.util
     import subprocess
     import sys
 
+    root = Path(__file__).resolve().parents[1]
+    ours = [p for d in ("components", "flows", "bench") for p in (root / d).glob("*.py")
+            if "torchvision" in p.read_text()]
+    assert ours == []
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed here; libraries import it when they find it")
     code = ("import components.generator, components.unet, components.vae, "
             "components.evaluate, components.latents, sys; "
             "print('torchvision' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, cwd=Path(__file__).resolve().parents[1])
+                         check=True, cwd=root)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("unet_kw", [{"pool_queries": 2}, {"cross_attention": True}, {}])
+def test_the_models_compute_on_their_inputs_device(unet_kw: dict) -> None:
+    """No tensor made on the CPU inside forward or the losses (a CUDA run would stop at
+    it): on the meta device a stray CPU tensor raises just as it would beside CUDA."""
+    meta = torch.device("meta")
+    unet = ContextUnet(in_channels=4, n_feat=8, context_dim=6, height=8, **unet_kw).to(meta)
+    x0, c = torch.randn(2, 4, 8, 8, device=meta), torch.randn(2, 5, 6, device=meta)
+    loss = training_loss(unet, NoiseSchedule(Diffusion(timesteps=50)), x0, c, 0.1,
+                         torch.Generator().manual_seed(0))
+    assert loss.device == meta
+    vae = VAE(TINY_VAE).to(meta)
+    assert vae_loss(vae, torch.randn(2, 3, 32, 32, device=meta),
+                    torch.Generator().manual_seed(0)).device == meta
 
 
 def test_vae_early_stopping_keeps_the_best_epoch(tmp_path: Path, monkeypatch) -> None:

@@ -1,0 +1,78 @@
+"""The model stages on whatever device `device: auto` picks, end to end, with what they
+measured: run it on a CUDA machine to check the GPU path (CI has no GPU).
+
+    python bench/gpu_check.py [--set key=value ...] [--out DIR]
+
+Trains the VAE, builds the latent cache and trains the U-Net from the current data/ (after
+`make run`, or with data/raw, data/split and data/labels copied over), with params.yaml's
+settings and the --set overrides, then measures held-out prompt adherence of the result
+(generation on the CPU, as evaluate does). Prints one table; writes gpu_check.json to --out.
+Not named bench_*.py: `make bench` (CPU) does not run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from components.config import load_params  # noqa: E402
+from components.contracts import CAPTIONS, UNET_DIR, VAE_DIR, read_table  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--out", default="bench/out")
+    args = ap.parse_args()
+    params = load_params("params.yaml", args.set)
+    cuda = torch.cuda.is_available()
+    print(f"torch {torch.__version__}; CUDA: "
+          f"{torch.cuda.get_device_name() if cuda else 'none'}; "
+          f"bf16 on it: {cuda and torch.cuda.is_bf16_supported()}", flush=True)
+
+    from components.evaluate import prompt_adherence
+    from components.generator import Generator
+    from components.latents import latents
+    from components.unet import unet
+    from components.vae import vae
+
+    report: dict = {"torch": torch.__version__, "cuda": cuda, "set": args.set}
+    for name, stage in (("vae", vae), ("latents", latents), ("unet", unet)):
+        t0 = time.perf_counter()
+        m = stage(params)
+        report[name] = {k: v for k, v in m.items() if not isinstance(v, list | dict)}
+        report[name]["wall_s"] = round(time.perf_counter() - t0, 2)
+        print(f"{name}: {report[name]}", flush=True)
+    t0 = time.perf_counter()
+    caps = read_table(CAPTIONS, "captions")
+    adherence, _ = prompt_adherence(Generator.load(VAE_DIR, UNET_DIR, params.sampler), params,
+                                    caps[caps["split"] == "train"])
+    report["adherence"] = adherence
+    report["adherence_wall_s"] = round(time.perf_counter() - t0, 2)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+    v, u = report["vae"], report["unet"]
+    print(f"\n{'stage':8} {'device':7} {'precision':9} {'train s':>8} {'rate':>16}  result")
+    print(f"{'vae':8} {v['device']:7} {v['precision']:9} {v['seconds']:8.1f} "
+          f"{v['images_per_s']:10.0f} img/s  val PSNR {v['val_psnr']:.2f} dB, "
+          f"SSIM {v['val_ssim']:.3f}")
+    print(f"{'unet':8} {u['device']:7} {u['precision']:9} {u['seconds']:8.1f} "
+          f"{u['steps_per_s']:9.1f} steps/s  final loss {u['final_loss']:.4f}")
+    print("held-out adherence: " + ", ".join(
+        f"{k.removeprefix('prompt_adherence_')} {adherence[k]:.2f}" for k in adherence
+        if k.startswith("prompt_adherence_") and "unseen" not in k))
+
+
+if __name__ == "__main__":
+    main()
