@@ -2,9 +2,11 @@
 
 FLOPs per step are counted by torch's own FlopCounterMode (forward + backward); the peak
 reference is a 2048^3 matmul in the same precision the training uses (bf16 where the CPU
-has native bf16, as `bf16: auto` decides). Goal (issue "Models that learn"): >= 50% of
-that peak. Needs no data: random inputs of the default shapes.
-Usage: python bench/bench_flops.py [--steps N]
+has native bf16, as `bf16: auto` decides; on CUDA an 8192^3 bf16 matmul). Goal (issue
+"Models that learn"): >= 50% of that peak on the CPU. Needs no data: random inputs of the
+default shapes; --batch times other batch sizes too (on a GPU the default batch is bound
+by per-step overhead, not arithmetic).
+Usage: python bench/bench_flops.py [--steps N] [--device cpu|cuda] [--batch 16,64,256]
 """
 
 import argparse
@@ -27,13 +29,17 @@ from components.vae import VAE, vae_loss  # noqa: E402
 
 def timed(fn, steps: int, rounds: int = 3) -> float:
     """Seconds per call: the best of `rounds` rounds of `steps` calls (after one warm-up),
-    so a noisy neighbour on a shared box shows up as less, not more, spread."""
+    so a noisy neighbour on a shared box shows up as less, not more, spread; the GPU's
+    queue is drained before each clock read."""
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
     fn()
     best = float("inf")
     for _ in range(rounds):
+        sync()
         t0 = time.perf_counter()
         for _ in range(steps):
             fn()
+        sync()
         best = min(best, (time.perf_counter() - t0) / steps)
     return best
 
@@ -47,50 +53,59 @@ def flops_of(fn) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--batch", default="", help="batch sizes, e.g. 16,64,256 (default: "
+                    "each model's configured batch_size)")
     args = ap.parse_args()
+    dev = torch.device(args.device)
     vae_cfg, unet_cfg = Vae(), Unet()
-    bf16 = bf16_enabled(vae_cfg.bf16)
+    bf16 = dev.type == "cuda" or bf16_enabled(vae_cfg.bf16)
     dtype = torch.bfloat16 if bf16 else torch.float32
     torch.manual_seed(0)
 
-    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
-    peak = 2 * 2048**3 / timed(lambda: a @ b, args.steps)
+    n_ref = 8192 if dev.type == "cuda" else 2048
+    a, b = (torch.randn(n_ref, n_ref, dtype=dtype, device=dev) for _ in range(2))
+    peak = 2 * n_ref**3 / timed(lambda: a @ b, args.steps)
 
-    vae = VAE(vae_cfg).train()
+    vae = VAE(vae_cfg).train().to(dev)
     vae_opt = adamw(vae.parameters(), vae_cfg.lr, 0.01)
-    side = min(vae_cfg.crop or vae_cfg.image_size, vae_cfg.image_size)  # what training sees
-    x = torch.rand(vae_cfg.batch_size, 3, side, side) * 2 - 1
-
-    def vae_step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = vae_loss(vae, x)
-        vae_opt.zero_grad()
-        loss.backward()
-        vae_opt.step()
-
+    vae_side = min(vae_cfg.crop or vae_cfg.image_size, vae_cfg.image_size)  # what it trains on
     side = vae_cfg.image_size // vae.down_factor
-    unet = ContextUnet.from_config(unet_cfg, vae_cfg.latent_channels, 384, side).train()
+    unet = ContextUnet.from_config(unet_cfg, vae_cfg.latent_channels, 384, side).train().to(dev)
     unet_opt = adamw(unet.parameters(), unet_cfg.lr, 0.0)
     schedule = NoiseSchedule(Diffusion())
-    z = torch.randn(unet_cfg.batch_size, vae_cfg.latent_channels, side, side)
-    # caption token states as the latent cache stores them (default captions: <= 29 tokens)
-    c = torch.randn(unet_cfg.batch_size, 29, 384)
 
-    def unet_step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = training_loss(unet, schedule, z, c, unet_cfg.cond_drop, None)
-        unet_opt.zero_grad()
-        loss.backward()
-        unet_opt.step()
+    def steps_for(batch: int | None):
+        x = torch.rand(batch or vae_cfg.batch_size, 3, vae_side, vae_side, device=dev) * 2 - 1
+        z = torch.randn(batch or unet_cfg.batch_size, vae_cfg.latent_channels, side, side,
+                        device=dev)
+        # caption token states as the latent cache stores them (default captions: <= 29)
+        c = torch.randn(len(z), 29, 384, device=dev)
 
-    print(f"reference: 2048^3 matmul in {dtype}: {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'model':6s} {'params':>8s} {'GFLOP/step':>10s} {'s/step':>7s} {'GFLOP/s':>8s} "
-          f"{'of peak':>7s}")
-    for name, model, step in [("vae", vae, vae_step), ("unet", unet, unet_step)]:
-        flops, seconds = flops_of(step), timed(step, args.steps)
-        n = sum(p.numel() for p in model.parameters())
-        print(f"{name:6s} {n / 1e6:7.2f}M {flops / 1e9:10.2f} {seconds:7.3f} "
-              f"{flops / seconds / 1e9:8.1f} {flops / seconds / peak:7.1%}")
+        def vae_step() -> None:
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = vae_loss(vae, x)
+            vae_opt.zero_grad()
+            loss.backward()
+            vae_opt.step()
+
+        def unet_step() -> None:
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = training_loss(unet, schedule, z, c, unet_cfg.cond_drop, None)
+            unet_opt.zero_grad()
+            loss.backward()
+            unet_opt.step()
+        return [("vae", vae, vae_step, len(x)), ("unet", unet, unet_step, len(z))]
+
+    print(f"reference: {n_ref}^3 matmul in {dtype} on {dev.type}: {peak / 1e9:.1f} GFLOP/s")
+    print(f"{'model':6s} {'params':>8s} {'batch':>5s} {'GFLOP/step':>10s} {'s/step':>7s} "
+          f"{'GFLOP/s':>8s} {'of peak':>7s}")
+    for batch in [int(b) for b in args.batch.split(",") if b] or [None]:
+        for name, model, step, size in steps_for(batch):
+            flops, seconds = flops_of(step), timed(step, args.steps)
+            n = sum(p.numel() for p in model.parameters())
+            print(f"{name:6s} {n / 1e6:7.2f}M {size:5d} {flops / 1e9:10.2f} {seconds:7.4f} "
+                  f"{flops / seconds / 1e9:8.1f} {flops / seconds / peak:7.1%}", flush=True)
     return 0
 
 
