@@ -90,16 +90,34 @@ def image_grid(rows: list[list[Image.Image]], cell: int = 128) -> Image.Image:
 
 
 # ---------------------------------------------------------------- network
-def norm(ch: int) -> nn.GroupNorm:
+class ChannelNorm(nn.Module):
+    """LayerNorm over each pixel's channels. GroupNorm's statistics span the whole feature
+    map, so a VAE trained on 32 px crops meets other statistics on a whole 64 px image
+    (measured: a 32-channel VAE reconstructed 32 px tiles at 26.3 dB, whole images at
+    21.1); this one has no statistic over the image's extent, so crops and whole images
+    go through the same function."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(ch)), nn.Parameter(torch.zeros(ch))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias,
+                            1e-6).permute(0, 3, 1, 2)
+
+
+def norm(ch: int, kind: str = "group") -> nn.Module:
+    if kind == "channel":
+        return ChannelNorm(ch)
     groups = next(g for g in (32, 16, 8, 4, 2, 1) if ch % g == 0)
     return nn.GroupNorm(groups, ch)
 
 
 class ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int):
+    def __init__(self, cin: int, cout: int, kind: str = "group"):
         super().__init__()
-        self.norm1, self.conv1 = norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2, self.conv2 = norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.norm1, self.conv1 = norm(cin, kind), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = norm(cout, kind), nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,7 +127,7 @@ class ResBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, base: int, mult: list[int], latent: int):
+    def __init__(self, base: int, mult: list[int], latent: int, kind: str = "group"):
         super().__init__()
         chs = [base * m for m in mult]
         self.conv_in = nn.Conv2d(3, chs[0], 3, padding=1)
@@ -117,12 +135,12 @@ class Encoder(nn.Module):
         self.downs = nn.ModuleList()
         cin = chs[0]
         for i, ch in enumerate(chs):
-            self.blocks.append(ResBlock(cin, ch))
+            self.blocks.append(ResBlock(cin, ch, kind))
             last = i == len(chs) - 1
             self.downs.append(nn.Identity() if last else nn.Conv2d(ch, ch, 3, 2, padding=1))
             cin = ch
-        self.mid = ResBlock(cin, cin)
-        self.norm_out = norm(cin)
+        self.mid = ResBlock(cin, cin, kind)
+        self.norm_out = norm(cin, kind)
         self.conv_out = nn.Conv2d(cin, 2 * latent, 3, padding=1)  # mean and logvar
         # the log-variance starts low (std 0.05): with the default 0 (std 1) the decoder
         # first learns from latents drowned in noise, and blurs (+0.8 dB val PSNR at 10
@@ -139,21 +157,21 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, base: int, mult: list[int], latent: int):
+    def __init__(self, base: int, mult: list[int], latent: int, kind: str = "group"):
         super().__init__()
         chs = [base * m for m in reversed(mult)]
         self.conv_in = nn.Conv2d(latent, chs[0], 3, padding=1)
-        self.mid = ResBlock(chs[0], chs[0])
+        self.mid = ResBlock(chs[0], chs[0], kind)
         self.blocks = nn.ModuleList()
         self.ups = nn.ModuleList()
         cin = chs[0]
         for i, ch in enumerate(chs):
-            self.blocks.append(ResBlock(cin, ch))
+            self.blocks.append(ResBlock(cin, ch, kind))
             last = i == len(chs) - 1
             self.ups.append(nn.Identity() if last else nn.Sequential(
                 nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)))
             cin = ch
-        self.norm_out = norm(cin)
+        self.norm_out = norm(cin, kind)
         self.conv_out = nn.Conv2d(cin, 3, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -168,8 +186,10 @@ class VAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.down_factor = 2 ** (len(cfg.channel_mult) - 1)
-        self.encoder = Encoder(cfg.base_channels, cfg.channel_mult, cfg.latent_channels)
-        self.decoder = Decoder(cfg.base_channels, cfg.channel_mult, cfg.latent_channels)
+        self.encoder = Encoder(cfg.base_channels, cfg.channel_mult, cfg.latent_channels,
+                               cfg.norm)
+        self.decoder = Decoder(cfg.base_channels, cfg.channel_mult, cfg.latent_channels,
+                               cfg.norm)
 
     def latent_shape(self, image_size: int | None = None) -> tuple[int, int, int]:
         s = (image_size or self.cfg.image_size) // self.down_factor
@@ -238,7 +258,8 @@ def load_vae(model_dir: Path) -> VAE:
     if not (model_dir / WEIGHTS).exists() or not (model_dir / CONFIG).exists():
         raise UserError(f"{model_dir}: no trained VAE there (needs {WEIGHTS} and {CONFIG}); "
                         "run the vae stage first")
-    cfg = VaeCfg(**json.loads((model_dir / CONFIG).read_text())["vae"])
+    # a VAE saved before vae.norm existed has GroupNorm (same weight names and shapes)
+    cfg = VaeCfg(**{"norm": "group"} | json.loads((model_dir / CONFIG).read_text())["vae"])
     model = VAE(cfg)
     model.load_state_dict(load_file(str(model_dir / WEIGHTS)))
     return model.eval()

@@ -45,13 +45,36 @@ def test_vae_shapes(cfg: Vae, latent: tuple[int, int, int]) -> None:
     assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1
 
 
-def test_vae_save_load_round_trip(tmp_path: Path) -> None:
-    vae = VAE(TINY_VAE).eval()
-    save_vae(vae, TINY_VAE, tmp_path)
+@pytest.mark.parametrize("norm", ["group", "channel"])
+def test_vae_save_load_round_trip_each_norm(tmp_path: Path, norm: str) -> None:
+    cfg = TINY_VAE.model_copy(update={"norm": norm})
+    vae = VAE(cfg).eval()
+    save_vae(vae, cfg, tmp_path)
     again = load_vae(tmp_path)
+    assert again.cfg.norm == norm
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         assert torch.equal(vae.decode(vae.encode(x)[0]), again.decode(again.encode(x)[0]))
+
+
+def test_a_vae_saved_before_the_norm_setting_loads_with_group_norm(tmp_path: Path) -> None:
+    save_vae(VAE(TINY_VAE), TINY_VAE, tmp_path)  # channel norm, the default
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["vae"]["norm"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert load_vae(tmp_path).cfg.norm == "group"
+
+
+def test_channel_norm_treats_a_crop_as_part_of_the_whole() -> None:
+    """What training on crops needs: the crop of the normalised map is the normalised
+    crop (GroupNorm's statistics span the map, so for it they differ)."""
+    x = torch.randn(2, 16, 16, 16) * torch.linspace(0.2, 3, 16)  # spread varies across it
+    crop = (..., slice(2, 10), slice(4, 12))
+    channel, group = (VAE(TINY_VAE.model_copy(update={"norm": n})) for n in ("channel", "group"))
+    cn = channel.encoder.mid.norm1
+    assert torch.allclose(cn(x)[crop], cn(x[crop]), atol=1e-5)
+    gn = group.encoder.mid.norm1
+    assert not torch.allclose(gn(x)[crop], gn(x[crop]), atol=1e-2)
 
 
 def test_load_image_flattens_transparency_on_white(tmp_path: Path) -> None:
