@@ -201,7 +201,7 @@ class Vae(Section):
     base_channels: int = Field(24, ge=8, le=512)
     channel_mult: list[int] = Field([1, 2, 2], min_length=1, max_length=6)
     latent_channels: int = Field(4, ge=1, le=64)
-    norm: Literal["group", "channel"] = "channel"  # LayerNorm over each pixel's channels
+    norm: Literal["group", "channel"] = "group"  # channel: LayerNorm over each pixel's channels
     loss: Literal["mse", "bce", "l1"] = "mse"
     beta: float = Field(1e-5, ge=0)
     crop: int = Field(32, ge=0)  # train on random square crops this side; 0: whole images

@@ -58,7 +58,8 @@ def test_vae_save_load_round_trip_each_norm(tmp_path: Path, norm: str) -> None:
 
 
 def test_a_vae_saved_before_the_norm_setting_loads_with_group_norm(tmp_path: Path) -> None:
-    save_vae(VAE(TINY_VAE), TINY_VAE, tmp_path)  # channel norm, the default
+    cfg = TINY_VAE.model_copy(update={"norm": "channel"})
+    save_vae(VAE(cfg), cfg, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     del config["vae"]["norm"]
     (tmp_path / "config.json").write_text(json.dumps(config))
