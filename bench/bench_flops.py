@@ -82,20 +82,18 @@ def main() -> int:
         # caption token states as the latent cache stores them (default captions: <= 29)
         c = torch.randn(len(z), 29, 384, device=dev)
 
-        def vae_step() -> None:
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = vae_loss(vae, x)
-            vae_opt.zero_grad()
-            loss.backward()
-            vae_opt.step()
+        def train_step(loss_fn, opt):
+            def step() -> None:
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                    loss = loss_fn()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            return step
 
-        def unet_step() -> None:
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = training_loss(unet, schedule, z, c, unet_cfg.cond_drop, None)
-            unet_opt.zero_grad()
-            loss.backward()
-            unet_opt.step()
-        return [("vae", vae, vae_step, len(x)), ("unet", unet, unet_step, len(z))]
+        return [("vae", vae, train_step(lambda: vae_loss(vae, x), vae_opt), len(x)),
+                ("unet", unet, train_step(lambda: training_loss(
+                    unet, schedule, z, c, unet_cfg.cond_drop, None), unet_opt), len(z))]
 
     print(f"reference: {n_ref}^3 matmul in {dtype} on {dev.type}: {peak / 1e9:.1f} GFLOP/s")
     print(f"{'model':6s} {'params':>8s} {'batch':>5s} {'GFLOP/step':>10s} {'s/step':>7s} "
