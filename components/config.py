@@ -204,6 +204,7 @@ class Vae(Section):
     norm: Literal["group", "channel"] = "group"  # channel: LayerNorm over each pixel's channels
     loss: Literal["mse", "bce", "l1"] = "mse"
     beta: float = Field(1e-5, ge=0)
+    scale_reg: float = Field(0.0, ge=0)  # weight of the scale-equivariance term (0: off)
     crop: int = Field(32, ge=0)  # train on random square crops this side; 0: whole images
     epochs: int = Field(32, ge=1)
     batch_size: int = Field(16, ge=1)

@@ -225,18 +225,29 @@ class VAE(nn.Module):
         return self.decode_raw(z), mean, logvar
 
 
+def reconstruction_loss(raw: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    if name == "bce":
+        return F.binary_cross_entropy_with_logits(raw, (x + 1) / 2)
+    return (F.l1_loss if name == "l1" else F.mse_loss)(raw, x)
+
+
 def vae_loss(model: VAE, x: torch.Tensor, generator: torch.Generator | None = None,
              part: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """Reconstruction + beta KL (per image element) + scale_reg times the scale-equivariance
+    term (Skorokhodov et al. 2025, "Improving the diffusability of autoencoders"): the
+    decoder must also turn the 2x-downsampled latent into the 2x-downsampled image, which
+    takes from the latents the fine detail that the image does not have and that a
+    diffusion model cannot learn to draw in the same steps."""
     raw, mean, logvar = model(x, generator, part)
-    raw, mean, logvar = raw.float(), mean.float(), logvar.float()
-    cfg = getattr(model, "module", model).cfg  # model may be wrapped in DDP
-    loss_name = cfg.loss
-    if loss_name == "bce":
-        recon = F.binary_cross_entropy_with_logits(raw, (x + 1) / 2)
-    elif loss_name == "l1":
-        recon = F.l1_loss(raw, x)
-    else:
-        recon = F.mse_loss(raw, x)
+    inner = getattr(model, "module", model)  # model may be wrapped in DDP
+    cfg = inner.cfg
+    raw, logvar = raw.float(), logvar.float()
+    recon = reconstruction_loss(raw, x, cfg.loss)
+    if cfg.scale_reg:
+        small = inner.decode_raw(F.avg_pool2d(mean, 2)).float()
+        target = F.avg_pool2d(x, 2)[..., : small.shape[-2], : small.shape[-1]]
+        recon = recon + cfg.scale_reg * reconstruction_loss(small, target, cfg.loss)
+    mean = mean.float()
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
     return recon + cfg.beta * kl / x[0].numel()
 
