@@ -112,7 +112,11 @@ class Synthetic(Section):
     vocabulary: list[str] = Field(min_length=3)
     gradient_share: float = Field(0.25, ge=0, le=1)
     logo_share: float = Field(0.4, ge=0, le=1)
-    logo_size: float = Field(0.13, ge=0.08, le=0.3)  # the labeller looks for 8-30% of the side
+    logo_size: float = Field(0.2, ge=0.08, le=0.3)  # the labeller looks for 8-30% of the side
+    # corners the logo may take, in order of preference: the first one clear of the text
+    # (a brand's rule); "random": any clear corner
+    logo_corners: list[Literal["top-left", "top-right", "bottom-left", "bottom-right",
+                               "random"]] = Field(["bottom-right", "top-left"], min_length=1)
 
 
 class Ocr(Section):
@@ -259,6 +263,7 @@ class Unet(Section):
     ema: float = Field(0.999, ge=0, lt=1)
     cross_attention: bool = True  # attend to caption token states (False: pooled vector only)
     pool_queries: int = Field(4, ge=0, le=16)  # learned queries pooling the caption tokens
+    full_res_context: bool = True  # the caption and time also at the latent's full size
     text_drop: float = Field(0.5, ge=0, le=1)  # share of captions trained without free text
     bf16: bool | Literal["auto"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import colorsys
 import functools
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -166,6 +167,7 @@ class Segmentation:
     rgb: np.ndarray
     residual: np.ndarray  # colour distance of each pixel from the background model
     ink: np.ndarray
+    lighter: np.ndarray  # luminance minus the background model's (signed)
 
 
 def segment(img: Image.Image) -> Segmentation:
@@ -187,7 +189,8 @@ def segment(img: Image.Image) -> Segmentation:
         toward = np.maximum(toward, (diff * way).sum(2)
                             / (residual * np.sqrt((way ** 2).sum(2)) + 1e-6))
     ink = (residual > INK_DIFF) & (toward > INK_COS)
-    return Segmentation(a, residual, ink)
+    lighter = diff @ np.array([0.299, 0.587, 0.114], np.float32)
+    return Segmentation(a, residual, ink, lighter)
 
 
 @functools.lru_cache(maxsize=8)
@@ -215,11 +218,18 @@ def find_logo(seg: Segmentation, logos: list[str], threshold: float
     """Any of the logo files, at 8% to 30% of the image side, anywhere: normalised
     cross-correlation of its shape with how far each pixel departs from the background
     (a soft map, not a thresholded one: an 8-pixel logo on a blurry 64 px image is a
-    ring of half-strength pixels; colour-blind, so a logo in any colour matches).
+    ring of half-strength pixels; colour-blind, so a logo in any colour matches), and
+    with how much lighter, or darker, each pixel is than the background: a one-colour
+    mark with a soft glow of the other sign around it (as our U-Net draws it) matches
+    there, where the glow counts as background, and not in the colour distance, where it
+    counts as mark (0.45-0.60 vs 0.35-0.44 on such images; threshold 0.5).
     -> (yes/no, confidence, (x, y, side) of the best match)."""
-    fg = np.minimum(seg.residual / LOGO_FULL, 1.0).astype(np.float32)
+    maps = [np.minimum(seg.residual / LOGO_FULL, 1.0),
+            np.clip(seg.lighter / LOGO_FULL, 0.0, 1.0),
+            np.clip(-seg.lighter / LOGO_FULL, 0.0, 1.0)]
     best, box = 0.0, None
-    for path in logos:
+    for fg, path in itertools.product(maps, logos):
+        fg = fg.astype(np.float32)
         for share in np.linspace(0.08, 0.30, 12):
             side = int(round(share * WORK))
             r = cv2.matchTemplate(fg, _logo_template(path, side), cv2.TM_CCOEFF_NORMED)

@@ -169,9 +169,11 @@ def render(index: int, seed: int, size: int, brand: Brand, synth: Synthetic,
                  "top-right": (size - m - s, m, size - m, m + s),
                  "bottom-left": (m, size - m - s, m + s, size - m),
                  "bottom-right": (size - m - s, size - m - s, size - m, size - m)}
-        free = [c for c in CORNERS if not _overlaps(boxes[c], tbox, pad)]
+        rule = "random" not in synth.logo_corners  # else any clear corner
+        free = [c for c in (synth.logo_corners if rule else CORNERS)
+                if not _overlaps(boxes[c], tbox, pad)]
         if free:
-            corner = str(rng.choice(free))
+            corner = free[0] if rule else str(rng.choice(free))
             _draw_logo(img, boxes[corner], text_colour, brand.logos[0])
             taken.append(boxes[corner])
         else:

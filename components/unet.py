@@ -3,10 +3,12 @@
     x ─ init_conv ─ down1 ─ down2 ─ to_vec ─ up0 ─┐
          │           │       └──────────────── up1(ctx1 * h + time1) ─┐
          │           └──────────────────────────────── up2(ctx2 * h + time2) ─┐
-         └──────────────────────────────────────────────────────────── out(h, x)
+         └────────────────────────────────────────────── out(ctx3 * h + time3, x)
 
 Time (a float in [0, 1], through sinusoidal features) and the caption embedding each go
-through small MLPs; the context *multiplies* and the time *adds* to the decoder features.
+through small MLPs; the context *multiplies* and the time *adds* to the decoder features
+(the course model does so at h/4 and h/2 only; full_res_context also at full size, where
+a small mark such as a logo is drawn).
 An all-zero caption embedding is the unconditional input used for classifier-free
 guidance. Two bugs of the widely copied course version are fixed here: the 1x1 shortcut
 conv of a residual block is built in __init__ (so it is trained and saved), and norms
@@ -178,7 +180,8 @@ def time_features(t: torch.Tensor, dim: int = 32) -> torch.Tensor:
 
 class ContextUnet(nn.Module):
     def __init__(self, in_channels: int, n_feat: int, context_dim: int, height: int,
-                 cross_attention: bool = False, pool_queries: int = 0):
+                 cross_attention: bool = False, pool_queries: int = 0,
+                 full_res_context: bool = False):
         super().__init__()
         if height % 4:
             raise UserError(f"unet: latent height {height} is not a multiple of 4; "
@@ -186,6 +189,7 @@ class ContextUnet(nn.Module):
         self.in_channels, self.n_feat = in_channels, n_feat
         self.context_dim, self.height = context_dim, height
         self.cross_attention, self.pool_queries = cross_attention, pool_queries
+        self.full_res_context = full_res_context
         n = n_feat
         self.init_conv = ResidualConvBlock(in_channels, n)
         self.down1 = UnetDown(n, n)            # h/2
@@ -199,6 +203,9 @@ class ContextUnet(nn.Module):
             self.pool = AttentionPool(context_dim, pool_queries)
         self.context_embed1 = EmbedFC(context_dim * (1 + pool_queries), 2 * n)
         self.context_embed2 = EmbedFC(context_dim * (1 + pool_queries), n)
+        if full_res_context:
+            self.time_embed3 = EmbedFC(32, n)
+            self.context_embed3 = EmbedFC(context_dim * (1 + pool_queries), n)
 
         self.up0 = nn.Sequential(nn.ConvTranspose2d(2 * n, 2 * n, height // 4, height // 4),
                                  norm(2 * n), nn.GELU())
@@ -209,6 +216,8 @@ class ContextUnet(nn.Module):
         if cross_attention:  # at h/4 and h/2, where a token is worth a region
             self.attn1 = CrossAttention(2 * n, context_dim)
             self.attn2 = CrossAttention(n, context_dim)
+            if full_res_context:
+                self.attn3 = CrossAttention(n, context_dim)
 
     @classmethod
     def from_config(cls, cfg: UnetCfg, in_channels: int, context_dim: int, height: int,
@@ -216,12 +225,13 @@ class ContextUnet(nn.Module):
         """The U-Net that `unet.*` describes, for latents (in_channels, height, height)
         and captions of context_dim (n_feat: another width, for benches)."""
         return cls(in_channels, n_feat or cfg.n_feat, context_dim, height,
-                   cfg.cross_attention, cfg.pool_queries)
+                   cfg.cross_attention, cfg.pool_queries, cfg.full_res_context)
 
     def config(self) -> dict:
         return {"in_channels": self.in_channels, "n_feat": self.n_feat,
                 "context_dim": self.context_dim, "height": self.height,
-                "cross_attention": self.cross_attention, "pool_queries": self.pool_queries}
+                "cross_attention": self.cross_attention, "pool_queries": self.pool_queries,
+                "full_res_context": self.full_res_context}
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) noisy latent; t: (B,) in [0, 1]; c: the caption, token states
@@ -245,6 +255,10 @@ class ContextUnet(nn.Module):
         if self.cross_attention:
             up2 = self.attn2(up2, tokens, valid)
         up3 = self.up2(up2, down1)
+        if self.full_res_context:
+            up3 = self.context_embed3(pooled) * up3 + self.time_embed3(tf)
+            if self.cross_attention:
+                up3 = self.attn3(up3, tokens, valid)
         return self.out(torch.cat([up3, x], dim=1))
 
 

@@ -345,13 +345,32 @@ def test_train_unet_writes_its_files(trained) -> None:
     assert not torch.equal(raw.out[0].weight, ema.out[0].weight)
 
 
-def test_save_unet_round_trip(tmp_path: Path) -> None:
-    net = ContextUnet(4, 8, 6, 8).eval()
+@pytest.mark.parametrize("full_res", [False, True])
+def test_save_unet_round_trip(tmp_path: Path, full_res: bool) -> None:
+    torch.manual_seed(0)
+    net = ContextUnet(4, 8, 6, 8, cross_attention=True, full_res_context=full_res).eval()
+    for p in net.parameters():  # trained weights (zero-initialised projections are not)
+        p.data.add_(0.1 * torch.randn_like(p))
     save_unet(net, None, {"note": 1}, tmp_path)
     again = load_unet(tmp_path)
-    args = torch.randn(1, 4, 8, 8), torch.rand(1), torch.randn(1, 6)
+    assert again.full_res_context is full_res
+    args = torch.randn(1, 4, 8, 8), torch.rand(1), torch.randn(1, 3, 6)
     with torch.no_grad():
-        assert torch.equal(net(*args), again(*args))
+        out = net(*args)
+        assert torch.equal(out, again(*args))
+        if full_res:  # the caption also steers the full-size decoder features
+            net.context_embed3.net[-1].bias.add_(1.0)
+            assert not torch.allclose(out, net(*args))
+
+
+def test_unet_saved_before_full_res_context_loads_as_it_was(tmp_path: Path) -> None:
+    net = ContextUnet(4, 8, 6, 8).eval()
+    save_unet(net, None, {}, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["unet"]["full_res_context"]  # as older versions wrote it
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    again = load_unet(tmp_path)
+    assert not again.full_res_context and not hasattr(again, "context_embed3")
 
 
 def test_generator_same_seed_same_image_and_size(trained) -> None:
@@ -547,7 +566,8 @@ def test_the_models_do_not_need_torchvision() -> None:
     assert out.stdout.strip() == "False"
 
 
-@pytest.mark.parametrize("unet_kw", [{"pool_queries": 2}, {"cross_attention": True}, {}])
+@pytest.mark.parametrize("unet_kw", [{"pool_queries": 2}, {"cross_attention": True}, {},
+                                     {"cross_attention": True, "full_res_context": True}])
 def test_the_models_compute_on_their_inputs_device(unet_kw: dict) -> None:
     """No tensor made on the CPU inside forward or the losses (a CUDA run would stop at
     it): on the meta device a stray CPU tensor raises just as it would beside CUDA."""

@@ -36,6 +36,25 @@ def test_ground_truth_matches_what_is_drawn(workdir):
         assert label_background(im, p.brand, p.labels)["background"] == t.background
 
 
+def test_logo_takes_the_first_corner_clear_of_the_text(workdir):
+    """A brand's rule (one corner, another when the text is there) gives "logo yes" one
+    place to draw; random corners give it four."""
+    p = load_params()
+    ruled = p.synthetic.model_copy(update={"logo_corners": ["bottom-right", "top-left"]})
+    anywhere = p.synthetic.model_copy(update={"logo_corners": ["random"]})
+    corners = {"ruled": [], "random": []}
+    for name, synth in [("ruled", ruled), ("random", anywhere)]:
+        for i in range(120):
+            _, t = render(i, 0, 256, p.brand, synth, p.labels)
+            if t.logo:
+                corners[name].append((t.layout, t.logo_corner))
+    assert {c for _l, c in corners["ruled"]} == {"bottom-right", "top-left"}
+    # top-left only where the text reaches the bottom-right corner
+    assert all(c == "bottom-right" for layout, c in corners["ruled"]
+               if layout in ("top", "left", "centre"))
+    assert len({c for _l, c in corners["random"]}) == 4
+
+
 def test_scrape_synthetic_writes_manifest_and_ground_truth(workdir):
     p = load_params(overrides=["scrape.sources=[{kind: synthetic, n: 20, size: 128}]"])
     m = scrape(p)
