@@ -224,12 +224,11 @@ def find_logo(seg: Segmentation, logos: list[str], threshold: float
     there, where the glow counts as background, and not in the colour distance, where it
     counts as mark (0.45-0.60 vs 0.35-0.44 on such images; threshold 0.5).
     -> (yes/no, confidence, (x, y, side) of the best match)."""
-    maps = [np.minimum(seg.residual / LOGO_FULL, 1.0),
-            np.clip(seg.lighter / LOGO_FULL, 0.0, 1.0),
-            np.clip(-seg.lighter / LOGO_FULL, 0.0, 1.0)]
+    maps = [np.minimum(seg.residual / LOGO_FULL, 1.0).astype(np.float32),
+            np.clip(seg.lighter / LOGO_FULL, 0.0, 1.0).astype(np.float32),
+            np.clip(-seg.lighter / LOGO_FULL, 0.0, 1.0).astype(np.float32)]
     best, box = 0.0, None
     for fg, path in itertools.product(maps, logos):
-        fg = fg.astype(np.float32)
         for share in np.linspace(0.08, 0.30, 12):
             side = int(round(share * WORK))
             r = cv2.matchTemplate(fg, _logo_template(path, side), cv2.TM_CCOEFF_NORMED)

@@ -213,7 +213,7 @@ class ContextUnet(nn.Module):
         self.up2 = UnetUp(2 * n, n)
         self.out = nn.Sequential(nn.Conv2d(2 * n, n, 3, padding=1), norm(n), nn.GELU(),
                                  nn.Conv2d(n, in_channels, 3, padding=1))
-        if cross_attention:  # at h/4 and h/2, where a token is worth a region
+        if cross_attention:  # at h/4 and h/2 (and h), where a token is worth a region
             self.attn1 = CrossAttention(2 * n, context_dim)
             self.attn2 = CrossAttention(n, context_dim)
             if full_res_context:
