@@ -210,7 +210,7 @@ class Vae(Section):
     beta: float = Field(1e-5, ge=0)
     scale_reg: float = Field(0.0, ge=0)  # weight of the scale-equivariance term (0: off)
     crop: int = Field(32, ge=0)  # train on random square crops this side; 0: whole images
-    epochs: int = Field(32, ge=1)
+    epochs: int = Field(44, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(2e-3, gt=0)
     ema: float = Field(0.0, ge=0, lt=1)  # EMA decay of the weights kept (0: off)
@@ -255,7 +255,7 @@ class Sampler(Section):
 
 class Unet(Section):
     n_feat: int = Field(64, ge=8, le=1024)
-    steps: int = Field(2300, ge=1)
+    steps: int = Field(2100, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-3, gt=0)
     warmup: int = Field(100, ge=0)
