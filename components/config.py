@@ -7,6 +7,7 @@ becomes one line naming the dotted key and what is allowed, raised as ConfigErro
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -465,9 +466,28 @@ def write_overrides(path: Path | str, overrides: list[str]) -> None:
             else:
                 node[k] = v
 
-    apply(doc, parse_set(overrides))
+    over = parse_set(overrides)
+    apply(doc, over)
     buf = io.StringIO()
     ry.dump(doc, buf)
+    # ruamel re-flows what it re-emits (a flow list written over several lines becomes
+    # one): the sections no override touched keep their text exactly as the user wrote it
+    before = _top_level_sections(path.read_text())
+    text = "".join(before[k] if k not in over and k in before else block
+                   for k, block in _top_level_sections(buf.getvalue()).items())
     from components.contracts import atomic_write_text
 
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_text(path, text)
+
+
+def _top_level_sections(text: str) -> dict[str | None, str]:
+    """A YAML mapping's text split at its top-level keys: {key: its lines} in order, the
+    lines before the first key under None."""
+    sections: dict[str | None, str] = {None: ""}
+    key = None
+    for line in text.splitlines(keepends=True):
+        if m := re.match(r"([A-Za-z_][\w-]*):", line):
+            key = m.group(1)
+            sections[key] = ""
+        sections[key] += line
+    return sections

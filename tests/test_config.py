@@ -1,6 +1,12 @@
 import pytest
 
-from components.config import ConfigError, load_params, parse_set, write_overrides
+from components.config import (
+    ConfigError,
+    _top_level_sections,
+    load_params,
+    parse_set,
+    write_overrides,
+)
 
 
 def test_defaults_load_and_cover_every_section(workdir):
@@ -62,3 +68,17 @@ def test_write_overrides_keeps_comments_and_refuses_bad_values(workdir):
     with pytest.raises(ConfigError):
         write_overrides(path, ["vae.epochs=0"])
     assert load_params(path).vae.epochs == 2
+
+
+def test_write_overrides_leaves_the_sections_it_does_not_set_as_written(workdir):
+    path = workdir / "params.yaml"
+    before = path.read_text()
+    vocabulary = before[before.index("  vocabulary: ["):before.index("]", before.index(
+        "  vocabulary: [")) + 1]
+    assert vocabulary.count("\n") >= 2  # a flow list over several lines, as shipped
+    write_overrides(path, ["unet.steps=7"])
+    after = path.read_text()
+    assert vocabulary in after  # ruamel alone would put the list on one line
+    assert load_params(path).unet.steps == 7
+    old, new = _top_level_sections(before), _top_level_sections(after)
+    assert list(old) == list(new) and old.pop("unet") != new.pop("unet") and old == new
