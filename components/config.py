@@ -457,7 +457,8 @@ def write_overrides(path: Path | str, overrides: list[str]) -> None:
     ry.width = 4096  # never re-wrap a long line (a template, a prompt)
     ry.indent(mapping=2, sequence=4, offset=2)  # lists stay indented as written
     path = Path(path)
-    doc = ry.load(path.read_text())
+    original = path.read_text()
+    doc = ry.load(original)
 
     def apply(node, over):
         for k, v in over.items():
@@ -472,7 +473,7 @@ def write_overrides(path: Path | str, overrides: list[str]) -> None:
     ry.dump(doc, buf)
     # ruamel re-flows what it re-emits (a flow list written over several lines becomes
     # one): the sections no override touched keep their text exactly as the user wrote it
-    before = _top_level_sections(path.read_text())
+    before = _top_level_sections(original)
     text = "".join(before[k] if k not in over and k in before else block
                    for k, block in _top_level_sections(buf.getvalue()).items())
     from components.contracts import atomic_write_text
