@@ -5,8 +5,10 @@ not by one run: held-out layout has ranged from 0.41 to 0.98 between runs that d
 only in the random initialisation (unet.text_drop 0), 0.86 to 1.0 with text_drop 0.5, and
 0.95 to 1.0 (seeds 0-3) with the logo rule and full_res_context, 0.97 to 1.0 with the
 44-epoch VAE of the defaults.
-Needs the outputs of `make run` (data/latents, models/vae); about 4 minutes a seed.
-Usage: python bench/bench_unet_seeds.py [--seeds 3] [--set unet.lr=0.002 ...]
+Each trained U-Net is measured on --eval-seeds evaluate seeds from evaluate.seed on (the
+quality target asks for two: 64 fresh images each).
+Needs the outputs of `make run` (data/latents, models/vae); 2-4 minutes a seed.
+Usage: python bench/bench_unet_seeds.py [--seeds 3] [--eval-seeds 2] [--set unet.lr=0.002 ...]
 """
 
 import argparse
@@ -31,14 +33,16 @@ from components.unet import train_unet  # noqa: E402
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=3, help="U-Net seeds 0..N-1 (N >= 1)")
+    ap.add_argument("--eval-seeds", type=int, default=2,
+                    help="evaluate each U-Net on this many evaluate seeds")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a params override for every seed, e.g. unet.lr=0.002")
     args = ap.parse_args()
     if not (LATENTS / "meta.json").exists() or not (VAE_DIR / "weights.safetensors").exists():
         print("bench_unet_seeds: no latent cache or VAE; run `make run` first")
         return 0
-    if args.seeds < 1:
-        ap.error("--seeds must be at least 1")
+    if args.seeds < 1 or args.eval_seeds < 1:
+        ap.error("--seeds and --eval-seeds must be at least 1")
     params = load_params(overrides=args.set)
     train = read_table(CAPTIONS, "captions").query("split == 'train'")
     rows = []
@@ -50,18 +54,23 @@ def main() -> int:
                        params.text_encoder.name, VAE_DIR)
             seconds = time.perf_counter() - t0
             gen = Generator.load(VAE_DIR, Path(tmp) / "unet", params.sampler)
-            adherence, _ = prompt_adherence(gen, params, train)
+            for k in range(args.eval_seeds):
+                ev = params.evaluate.seed + k
+                p = params.model_copy(update={"evaluate": params.evaluate.model_copy(
+                    update={"seed": ev})})
+                adherence, _ = prompt_adherence(gen, p, train)
+                rows.append((seed, ev, seconds, [adherence[f"prompt_adherence_{f}"]
+                                                 for f in ADHERENCE_FIELDS]))
         images = adherence["adherence_images"]
-        rows.append((seed, seconds, [adherence[f"prompt_adherence_{f}"]
-                                     for f in ADHERENCE_FIELDS]))
-    print(f"held-out adherence per U-Net seed ({images} images each; overrides: "
-          f"{', '.join(args.set) or 'none'})")
-    print(f"{'seed':>6} {'train s':>8} " + " ".join(f"{f:>15}" for f in ADHERENCE_FIELDS))
-    for seed, seconds, values in rows:
-        print(f"{seed:>6} {seconds:8.0f} " + " ".join(f"{v:15.3f}" for v in values))
+    print(f"held-out adherence per U-Net seed and evaluate seed ({images} images each; "
+          f"overrides: {', '.join(args.set) or 'none'})")
+    print(f"{'seed':>6} {'eval':>5} {'train s':>8} "
+          + " ".join(f"{f:>15}" for f in ADHERENCE_FIELDS))
+    for seed, ev, seconds, values in rows:
+        print(f"{seed:>6} {ev:>5} {seconds:8.0f} " + " ".join(f"{v:15.3f}" for v in values))
     for name, agg in [("min", min), ("mean", lambda v: sum(v) / len(v)), ("max", max)]:
-        print(f"{name:>6} {'':>8} " + " ".join(
-            f"{agg([r[2][i] for r in rows]):15.3f}" for i in range(len(ADHERENCE_FIELDS))))
+        print(f"{name:>6} {'':>5} {'':>8} " + " ".join(
+            f"{agg([r[3][i] for r in rows]):15.3f}" for i in range(len(ADHERENCE_FIELDS))))
     return 0
 
 
