@@ -6,6 +6,8 @@ Goal (issue "Models that learn"): >= 3x the training steps per second of diffuse
 model. diffusers is a bench-only dependency (`pip install -e '.[bench]'`); without it this
 bench says so and exits 0.
 Usage: python bench/bench_diffusers.py [--steps N] [--rounds R] [--batch B] [--n-feat 64,48]
+       [--set unet.cross_attention=false ...] (the plain course-style model: also
+       unet.pool_queries=0 and unet.full_res_context=false)
 """
 
 import argparse
@@ -76,6 +78,8 @@ def main() -> int:
                     help="U-Net widths to compare, e.g. 64,48 (default: unet.n_feat; 48 "
                          "is about 1M parameters)")
     ap.add_argument("--batch", type=int, default=0, help="default: unet.batch_size")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a params override, e.g. unet.cross_attention=false")
     args = ap.parse_args()
     try:
         import diffusers  # noqa: F401
@@ -83,7 +87,7 @@ def main() -> int:
         print("bench_diffusers: diffusers is not installed (pip install -e '.[bench]'); "
               "skipped")
         return 0
-    params = load_params(ROOT / "params.yaml")
+    params = load_params(ROOT / "params.yaml", overrides=args.set)
     cfg = params.unet
     down = 2 ** (len(params.vae.channel_mult) - 1)
     size = params.vae.image_size // down
@@ -107,8 +111,8 @@ def main() -> int:
               f"{rates['ours']:8.2f} {rates['ours'] / rates['theirs']:7.2f}x")
         print(f"{'diffusers UNet2DCondition':28s} {n_params(theirs):10,d} "
               f"{rates['theirs']:8.2f}")
-    print(f"(latent {shape}, batch {batch}, {TOKENS} caption tokens, bf16={bf16}; "
-          "goal >= 3x)")
+    print(f"(latent {shape}, batch {batch}, {TOKENS} caption tokens, bf16={bf16}, "
+          f"overrides: {', '.join(args.set) or 'none'}; goal >= 3x)")
     return 0
 
 
