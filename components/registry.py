@@ -259,10 +259,13 @@ def data_version(root: Path) -> dict[str, str]:
     for stage, key, tag in [("ocr", "cer", "ocr_cer"), ("validate", "gx_success", None),
                             ("validate", "expectations", "gx_expectations"),
                             ("validate", "expectations_failed", "gx_expectations_failed"),
-                            ("validate", "quarantined", None)]:
+                            ("validate", "quarantined", None),
+                            ("validate", "dataset_problems", None)]:
         path = root / contracts.metrics_path(stage)
         value = json.loads(path.read_text()).get(key) if path.exists() else None
-        if value is not None:
+        if isinstance(value, list):
+            v[f"data.{tag or key}"] = "; ".join(value) or "none"
+        elif value is not None:
             v[f"data.{tag or key}"] = str(value).lower()
     return v
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,34 @@ def quarantine_reasons(df: pd.DataFrame, result: Any,
     return out
 
 
+def dataset_problems(result: Any, cfg: Validate) -> list[str]:
+    """The dataset-health checks that failed (expectations without a quarantine reason:
+    their rows are kept), one line each naming what to look at. A quarantined row also
+    fails the GX suite, so gx_success alone cannot tell a run with a few bad files from
+    one whose OCR broke."""
+    out = []
+    for r in result.results:
+        if r.success or (r.expectation_config.meta or {}).get("reason"):
+            continue
+        column = r.expectation_config.kwargs.get("column")
+        share = (r.result.get("unexpected_percent") or 0.0) / 100
+        if column == "ocr_error":
+            out.append(f"{share:.1%} of images failed OCR (validate.max_ocr_error_share "
+                       f"{cfg.max_ocr_error_share:g}): see the error column of {OCR_TABLE}; "
+                       "check Tesseract and ocr.lang")
+        elif column == "ocr_text":
+            out.append(f"{share:.1%} of images read over {cfg.max_text_chars} characters of "
+                       f"text (validate.max_long_text_share {cfg.max_long_text_share:g}): "
+                       "documents or photos among the sources? check scrape.sources, or "
+                       "raise validate.max_text_chars")
+        elif column == "ocr_conf":
+            out.append(f"OCR confidences outside 0-100 in {OCR_TABLE}: re-run the ocr stage "
+                       "with --force")
+        else:
+            out.append(f"{r.expectation_config.type} failed; see {GX_RESULTS}")
+    return out
+
+
 def validate(params: Params) -> dict:
     cfg = params.validate_
     manifest = read_table(RAW_MANIFEST, "raw_manifest")
@@ -182,11 +211,16 @@ def validate(params: Params) -> dict:
     write_table(valid, VALID_MANIFEST, "validated_manifest")
 
     failed = [r for r in result.results if not r.success]
+    problems = dataset_problems(result, cfg)
+    for line in problems:
+        print(f"validate: dataset check failed: {line}", file=sys.stderr)
     counts = Counter(k for i in bad for k, _t in reasons[i])
     return {"images_in": len(df), "valid": len(valid), "quarantined": len(bad),
             "quarantine_reasons": dict(sorted(counts.items())),
             "gx_success": bool(result.success), "expectations": len(result.results),
             "expectations_failed": len(failed),
+            # rows are quarantined above; these are the checks on the data as a whole
+            "dataset_problems": problems,
             "ocr_errors": int((~df["ocr_error"].isin(["", "not an image"])).sum()),
             # kept, read as RGB by every stage (contracts.to_rgb): worth knowing, not a fault
             "converted_modes": {str(k): int(v) for k, v in valid.loc[

@@ -151,10 +151,13 @@ def summary(results: list[dict]) -> str:
         return "n/a" if v is None else format(v, spec)
 
     val_in, quarantined = _metric("validate", "images_in"), _metric("validate", "quarantined")
+    problems = _metric("validate", "dataset_problems")
     lines = ["", "tinyldm run summary",
              "  stages:       " + ", ".join(f"{r['stage']} {'ran' if r['ran'] else 'cached'}"
                                            f" {r['seconds']}s" for r in results),
-             f"  images:       {fmt(val_in)} in, {fmt(quarantined)} quarantined",
+             f"  images:       {fmt(val_in)} in, {fmt(quarantined)} quarantined; dataset "
+             "checks " + ("FAILED: " + "; ".join(problems) if problems
+                          else "passed" if problems == [] else "n/a"),
              f"  OCR CER:      {fmt(_metric('ocr', 'cer'), '.4f')} (vs generator ground truth)",
              f"  VAE PSNR:     {fmt(_metric('vae', 'val_psnr'), '.2f')} dB (val)",
              "  adherence:    " + ", ".join(

@@ -109,12 +109,14 @@ def test_data_version_reads_dvc_lock_and_ocr_cer(tmp_path: Path) -> None:
     (tmp_path / "reports/metrics").mkdir(parents=True)
     (tmp_path / "reports/metrics/ocr.json").write_text(json.dumps({"cer": 0.12}))
     (tmp_path / "reports/metrics/validate.json").write_text(json.dumps(
-        {"gx_success": True, "expectations": 9, "expectations_failed": 0, "quarantined": 4}))
+        {"gx_success": True, "expectations": 9, "expectations_failed": 0, "quarantined": 4,
+         "dataset_problems": []}))
     v = registry.data_version(tmp_path)
     assert v["dvc.data/raw"] == "abc.dir"
     assert v["data.ocr_cer"] == "0.12"
     assert v["data.gx_success"] == "true" and v["data.gx_expectations"] == "9"
     assert v["data.gx_expectations_failed"] == "0" and v["data.quarantined"] == "4"
+    assert v["data.dataset_problems"] == "none"
 
 
 def test_resolve_model_uri() -> None:

@@ -5,16 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image, ImageDraw
 
 from components.config import load_params
 from components.contracts import (
+    OCR_TABLE,
     QUARANTINE,
     RAW_MANIFEST,
     VALID_MANIFEST,
     UserError,
     read_table,
+    write_table,
 )
 from components.scrape import scrape
 from components.validate import GX_RESULTS, GX_SUITE, validate
@@ -221,3 +224,37 @@ def test_manifest_of_an_older_version_means_reading_everything_again(repo: Path)
     old.to_parquet(RAW_MANIFEST)  # as an older tinyldm wrote it
     m = scrape(params)
     assert m["images"] == 1 and "reused" not in m
+
+
+def _ocr_table(errors: dict[str, str]) -> None:
+    """An OCR table for every collected image; `errors`: id -> error text."""
+    ids = read_table(RAW_MANIFEST, "raw_manifest")["id"].tolist()
+    write_table(pd.DataFrame({"id": ids, "text": "SALE", "mean_conf": 90.0, "n_words": 1,
+                              "words": "[]", "engine_version": "5", "settings_hash": "x",
+                              "error": [errors.get(i, "") for i in ids]}),
+                OCR_TABLE, "ocr")
+
+
+def test_dataset_checks_are_told_apart_from_quarantined_rows(repo: Path, capsys) -> None:
+    """A quarantined file fails the GX suite, so gx_success cannot tell it from a broken
+    OCR run: the failed dataset checks are listed on their own, with what to look at."""
+    src = repo / "in"
+    src.mkdir()
+    for i, colour in enumerate(["red", "blue", "green", "purple"]):
+        _poster((64, 64), colour).save(src / f"p{i}.png")
+    _poster((20, 20), "green").save(src / "tiny.png")
+    params = _collect(src)
+    _ocr_table({})
+    metrics = validate(params)
+    assert metrics["quarantined"] == 1 and metrics["gx_success"] is False
+    assert metrics["dataset_problems"] == []
+    assert "dataset check" not in capsys.readouterr().err
+
+    ids = read_table(RAW_MANIFEST, "raw_manifest")["id"].tolist()
+    _ocr_table({ids[0]: "tesseract not found", ids[1]: "timeout"})
+    metrics = validate(params)
+    assert len(metrics["dataset_problems"]) == 1
+    assert metrics["dataset_problems"][0].startswith("40.0% of images failed OCR")
+    err = capsys.readouterr().err
+    assert "validate: dataset check failed: 40.0% of images failed OCR" in err
+    assert "ocr.lang" in err
