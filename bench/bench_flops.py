@@ -5,7 +5,8 @@ reference is a 2048^3 matmul in the same precision the training uses (bf16 where
 has native bf16, as `bf16: auto` decides; on CUDA an 8192^3 bf16 matmul). Goal (issue
 "Models that learn"): >= 50% of that peak on the CPU. Needs no data: random inputs of the
 default shapes; --batch times other batch sizes too (on a GPU the default batch is bound
-by per-step overhead, not arithmetic).
+by per-step overhead, not arithmetic). Under each model, "convs alone": its convolutions
+timed one by one at their training-step shapes, the ceiling this box's conv kernels set.
 Usage: python bench/bench_flops.py [--steps N] [--device cpu|cuda] [--batch 16,64,256]
 """
 
@@ -48,6 +49,34 @@ def flops_of(fn) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
+
+
+def conv_ceiling(model: torch.nn.Module, step, bf16: bool, steps: int) -> tuple[int, float]:
+    """The model's own convolutions, each timed alone (forward + backward, at the input
+    shape it gets in a training step): (FLOPs, seconds) summed over them. Their FLOP/s is
+    what the step could reach with everything else (norms, activations, attention, the
+    optimizer) free: the ceiling the conv kernels of this box set for these shapes."""
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    shapes: dict[torch.nn.Module, tuple[torch.Size, bool]] = {}
+
+    def record(module: torch.nn.Module, args: tuple) -> None:
+        shapes.setdefault(module, (args[0].shape, args[0].requires_grad))
+    hooks = [m.register_forward_pre_hook(record) for m in convs]
+    step()
+    for h in hooks:
+        h.remove()
+    flops = seconds = 0
+    for conv in convs:
+        shape, grad = shapes[conv]  # the first conv's input (the data) needs no gradient
+        x = torch.randn(shape, device=next(conv.parameters()).device, requires_grad=grad)
+
+        def fwd_bwd(conv=conv, x=x) -> None:
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+                y = conv(x)
+            y.float().sum().backward()
+        flops += flops_of(fwd_bwd)
+        seconds += timed(fwd_bwd, steps)
+    return flops, seconds
 
 
 def main() -> int:
@@ -104,6 +133,11 @@ def main() -> int:
             n = sum(p.numel() for p in model.parameters())
             print(f"{name:6s} {n / 1e6:7.2f}M {size:5d} {flops / 1e9:10.2f} {seconds:7.4f} "
                   f"{flops / seconds / 1e9:8.1f} {flops / seconds / peak:7.1%}", flush=True)
+            cflops, cseconds = conv_ceiling(model, step, bf16, args.steps)
+            print(f"{'  convs alone':20s} {cflops / 1e9:10.2f} {cseconds:7.4f} "
+                  f"{cflops / cseconds / 1e9:8.1f} {cflops / cseconds / peak:7.1%}  "
+                  f"({cflops / flops:.0%} of the FLOPs, {cseconds / seconds:.0%} of the time)",
+                  flush=True)
     return 0
 
 
