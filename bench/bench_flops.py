@@ -134,7 +134,7 @@ def main() -> int:
             print(f"{name:6s} {n / 1e6:7.2f}M {size:5d} {flops / 1e9:10.2f} {seconds:7.4f} "
                   f"{flops / seconds / 1e9:8.1f} {flops / seconds / peak:7.1%}", flush=True)
             cflops, cseconds = conv_ceiling(model, step, bf16, args.steps)
-            print(f"{'  convs alone':20s} {cflops / 1e9:10.2f} {cseconds:7.4f} "
+            print(f"{'  convs alone':21s} {cflops / 1e9:10.2f} {cseconds:7.4f} "
                   f"{cflops / cseconds / 1e9:8.1f} {cflops / cseconds / peak:7.1%}  "
                   f"({cflops / flops:.0%} of the FLOPs, {cseconds / seconds:.0%} of the time)",
                   flush=True)
