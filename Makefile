@@ -19,7 +19,7 @@ system-deps:
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)" $(TORCH_PIP_ARGS)
-	$(PY) -m pip install -q -e '.[dev]' "$(TORCH)"
+	$(PY) -m pip install -q -e '.[dev,postgres,dask]' "$(TORCH)"
 	touch $@
 
 run: setup

@@ -1,6 +1,8 @@
 """U-Net training throughput: tinyldm's Context U-Net vs diffusers' UNet2DConditionModel
 at about the same parameter count, latent size, batch, caption tokens and precision,
-timed side by side in one run.
+timed side by side in one run. Both take the step the unet stage takes
+(components.training.runtime.train_step on components.models.diffusion.training_loss:
+precision, gradient clipping, LR schedule and EMA included), on the stage's device.
 
 Goal (issue "Models that learn"): >= 3x the training steps per second of diffusers'
 model. diffusers is a bench-only dependency (`pip install -e '.[bench]'`); without it this
@@ -11,20 +13,20 @@ Usage: python bench/bench_diffusers.py [--steps N] [--rounds R] [--batch B] [--n
 """
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
 
+import torch
+
+from components.config import Unet as UnetCfg
+from components.config import load_params
+from components.models.diffusion import NoiseSchedule, training_loss
+from components.models.unet import ContextUnet
+from components.training.runtime import Runtime, adamw, cosine_with_warmup, runtime, train_step
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from components.config import load_params  # noqa: E402
-from components.training import adamw, bf16_enabled  # noqa: E402
-from components.unet import ContextUnet  # noqa: E402
-
 TOKENS, TEXT_DIM = 32, 384  # MiniLM token states (default captions: <= 29 tokens)
 
 
@@ -53,20 +55,37 @@ def diffusers_unet(target: int, channels: int, size: int):
     return best
 
 
-def time_steps(model, batch: int, shape, steps: int, bf16: bool, call) -> float:
-    opt = adamw(model.parameters(), 1e-3, 0.0)  # what the unet stage uses, for both
+class Diffusers(torch.nn.Module):
+    """diffusers' U-Net called the way training_loss calls ours: (noisy latents, timestep
+    in [0, 1], caption token states) -> prediction; diffusers takes integer timesteps."""
+
+    def __init__(self, model: torch.nn.Module, timesteps: int):
+        super().__init__()
+        self.model, self.last = model, timesteps - 1
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.model(x, t * self.last, encoder_hidden_states=c).sample
+
+
+def time_steps(rt: Runtime, model: torch.nn.Module, ema_model: torch.nn.Module,
+               schedule: NoiseSchedule, cfg: UnetCfg, batch: int, shape, steps: int) -> float:
+    """Steps per second of the step the unet stage takes (components/training/unet.py):
+    train_step with training_loss, the stage's AdamW, LR schedule, gradient clipping and
+    EMA, the loss read back every step as the stage does."""
+    net = rt.wrap(model)
+    params, ema_params = list(model.parameters()), list(ema_model.parameters())
+    opt = adamw(params, cfg.lr, 0.0)
+    sched = cosine_with_warmup(opt, cfg.warmup, cfg.steps)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn((batch, *shape), generator=gen)
-    tokens = torch.randn((batch, TOKENS, TEXT_DIM), generator=gen)
-    t = torch.rand(batch, generator=gen)
+    x = torch.randn((batch, *shape), generator=gen).to(rt.device)
+    tokens = torch.randn((batch, TOKENS, TEXT_DIM), generator=gen).to(rt.device)
     for i in range(steps + 3):  # 3 warm-up steps
         if i == 3:
             start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = F.mse_loss(call(model, x, t, tokens).float(), x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss = train_step(rt, lambda: training_loss(net, schedule, x, tokens, cfg.cond_drop,
+                                                    gen, (rt.rank, rt.world)),
+                          opt, sched, params, ema_params, cfg.ema, i)
+        loss.item()
     return steps / (time.perf_counter() - start)
 
 
@@ -93,26 +112,31 @@ def main() -> int:
     size = params.vae.image_size // down
     shape = (params.vae.latent_channels, size, size)
     batch = args.batch or cfg.batch_size
-    bf16 = bf16_enabled(cfg.bf16)
+    rt = runtime(cfg.device, cfg.bf16, "unet")  # device and precision as the stage has them
+    bf16 = rt.precision == "bf16"
+    schedule = NoiseSchedule(params.diffusion)
     print(f"{'model':28s} {'params':>10s} {'steps/s':>8s} {'speed-up':>8s}")
     for n_feat in args.n_feat or [cfg.n_feat]:
         torch.manual_seed(0)
         ours = ContextUnet.from_config(cfg, shape[0], TEXT_DIM, size, n_feat).train()
-        theirs = diffusers_unet(n_params(ours), shape[0], size).train()
+        ours_ema = ContextUnet(**ours.config()).eval()  # as the unet stage keeps it
+        ours_ema.load_state_dict(ours.state_dict())
+        theirs = Diffusers(diffusers_unet(n_params(ours), shape[0], size),
+                           schedule.num_timesteps).train()
+        theirs_ema = copy.deepcopy(theirs).eval()
+        for ema in (ours_ema, theirs_ema):
+            ema.requires_grad_(False).to(rt.device)
         rates = {"ours": 0.0, "theirs": 0.0}
         for _ in range(args.rounds):  # interleaved; the best round of each counts
-            for key, model, call in [
-                    ("ours", ours, lambda m, x, t, c: m(x, t, c)),
-                    ("theirs", theirs,
-                     lambda m, x, t, c: m(x, t * 999, encoder_hidden_states=c).sample)]:
-                rates[key] = max(rates[key], time_steps(model, batch, shape, args.steps, bf16,
-                                                        call))
+            for key, model, ema in [("ours", ours, ours_ema), ("theirs", theirs, theirs_ema)]:
+                rates[key] = max(rates[key], time_steps(rt, model, ema, schedule, cfg, batch,
+                                                        shape, args.steps))
         print(f"{f'tinyldm ContextUnet n_feat {n_feat}':28s} {n_params(ours):10,d} "
               f"{rates['ours']:8.2f} {rates['ours'] / rates['theirs']:7.2f}x")
         print(f"{'diffusers UNet2DCondition':28s} {n_params(theirs):10,d} "
               f"{rates['theirs']:8.2f}")
-    print(f"(latent {shape}, batch {batch}, {TOKENS} caption tokens, bf16={bf16}, "
-          f"overrides: {', '.join(args.set) or 'none'}; goal >= 3x)")
+    print(f"(latent {shape}, batch {batch}, {TOKENS} caption tokens, bf16={bf16} on "
+          f"{rt.device.type}, overrides: {', '.join(args.set) or 'none'}; goal >= 3x)")
     return 0
 
 

@@ -18,10 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from components.config import load_params  # noqa: E402
-from components.ocr import ocr  # noqa: E402
-from components.scrape import scrape  # noqa: E402
-from components.synthetic import render  # noqa: E402
-from components.validate import validate  # noqa: E402
+from components.ingest.ocr import ocr  # noqa: E402
+from components.ingest.scrape import scrape  # noqa: E402
+from components.ingest.synthetic import render  # noqa: E402
+from components.ingest.validate import validate  # noqa: E402
 
 
 def write_folder(folder: Path, start: int, n: int, params) -> None:

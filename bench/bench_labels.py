@@ -22,8 +22,9 @@ os.chdir(ROOT)
 from PIL import Image  # noqa: E402
 
 from components.config import load_params  # noqa: E402
-from components.labels import ACCURACY_FIELDS, auto_labels  # noqa: E402
-from components.synthetic import render  # noqa: E402
+from components.ingest.synthetic import render  # noqa: E402
+from components.labelling.labeller import auto_labels
+from components.labelling.labels import ACCURACY_FIELDS  # noqa: E402
 
 
 def main() -> int:

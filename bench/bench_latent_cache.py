@@ -24,12 +24,13 @@ import torch  # noqa: E402
 
 from components.config import load_params  # noqa: E402
 from components.contracts import CAPTIONS, LATENTS, VAE_DIR, read_table  # noqa: E402
-from components.diffusion import NoiseSchedule, training_loss  # noqa: E402
-from components.latents import LatentCache, pad_stack  # noqa: E402
-from components.text_encoders import get_encoder  # noqa: E402
-from components.training import adamw, bf16_enabled  # noqa: E402
-from components.unet import ContextUnet  # noqa: E402
-from components.vae import load_batch, load_vae  # noqa: E402
+from components.models.diffusion import NoiseSchedule, training_loss  # noqa: E402
+from components.models.text_encoders import get_encoder  # noqa: E402
+from components.models.unet import ContextUnet  # noqa: E402
+from components.models.images import load_batch  # noqa: E402
+from components.models.vae import load_vae  # noqa: E402
+from components.training.latents import LatentCache, pad_stack  # noqa: E402
+from components.training.runtime import adamw, bf16_enabled  # noqa: E402
 
 
 def main() -> int:

@@ -21,8 +21,8 @@ os.chdir(ROOT)
 from PIL import Image  # noqa: E402
 
 from components.config import load_params  # noqa: E402
-from components.ocr import cer, read_texts  # noqa: E402
-from components.synthetic import render  # noqa: E402
+from components.ingest.ocr import cer, read_texts  # noqa: E402
+from components.ingest.synthetic import render  # noqa: E402
 
 
 def main() -> int:

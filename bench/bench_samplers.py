@@ -19,8 +19,8 @@ os.chdir(ROOT)
 
 from components.config import Sampler, load_params  # noqa: E402
 from components.contracts import CAPTIONS, UNET_DIR, VAE_DIR, read_table  # noqa: E402
-from components.evaluate import prompt_adherence  # noqa: E402
-from components.generator import Generator  # noqa: E402
+from components.judge.evaluate import prompt_adherence  # noqa: E402
+from components.models.generator import Generator  # noqa: E402
 
 RUNS = [("ddpm", 1000), ("ddim", 50), ("dpmpp2m", 20)]
 

@@ -25,9 +25,9 @@ os.chdir(ROOT)
 
 from components.config import load_params  # noqa: E402
 from components.contracts import CAPTIONS, LATENTS, VAE_DIR, read_table  # noqa: E402
-from components.evaluate import ADHERENCE_FIELDS, prompt_adherence  # noqa: E402
-from components.generator import Generator  # noqa: E402
-from components.unet import train_unet  # noqa: E402
+from components.judge.evaluate import ADHERENCE_FIELDS, prompt_adherence  # noqa: E402
+from components.models.generator import Generator  # noqa: E402
+from components.training.unet import train_unet  # noqa: E402
 
 
 def main() -> int:

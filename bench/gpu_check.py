@@ -39,11 +39,11 @@ def main() -> None:
           f"{torch.cuda.get_device_name() if cuda else 'none'}; "
           f"bf16 on it: {cuda and torch.cuda.is_bf16_supported()}", flush=True)
 
-    from components.evaluate import prompt_adherence
-    from components.generator import Generator
-    from components.latents import latents
-    from components.unet import unet
-    from components.vae import vae
+    from components.judge.evaluate import prompt_adherence
+    from components.models.generator import Generator
+    from components.training.unet import unet
+    from components.training.vae import vae
+    from components.training.latents import latents
 
     report: dict = {"torch": torch.__version__, "cuda": cuda, "set": args.set}
     for name, stage in (("vae", vae), ("latents", latents), ("unet", unet)):

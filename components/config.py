@@ -94,7 +94,7 @@ class Brand(Section):
     font: str
     # logo files (transparent PNG: the mark is the opaque part); the labeller looks for
     # each at any scale; the built-in generator draws the first
-    logos: list[str] = []
+    logos: list[str]
 
     @model_validator(mode="after")
     def _hex(self) -> Brand:
@@ -248,9 +248,9 @@ class Diffusion(Section):
 
 
 class Sampler(Section):
-    name: Literal["ddpm", "ddim", "dpmpp2m"] = "ddim"
-    steps: int = Field(50, ge=1, le=4000)
-    guidance: float = Field(3.0, ge=0, le=50)
+    name: Literal["ddpm", "ddim", "dpmpp2m"] = "dpmpp2m"
+    steps: int = Field(20, ge=1, le=4000)
+    guidance: float = Field(2.0, ge=0, le=50)
     eta: float = Field(0.0, ge=0, le=1)
 
 
@@ -270,13 +270,15 @@ class Unet(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     processes: int = Field(1, ge=1, le=64)  # data-parallel processes (torchrun) on this box
     checkpoint_every: int = Field(250, ge=0)  # steps; 0: never
+    log_every: int = Field(50, ge=1)  # steps per point of the loss curve (loss.csv, MLflow)
+    sample_every: int = Field(700, ge=0)  # steps between sample grids in MLflow; 0: none
     seed: int = 0
 
 
 class Evaluate(Section):
     prompts: list[str] = Field(min_length=1)
     seed: int = 0
-    adherence_seeds: int = Field(2, ge=1, le=64)
+    adherence_seeds: int = Field(4, ge=1, le=64)
     prompt_seeds: int = Field(4, ge=2, le=16)
     fid_images: int = Field(128, ge=8, le=10_000)
     text_recall_images: int = Field(48, ge=0, le=10_000)
@@ -296,8 +298,9 @@ class Register(Section):
     model_name: str = Field("tinyldm", pattern=r"^[\w.-]+$")
     experiment: str = "tinyldm"
     gate: list[GateRule] = Field(
-        default=[GateRule(metric="prompt_adherence_background")], min_length=1)
-
+        default=[GateRule(metric="fd", direction="min"),
+                 GateRule(metric="prompt_adherence_background", min_margin=-0.05)],
+        min_length=1)
 
 
 class Retrain(Section):

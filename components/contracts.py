@@ -26,9 +26,6 @@ class UserError(Exception):
     """A failure the user can fix; the CLI prints it as one line, no traceback."""
 
 
-STAGES = ["scrape", "ocr", "validate", "labels", "vae", "latents", "unet", "evaluate",
-          "register"]
-
 # ------------------------------------------------------------------ paths
 DATA = Path("data")
 RAW = DATA / "raw"

@@ -1,320 +1,356 @@
-"""The `tinyldm` command: every thing a person can do, as a verb. Wiring only."""
+"""The `tinyldm` command line: every thing a person can do with tinyldm, as a verb.
+
+A failure the user can fix (components.contracts.UserError) ends in one line on stderr and
+exit code 1; a mistyped command line is Typer's usage error, exit code 2; Ctrl-C, 130.
+Nothing imports this module: what the flows share with it lives in flows/env.py.
+"""
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import importlib
-import os
 import sys
+from enum import Enum
+from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
-# Embedded defaults: no telemetry, a patient temporary Prefect server.
-for _k, _v in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1",
-               "MLFLOW_DISABLE_TELEMETRY": "true", "GX_ANALYTICS_ENABLED": "false",
-               "DO_NOT_TRACK": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-               "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-               "TOKENIZERS_PARALLELISM": "false",
-               "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}.items():
-    os.environ.setdefault(_k, _v)
+import typer
+from typer.core import TyperGroup
 
-from components.contracts import STAGES, UserError  # noqa: E402
+from components.contracts import UserError
+from components.stages import ENTRIES
+from flows.env import set_defaults, venv_on_path
 
-# stage name -> "module:function"; each function takes Params and returns a metrics dict
-STAGE_FUNCS = {
-    "scrape": "components.scrape:scrape",
-    "ocr": "components.ocr:ocr",
-    "validate": "components.validate:validate",
-    "labels": "components.labels:labels",
-    "vae": "components.vae:vae",
-    "latents": "components.latents:latents",
-    "unet": "components.unet:unet",
-    "evaluate": "components.evaluate:evaluate",
-    "register": "components.registry:register",
-}
-assert list(STAGE_FUNCS) == STAGES
-STAGE_ERRORS = Path(".cache") / "stage-errors"  # <stage>.txt: the last failed run's one line
+if TYPE_CHECKING:
+    from components.config import Params
 
+set_defaults()  # no telemetry, a patient temporary Prefect server (unless the user says so)
 
-def venv_on_path() -> None:
-    """Child commands (dvc's `tinyldm stage`, mlflow's uvicorn) must find this environment's
-    scripts, also when the venv is not activated."""
-    bin_dir = str(Path(sys.executable).parent)
-    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+INTERRUPTED = "tinyldm: interrupted; finished stages are kept, run again to resume"
+PARAMS_FILE = Path("params.yaml")
+PIPELINE, LABELS, MODELS = "Pipeline", "Labels", "Models"  # the groups of verbs in --help
+
+# The dvc.yaml stages, as choices; --help lists them in the argument's help, where Rich
+# wraps them between words (the choices column would fold them mid-name).
+Stage = Enum("stage", {name: name for name in ENTRIES}, type=str)
+
+# The two options every verb takes.
+Overrides = Annotated[list[str] | None, typer.Option(
+    "--set", metavar="KEY=VALUE", show_default=False,
+    help="Override a params key for this command: dotted key, YAML value, "
+         "e.g. --set unet.steps=2000. Repeatable.")]
+ParamsFile = Annotated[Path, typer.Option("--params", help="The params file to read.")]
+ModelUri = Annotated[str | None, typer.Option(
+    "--model", show_default=False,
+    help="Model URI. Default: the champion, models:/<register.model_name>@champion.")]
 
 
-def _params(args):
+class Verbs(TyperGroup):
+    """Runs a verb; a failure the user can fix is one line on stderr, not a traceback."""
+
+    def invoke(self, ctx: typer.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            print(f"tinyldm: error: {e}", file=sys.stderr)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            print(INTERRUPTED, file=sys.stderr)
+            raise typer.Exit(130) from None
+
+
+app = typer.Typer(cls=Verbs, name="tinyldm", no_args_is_help=True, add_completion=False,
+                  rich_markup_mode="rich", pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
+labels_app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich",
+                         context_settings={"help_option_names": ["-h", "--help"]})
+app.add_typer(labels_app, name="labels", rich_help_panel=LABELS,
+              help="Labels: export to and import from Label Studio, coverage stats.")
+
+
+def _print_version(show: bool) -> None:
+    if not show:
+        return
+    try:
+        print(f"tinyldm {metadata.version('tinyldm')}")
+    except metadata.PackageNotFoundError:
+        print("tinyldm (not installed: pip install -e . in the repository)")
+    raise typer.Exit()
+
+
+@app.callback()
+def _tinyldm(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="Print the version and exit.")] = False,
+) -> None:
+    """Train a small latent text-to-image diffusion model on your own brand graphics, as a
+    repeatable pipeline (DVC, Prefect, MLflow), then generate with it, compare, promote and
+    serve its versions.
+
+    Run it from the project folder (the one holding dvc.yaml and params.yaml).
+    """
+
+
+def _params(params_file: Path, overrides: list[str] | None) -> Params:
     from components.config import load_params
 
-    return load_params(args.params, args.set)
+    return load_params(params_file, overrides or [])
 
 
-def cmd_stage(args) -> int:
-    from components.contracts import write_metrics
-
-    if args.name not in STAGE_FUNCS:
-        raise UserError(f"unknown stage {args.name!r}; stages: {', '.join(STAGES)}")
-    params = _params(args)
-    section = getattr(params, args.name, None)
-    if getattr(section, "processes", 1) > 1 and "WORLD_SIZE" not in os.environ:
-        return _torchrun(args, section.processes)
-    module, func = STAGE_FUNCS[args.name].split(":")
-    from flows.fanout import stage_kwargs  # per-image stages: the task runner of params.scale
-
-    stage = getattr(importlib.import_module(module), func)
-    metrics = stage(params, **stage_kwargs(args.name, params))
-    if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports
-        return 0
-    write_metrics(args.name, metrics)
-    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                      for k, v in metrics.items() if not isinstance(v, dict | list))
-    print(f"{args.name}: {shown}")
-    return 0
-
-
-def _torchrun(args, processes: int) -> int:
-    """The same stage in `processes` data-parallel processes on this machine (torchrun,
-    standalone rendezvous); each runs this command again, with WORLD_SIZE set."""
-    import subprocess
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={processes}", "-m", "flows.cli", "stage", args.name,
-           "--params", str(args.params)] + [f"--set={x}" for x in args.set or []]
-    print(f"{args.name}: {processes} data-parallel processes (torchrun)")
-    return subprocess.call(cmd)
-
-
-def _params_recorded(args):
+def _params_recorded(params_file: Path, overrides: list[str] | None) -> Params:
     """Validated params, with --set values written to the file first (DVC reads it)."""
     from components.config import write_overrides
 
-    params = _params(args)  # validate before anything starts
-    if args.set:
-        write_overrides(args.params, args.set)
-        print(f"{args.params}: set {', '.join(args.set)} (recorded so dvc.lock matches)")
+    params = _params(params_file, overrides)  # validate before anything starts
+    if overrides:
+        write_overrides(params_file, overrides)
+        print(f"{params_file}: set {', '.join(overrides)} (recorded so dvc.lock matches)")
     return params
 
 
-def cmd_run(args) -> int:
-    params = _params_recorded(args)
+# ---------------------------------------------------------------- pipeline
+@app.command(rich_help_panel=PIPELINE)
+def run(
+    force: Annotated[bool, typer.Option(
+        "--force", help="Re-run every stage, also those that are up to date.")] = False,
+    overrides: Overrides = None,
+    params_file: ParamsFile = PARAMS_FILE,
+) -> None:
+    """Run the whole pipeline: a Prefect flow over the dvc.yaml stages.
+
+    Stages whose inputs did not change are skipped. --set values are written to the
+    params file first, so that dvc.lock records what ran.
+    """
+    params = _params_recorded(params_file, overrides)
     from flows.pipeline import run_pipeline
 
-    run_pipeline(force=args.force, on_busy=params.retrain.on_busy,
+    run_pipeline(force=force, on_busy=params.retrain.on_busy,
                  busy_timeout_s=params.retrain.busy_timeout_s)
-    return 0
 
 
-def cmd_retrain(args) -> int:
-    _params_recorded(args)
+@app.command(rich_help_panel=PIPELINE)
+def retrain(overrides: Overrides = None, params_file: ParamsFile = PARAMS_FILE) -> None:
+    """One retraining run now.
+
+    Scrape; stop there if no image and no manual label changed; else run the pipeline,
+    dvc push, and put dvc.lock in git as params `retrain` says.
+    """
+    _params_recorded(params_file, overrides)
     from flows.retrain import run_retrain
 
     run_retrain()
-    return 0
 
 
-def cmd_schedule(args) -> int:
-    _params_recorded(args)
+@app.command(rich_help_panel=PIPELINE)
+def schedule(
+    cron: Annotated[str, typer.Option(
+        show_default=False, help='When to retrain, e.g. "0 3 * * 1": Mondays at 03:00.')],
+    timezone: Annotated[str, typer.Option(
+        help="IANA time zone of --cron, e.g. Europe/Paris.")] = "UTC",
+    name: Annotated[str, typer.Option(help="Name of the Prefect deployment.")] = "retrain",
+    overrides: Overrides = None,
+    params_file: ParamsFile = PARAMS_FILE,
+) -> None:
+    """Retrain on a cron schedule: serve the retraining flow as a Prefect deployment.
+
+    Needs a Prefect server (PREFECT_API_URL). Ctrl-C stops serving; the schedule stays.
+    """
+    _params_recorded(params_file, overrides)
     from flows.retrain import serve_schedule
 
-    serve_schedule(args.cron, args.timezone, args.name)
-    return 0
+    serve_schedule(cron, timezone, name)
 
 
-def cmd_generate(args) -> int:
-    from components.registry import generate_png, resolve_model_uri
+@app.command("stage", rich_help_panel=PIPELINE)
+def stage_(
+    name: Annotated[Stage, typer.Argument(
+        metavar="NAME", show_choices=False, show_default=False,
+        help=f"The dvc.yaml stage to run: {', '.join(ENTRIES)}.")],
+    overrides: Overrides = None,
+    params_file: ParamsFile = PARAMS_FILE,
+) -> None:
+    """Run one stage of dvc.yaml in this process (what `dvc repro` calls)."""
+    from flows.stage import run_stage
 
-    params = _params(args)
-    uri = resolve_model_uri(args.model, params)
-    png = generate_png(uri, args.prompt, seed=args.seed, steps=args.steps,
-                       guidance=args.guidance, width=args.width, height=args.height)
+    run_stage(name.value, params_file, overrides or [])
+
+
+@app.command("params", rich_help_panel=PIPELINE)
+def params_(overrides: Overrides = None, params_file: ParamsFile = PARAMS_FILE) -> None:
+    """Print the validated parameters, --set values applied (the file is not changed)."""
+    import yaml
+
+    print(yaml.safe_dump(_params(params_file, overrides).model_dump(mode="json", by_alias=True),
+                         sort_keys=False), end="")
+
+
+# ---------------------------------------------------------------- labels
+@labels_app.command("export")
+def labels_export(
+    out: Annotated[Path, typer.Option(help="Folder to write the config and tasks to.")]
+    = Path("data/labels"),
+    image_url: Annotated[str, typer.Option(
+        help="Prefix of each image's URL in the tasks. The default is Label Studio's "
+             "local-files serving, with this folder as document root.")]
+    = "/data/local-files/?d=",
+    overrides: Overrides = None,
+    params_file: ParamsFile = PARAMS_FILE,
+) -> None:
+    """Write a Label Studio labelling config and tasks, current labels as predictions."""
+    from components.labelling.labelstudio import export
+
+    config, tasks, n = export(_params(params_file, overrides), out, image_url)
+    print(f"wrote {config} (labelling config) and {tasks} ({n} tasks with the current "
+          "labels as predictions); README 'Labelling in Label Studio' says what next")
+
+
+@labels_app.command("import")
+def labels_import(
+    file: Annotated[Path, typer.Argument(
+        show_default=False, help="A Label Studio JSON export, e.g. project-1.json.")],
+    overrides: Overrides = None,
+    params_file: ParamsFile = PARAMS_FILE,
+) -> None:
+    """Import a Label Studio export as manual labels (they win over auto labels)."""
+    from components.labelling.labelstudio import import_labels
+
+    dest, n, problems = import_labels(_params(params_file, overrides), file)
+    for line in problems:
+        print(f"labels import: {line}")
+    print(f"wrote {dest}: {n} annotated image(s); `tinyldm run` merges them (manual "
+          "labels win over auto labels)")
+
+
+@labels_app.command("stats")
+def labels_stats(overrides: Overrides = None, params_file: ParamsFile = PARAMS_FILE) -> None:
+    """Coverage of every label field by source, caption lengths, split sizes."""
+    from components.labelling.labels import stats
+
+    print(stats(_params(params_file, overrides)))
+
+
+# ---------------------------------------------------------------- models
+@app.command(rich_help_panel=MODELS)
+def generate(
+    prompt: Annotated[str, typer.Argument(show_default=False, help="What to draw.")],
+    out: Annotated[Path, typer.Option(show_default=False, help="PNG file to write.")],
+    seed: Annotated[int, typer.Option(help="Same seed, same prompt: same image.")] = 0,
+    steps: Annotated[int | None, typer.Option(
+        show_default=False, help="Sampler steps. Default: params.")] = None,
+    guidance: Annotated[float | None, typer.Option(
+        show_default=False, help="Classifier-free guidance scale. Default: params.")] = None,
+    width: Annotated[int, typer.Option(help="Image width in pixels.")] = 256,
+    height: Annotated[int, typer.Option(help="Image height in pixels.")] = 256,
+    model: ModelUri = None,
+    overrides: Overrides = None,
+    params_file: ParamsFile = PARAMS_FILE,
+) -> None:
+    """Generate an image from a prompt with a registered model (the champion by default)."""
     from components.contracts import atomic_path
+    from components.ship.serving import generate_png, resolve_model_uri
 
-    out = Path(args.out)
+    uri = resolve_model_uri(model, _params(params_file, overrides))
+    png = generate_png(uri, prompt, seed=seed, steps=steps, guidance=guidance, width=width,
+                       height=height)
     with atomic_path(out) as tmp:
         tmp.write_bytes(png)
-    print(f"wrote {out} ({args.width}x{args.height}) from {uri}")
-    return 0
+    print(f"wrote {out} ({width}x{height}) from {uri}")
 
 
-def cmd_models(args) -> int:
-    from components.registry import list_models
+def _cell(v: object) -> str:
+    return "-" if v is None or v == "" else f"{v:.4g}" if isinstance(v, float) else str(v)
 
-    rows = list_models(_params(args))
+
+@app.command(rich_help_panel=MODELS)
+def models(overrides: Overrides = None, params_file: ParamsFile = PARAMS_FILE) -> None:
+    """Registered versions, newest first: aliases, gate decision, key metrics, data."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    from components.ship.registry import list_models
+
+    rows = list_models(_params(params_file, overrides))
     if not rows:
         print("no versions registered yet; run `tinyldm run`")
-        return 0
-    cols = list(rows[0])
+        return
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for col in rows[0]:
+        numeric = any(isinstance(r[col], int | float) for r in rows)
+        table.add_column(col, justify="right" if numeric else "left", no_wrap=True)
+    for r in rows:
+        table.add_row(*(_cell(v) for v in r.values()))
+    console = Console(highlight=False)  # plain text when not a terminal
+    # Every row on one line, however wide (a narrow terminal wraps it): Rich would squeeze
+    # the columns to the console width and cut the values.
+    wide = console.options.update_width(10_000)
+    console.width = max(console.width, console.measure(table, options=wide).maximum)
+    console.print(table)
 
-    def cell(v) -> str:
-        return "-" if v is None or v == "" else f"{v:.4g}" if isinstance(v, float) else str(v)
 
-    table = [cols] + [[cell(r[c]) for c in cols] for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
-    for row in table:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
-    return 0
+@app.command(rich_help_panel=MODELS)
+def promote(
+    version: Annotated[str, typer.Argument(show_default=False,
+                                           help="The version to promote, e.g. 3.")],
+    force: Annotated[bool, typer.Option(
+        "--force", help="Skip the gate (needs --reason).")] = False,
+    reason: Annotated[str | None, typer.Option(
+        show_default=False, help="Why; recorded with who did it.")] = None,
+    overrides: Overrides = None,
+    params_file: ParamsFile = PARAMS_FILE,
+) -> None:
+    """Make VERSION the champion if it passes the gate against the current one."""
+    from components.ship.registry import promote as promote_version
 
-
-def cmd_promote(args) -> int:
-    from components.registry import promote
-
-    r = promote(_params(args), args.version, force=args.force, reason=args.reason)
+    r = promote_version(_params(params_file, overrides), version, force=force, reason=reason)
     before = f"v{r['previous']}" if r["previous"] else "none"
     print(f"champion: v{r['version']} (was {before}; {r['how']}: {r['reason']})")
-    return 0
 
 
-def cmd_rollback(args) -> int:
-    from components.registry import rollback
+@app.command(rich_help_panel=MODELS)
+def rollback(
+    reason: Annotated[str | None, typer.Option(
+        show_default=False, help="Why; recorded with who did it.")] = None,
+    overrides: Overrides = None,
+    params_file: ParamsFile = PARAMS_FILE,
+) -> None:
+    """Make the champion the version it replaced."""
+    from components.ship.registry import rollback as roll_back
 
-    r = rollback(_params(args), reason=args.reason)
+    r = roll_back(_params(params_file, overrides), reason=reason)
     print(f"champion: v{r['version']} (rolled back from v{r['from']})")
-    return 0
 
 
-def cmd_serve(args) -> int:
-    from components.registry import serve_command
+@app.command(rich_help_panel=MODELS)
+def serve(
+    model: ModelUri = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 5001,
+    overrides: Overrides = None,
+    params_file: ParamsFile = PARAMS_FILE,
+) -> NoReturn:
+    """Serve a model over HTTP with `mlflow models serve`.
 
-    uri, cmd = serve_command(args.model, _params(args), args.host, args.port)
+    POST /invocations with a prompt; the answer is the PNG, base64-encoded. Ctrl-C stops.
+    """
+    import os
+
+    from components.ship.serving import serve_command
+
+    uri, cmd = serve_command(model, _params(params_file, overrides), host, port)
     venv_on_path()
-    print(f"serving {uri} on http://{args.host}:{args.port}/invocations "
-          "(Ctrl-C stops)", flush=True)
+    print(f"serving {uri} on http://{host}:{port}/invocations (Ctrl-C stops)", flush=True)
     os.execvp(cmd[0], cmd)  # the server takes this PID: stopping it stops the server
 
 
-def cmd_labels(args) -> int:
-    from components import labels
-
-    params = _params(args)
-    if args.action == "export":
-        config, tasks, n = labels.export(params, Path(args.out), args.image_url)
-        print(f"wrote {config} (labelling config) and {tasks} ({n} tasks with the current "
-              "labels as predictions); README 'Labelling in Label Studio' says what next")
-    elif args.action == "import":
-        if not args.file:
-            raise UserError("labels import: name the Label Studio export, e.g. "
-                            "tinyldm labels import ~/Downloads/project-1.json")
-        dest, n, problems = labels.import_labels(params, Path(args.file))
-        for line in problems:
-            print(f"labels import: {line}")
-        print(f"wrote {dest}: {n} annotated image(s); `tinyldm run` merges them (manual "
-              "labels win over auto labels)")
-    else:
-        print(labels.stats(params))
-    return 0
-
-
-def cmd_params(args) -> int:
-    import yaml
-
-    print(yaml.safe_dump(_params(args).model_dump(mode="json", by_alias=True),
-                         sort_keys=False), end="")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tinyldm", description=__doc__)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a params.yaml key (dotted; YAML value); repeatable")
-    common.add_argument("--params", default="params.yaml", help="params file")
-    sub = p.add_subparsers(dest="verb", required=True)
-
-    r = sub.add_parser("run", parents=[common], help="run the whole pipeline (Prefect flow "
-                       "over the dvc.yaml DAG); --set values are written to params.yaml")
-    r.add_argument("--force", action="store_true", help="re-run every stage")
-    r.set_defaults(func=cmd_run)
-
-    rt = sub.add_parser("retrain", parents=[common], help="one retraining run now: scrape; "
-                        "stop if no image or manual label changed; else the DAG, dvc push, "
-                        "dvc.lock to git as params `retrain` says")
-    rt.set_defaults(func=cmd_retrain)
-
-    sc = sub.add_parser("schedule", parents=[common], help="serve the retraining flow on a "
-                        "cron schedule (needs a Prefect server: PREFECT_API_URL)")
-    sc.add_argument("--cron", required=True, help='e.g. "0 3 * * 1": Mondays at 03:00')
-    sc.add_argument("--timezone", default="UTC", help="IANA name, e.g. Europe/Paris")
-    sc.add_argument("--name", default="retrain", help="deployment name")
-    sc.set_defaults(func=cmd_schedule)
-
-    s = sub.add_parser("stage", parents=[common], help="run one stage (what dvc.yaml calls)")
-    s.add_argument("name", help=", ".join(STAGES))
-    s.set_defaults(func=cmd_stage)
-
-    g = sub.add_parser("generate", parents=[common], help="generate an image from a prompt")
-    g.add_argument("prompt")
-    g.add_argument("--out", required=True, help="PNG file to write")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--steps", type=int, default=None, help="sampler steps (default: params)")
-    g.add_argument("--guidance", type=float, default=None)
-    g.add_argument("--width", type=int, default=256)
-    g.add_argument("--height", type=int, default=256)
-    g.add_argument("--model", default=None,
-                   help="model URI (default models:/<register.model_name>@champion)")
-    g.set_defaults(func=cmd_generate)
-
-    m = sub.add_parser("models", parents=[common], help="registered versions: aliases, gate "
-                       "decision, key metrics, data version")
-    m.set_defaults(func=cmd_models)
-
-    pr = sub.add_parser("promote", parents=[common], help="make VERSION the champion if it "
-                        "passes the gate against the current one (or --force)")
-    pr.add_argument("version")
-    pr.add_argument("--force", action="store_true", help="skip the gate (needs --reason)")
-    pr.add_argument("--reason", default=None, help="why; recorded with who did it")
-    pr.set_defaults(func=cmd_promote)
-
-    rb = sub.add_parser("rollback", parents=[common], help="champion back to the version "
-                        "it replaced")
-    rb.add_argument("--reason", default=None)
-    rb.set_defaults(func=cmd_rollback)
-
-    sv = sub.add_parser("serve", parents=[common], help="serve a model over HTTP (POST "
-                        "/invocations -> PNG as base64), via `mlflow models serve`")
-    sv.add_argument("--model", default=None,
-                    help="model URI (default models:/<register.model_name>@champion)")
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=5001)
-    sv.set_defaults(func=cmd_serve)
-
-    lb = sub.add_parser("labels", parents=[common], help="labels: export to / import from "
-                        "Label Studio, coverage stats")
-    lb.add_argument("action", choices=["export", "import", "stats"])
-    lb.add_argument("file", nargs="?", help="import: a Label Studio JSON export")
-    lb.add_argument("--out", default="data/labels", help="export: folder to write to")
-    lb.add_argument("--image-url", default="/data/local-files/?d=",
-                    help="export: prefix of each image's URL in the tasks (default: Label "
-                         "Studio's local-files serving, document root = this folder)")
-    lb.set_defaults(func=cmd_labels)
-
-    pp = sub.add_parser("params", parents=[common], help="print the validated parameters")
-    pp.set_defaults(func=cmd_params)
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    # a failed stage leaves its one line for the flow that ran it (run_stage reads it)
-    error_file = None
-    if args.verb == "stage" and args.name in STAGE_FUNCS:
-        error_file = STAGE_ERRORS / f"{args.name}.txt"
-        with contextlib.suppress(OSError):
-            error_file.unlink(missing_ok=True)
+    """The `tinyldm` command (argv: the arguments after it); returns the exit code."""
     try:
-        return args.func(args)
-    except UserError as e:
-        print(f"tinyldm: error: {e}", file=sys.stderr)
-        if error_file:
-            with contextlib.suppress(OSError):  # the line above is printed either way
-                error_file.parent.mkdir(parents=True, exist_ok=True)
-                error_file.write_text(f"{e}\n")
-        return 2
-    except KeyboardInterrupt:
-        print("tinyldm: interrupted; finished stages are kept, run again to resume",
-              file=sys.stderr)
-        return 130
+        app(args=argv, prog_name="tinyldm")
+    except SystemExit as e:  # Typer ends every command with one, the code in it
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m flows.cli, as torchrun starts each process
     sys.exit(main())

@@ -1,5 +1,5 @@
 """Fan per-image work out through a Prefect task runner, as params.scale says. Wiring only:
-the work is the stages' chunk functions (components.ocr.ocr_chunk, labels.label_chunk),
+the work is the stages' chunk functions (components.ingest.ocr.ocr_chunk, labels.label_chunk),
 handed over as `mapper(fn, chunks)`.
 
 - threads (the default): no mapper; the stage keeps its own thread pool. Going through
@@ -30,7 +30,7 @@ from components.config import Params, Scale
 from components.contracts import UserError
 
 if TYPE_CHECKING:
-    from components.ocr import Mapper
+    from components.ingest.ocr import Mapper
 
 FANOUT_STAGES = {"ocr", "labels"}  # stage functions that take a `mapper`
 CONNECT_TIMEOUT_S = 10
@@ -153,8 +153,12 @@ class TaskRunnerMapper:
             from prefect.task_runners import ProcessPoolTaskRunner
 
             return ProcessPoolTaskRunner(max_workers=self.workers)
-        from prefect_dask import DaskTaskRunner
-
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError:
+            raise UserError("scale.task_runner: dask needs the dask extra; install it with "
+                            "pip install -e '.[dask]' (or set scale.task_runner: threads)"
+                            ) from None
         if s.dask_address:
             return DaskTaskRunner(address=s.dask_address,
                                   client_kwargs={"timeout": CONNECT_TIMEOUT_S})

@@ -22,6 +22,8 @@ import networkx as nx
 from prefect import flow, get_run_logger, task
 from prefect.states import Failed, State
 
+from components import tracking
+from components.config import load_params
 from components.contracts import (
     EVAL_GRIDS,
     EVAL_REPORT,
@@ -31,7 +33,7 @@ from components.contracts import (
     read_json,
     write_json,
 )
-from flows.cli import STAGE_ERRORS, venv_on_path
+from flows.env import stage_error_file, venv_on_path
 
 RUN_LOG = REPORTS / "pipeline_run.json"  # per-stage wall times of the last run (bench/ reads it)
 # One run of the DAG at a time per workspace (`tinyldm run`, `tinyldm retrain`, scheduled
@@ -79,7 +81,7 @@ def run_stage(name: str, force: bool = False) -> dict | State:
 
 def stage_error(name: str, exc: BaseException) -> str:
     """The stage's own one-line error (`tinyldm stage` records it), else DVC's reason."""
-    recorded = STAGE_ERRORS / f"{name}.txt"
+    recorded = stage_error_file(name)
     if recorded.exists():
         return recorded.read_text().strip()
     while exc.__cause__ is not None:
@@ -181,15 +183,16 @@ def run_dag(stage: Callable = run_stage, force: bool = False,
     order = stage_order()
     done = done or {}
     results = []
-    for i, name in enumerate(order, 1):
-        if name in done:
-            results.append(done[name])
-            continue
-        print(f"[{i}/{len(order)}] {name}")
-        state = stage(name, force, return_state=True)
-        if state.is_failed():
-            return Failed(name=STAGE_FAILED, message=state.message)
-        results.append(state.result())
+    with tracking.pipeline_run(load_params().register_.experiment):  # the stages nest in it
+        for i, name in enumerate(order, 1):
+            if name in done:
+                results.append(done[name])
+                continue
+            print(f"[{i}/{len(order)}] {name}")
+            state = stage(name, force, return_state=True)
+            if state.is_failed():
+                return Failed(name=STAGE_FAILED, message=state.message)
+            results.append(state.result())
     write_json(RUN_LOG, results)
     print(summary(results))
     return results

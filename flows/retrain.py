@@ -21,7 +21,7 @@ from prefect.states import Failed, State
 
 from components.config import Retrain, load_params
 from components.contracts import MANUAL_LABELS, UserError, metrics_path, read_json
-from flows.cli import venv_on_path
+from flows.env import venv_on_path
 from flows.pipeline import STAGE_FAILED, _quiet_dvc, run_dag, run_stage, workspace_lock
 
 FLOW_NAME = "tinyldm-retrain"

@@ -1,0 +1,468 @@
+"""A polite HTTP client for the scrape stage: images and HTML pages, one `Fetcher` per run.
+
+Politeness is the point: robots.txt is obeyed per hop, every host gets a minimum interval
+between request starts and a cap on parallel requests, retries back off and honour
+Retry-After, and a body is never held beyond the byte cap. Every outcome is a
+`FetchResult` whose `status` is "fetched", "unchanged" or a failure reason the stage
+counts; network trouble never escapes as an exception.
+
+robots.txt policy (RFC 9309, conservative where the RFC lets us choose):
+- 2xx: parsed (Protego: longest match wins, wildcards understood); its Crawl-delay raises
+  the host's delay (capped at `max_retry_after_s`);
+- 4xx other than 429 (404 included): no rules, everything allowed;
+- 429, 5xx, timeout, connection failure, redirect trouble or an oversized file: the whole
+  host is disallowed for the rest of this run: we cannot know what the owner asked for.
+
+Conditional GET (images only: a page answered 304 would leave the crawler without links):
+the cache file is JSON, {"version": 1, "entries": {url: {"etag", "last_modified",
+"sha256"}}}, keyed by the requested URL, loaded on open and written atomically on close.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from protego import Protego
+
+from components.contracts import UserError, atomic_path, progress, sha256_bytes
+from components.ingest.web import (
+    drop_fragment,
+    host_key,
+    image_problem,
+    looks_like_html,
+    origin,
+    retry_after_s,
+    url_problem,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_USER_AGENT = "tinyldm/0.1 (brand-image collector; +https://github.com/tinyldm)"
+ROBOTS_TOKEN = "tinyldm"  # the product token robots.txt groups are matched against
+KINDS = ("image", "page")
+OK_STATUSES = ("fetched", "unchanged")
+FAILURES = ("timeout", "http_status", "too_large", "not_an_image", "not_html", "robots",
+            "connection", "redirects", "bad_scheme", "bad_url")
+REDIRECT_CODES = (301, 302, 303, 307, 308)
+ROBOTS_MAX_BYTES = 512_000  # RFC 9309 asks crawlers to read at least 500 KiB
+CACHE_VERSION = 1
+CHUNK = 64 * 1024
+
+
+@dataclass
+class FetchResult:
+    url: str  # as requested
+    final_url: str  # after redirects
+    status: str  # "fetched", "unchanged" or one of FAILURES
+    data: bytes | None = None
+    sha256: str = ""  # of data, or the cached digest when unchanged
+    http_status: int | None = None
+    content_type: str = ""
+    detail: str = ""  # one line for the report
+    attempts: int = 0  # requests sent for the last hop (retries show up here)
+
+    @property
+    def ok(self) -> bool:
+        return self.status in OK_STATUSES
+
+
+def count_statuses(results: Iterable[FetchResult]) -> Counter[str]:
+    """The stage metrics want one number per outcome, failures by reason."""
+    return Counter(r.status for r in results)
+
+
+def parse_robots(body: bytes) -> Protego:
+    return Protego.parse(body.decode("utf-8", errors="replace"))
+
+
+class _HostGate:
+    """Per-host politeness: at most `concurrency` requests in flight and `delay` seconds
+    between request starts. Start slots are reserved under a lock, so threads queue
+    fairly instead of all waking at once."""
+
+    def __init__(self, delay: float, concurrency: int) -> None:
+        self.delay = delay
+        self._sem = threading.BoundedSemaphore(concurrency)
+        self._lock = threading.Lock()
+        self._next_start = 0.0
+
+    def slow_down(self, delay: float) -> None:
+        with self._lock:
+            self.delay = max(self.delay, delay)
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        with self._sem:
+            with self._lock:
+                now = time.monotonic()
+                start = max(now, self._next_start)
+                self._next_start = start + self.delay
+            if start > now:
+                time.sleep(start - now)
+            yield
+
+
+@dataclass
+class _Robots:
+    rules: Protego | None  # None: no rules apply
+    allow_all: bool
+    detail: str = ""
+
+    def allows(self, url: str) -> bool:
+        if self.rules is None:
+            return self.allow_all
+        return self.rules.can_fetch(url, ROBOTS_TOKEN)
+
+
+@dataclass
+class _Reply:
+    """What one request produced; `failure` set means no usable response."""
+
+    url: str
+    code: int | None = None
+    headers: httpx.Headers = field(default_factory=httpx.Headers)
+    body: bytes | None = None
+    failure: str = ""
+    detail: str = ""
+    attempts: int = 0
+
+
+def _load_cache(path: Path | None) -> dict[str, dict[str, str]]:
+    """A missing or unreadable cache only costs a full download, so it never fails a run."""
+    if path is None or not Path(path).exists():
+        return {}
+    try:
+        raw = json.loads(Path(path).read_text())
+        entries = raw["entries"] if raw.get("version") == CACHE_VERSION else {}
+        return {str(u): {k: str(e.get(k) or "") for k in ("etag", "last_modified", "sha256")}
+                for u, e in entries.items() if isinstance(e, dict) and e.get("sha256")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        log.warning("%s: unreadable HTTP cache (%s); downloading everything again", path, e)
+        return {}
+
+
+def _conditional_headers(entry: dict[str, str] | None) -> dict[str, str]:
+    if not entry:
+        return {}
+    out = {}
+    if entry.get("etag"):
+        out["If-None-Match"] = entry["etag"]
+    if entry.get("last_modified"):
+        out["If-Modified-Since"] = entry["last_modified"]
+    return out
+
+
+def _positive(name: str, value: float, minimum: float = 0.0, strict: bool = True) -> None:
+    if value < minimum or (strict and value == minimum):
+        op = ">" if strict else ">="
+        raise UserError(f"scrape.http.{name}: {value!r} must be {op} {minimum}; fix it in "
+                        "params.yaml")
+
+
+class Fetcher:
+    """Owns one httpx.Client (thread-safe) and all per-host state; use it as a context
+    manager so the cache file is written and connections closed."""
+
+    def __init__(self, user_agent: str = DEFAULT_USER_AGENT, timeout_s: float = 10.0,
+                 max_bytes: int = 20_000_000, per_host_delay_s: float = 0.5,
+                 per_host_concurrency: int = 2, retries: int = 3, backoff_s: float = 0.5,
+                 max_retry_after_s: float = 30.0, max_redirects: int = 5,
+                 cache_file: Path | None = None, obey_robots: bool = True,
+                 max_request_s: float | None = None, save_every_s: float = 30.0) -> None:
+        if ROBOTS_TOKEN not in user_agent.lower() or not any(
+                m in user_agent for m in ("http://", "https://", "@")):
+            raise UserError(f"scrape.http.user_agent: {user_agent!r} must name tinyldm and a "
+                            "contact URL or e-mail, e.g. 'tinyldm/0.1 (+https://you.example)'")
+        _positive("timeout_s", timeout_s)
+        _positive("max_bytes", max_bytes)
+        _positive("per_host_delay_s", per_host_delay_s, strict=False)
+        _positive("per_host_concurrency", per_host_concurrency, 1, strict=False)
+        _positive("retries", retries, strict=False)
+        _positive("backoff_s", backoff_s, strict=False)
+        _positive("max_retry_after_s", max_retry_after_s, strict=False)
+        _positive("max_redirects", max_redirects, strict=False)
+        self.user_agent = user_agent
+        self.timeout_s = timeout_s
+        self.max_bytes = int(max_bytes)
+        self.per_host_delay_s = per_host_delay_s
+        self.per_host_concurrency = int(per_host_concurrency)
+        self.retries = int(retries)
+        self.backoff_s = backoff_s
+        self.max_retry_after_s = max_retry_after_s
+        self.max_redirects = int(max_redirects)
+        self.obey_robots = obey_robots
+        # a server trickling bytes defeats the per-read timeout; this bounds one attempt
+        self.max_request_s = max_request_s or max(60.0, 6 * timeout_s)
+        self.cache_file = Path(cache_file) if cache_file is not None else None
+        self._cache = _load_cache(self.cache_file)
+        self._cache_dirty = False
+        self.save_every_s = save_every_s  # a killed long crawl keeps most of its validators
+        self._saved_at = time.monotonic()
+        self._lock = threading.Lock()  # guards the dicts below and the cache
+        self._gates: dict[str, _HostGate] = {}
+        self._robots: dict[str, _Robots] = {}
+        self._robots_locks: dict[str, threading.Lock] = {}
+        self._client = httpx.Client(
+            timeout=httpx.Timeout(timeout_s), follow_redirects=False,
+            headers={"User-Agent": user_agent, "Accept-Encoding": "identity"},
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16))
+
+    # -------------------------------------------------------------- lifecycle
+    def __enter__(self) -> Fetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self.save_cache()
+        finally:
+            self._client.close()
+
+    def save_cache(self) -> None:
+        """Written atomically every `save_every_s` while fetching and at the end: a killed
+        run loses at most that much revalidation. An entry may name an image the caller
+        has not stored yet; `fetch(..., conditional=False)` is the way back from that."""
+        if self.cache_file is None:
+            return
+        with self._lock:
+            if not self._cache_dirty:
+                return
+            text = json.dumps({"version": CACHE_VERSION, "entries": self._cache},
+                              indent=1, sort_keys=True)
+            with atomic_path(self.cache_file) as tmp:
+                tmp.write_text(text + "\n")
+            self._cache_dirty = False
+            self._saved_at = time.monotonic()
+
+    # -------------------------------------------------------------- public API
+    def fetch(self, url: str, kind: str = "image", conditional: bool = True) -> FetchResult:
+        """Fetch one URL; failures come back as a status, never as an exception.
+        `conditional=False` downloads even when the cache holds validators for it."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+        entry = self._cached(url) if kind == "image" and conditional else None
+        reply = self._follow(url, _conditional_headers(entry), self.max_bytes)
+        if reply.failure:
+            return FetchResult(url, reply.url, reply.failure, http_status=reply.code,
+                               detail=reply.detail, attempts=reply.attempts)
+        base = {"url": url, "final_url": reply.url, "http_status": reply.code,
+                "content_type": reply.headers.get("content-type", ""),
+                "attempts": reply.attempts}
+        if reply.code == 304 and entry:
+            self._remember(url, reply.headers, entry["sha256"], revalidated=True)
+            return FetchResult(status="unchanged", sha256=entry["sha256"],
+                               detail="not modified since the last run", **base)
+        if reply.code is None or not 200 <= reply.code < 300 or reply.body is None:
+            return FetchResult(status="http_status", detail=f"HTTP {reply.code}", **base)
+        data = reply.body
+        if kind == "image":
+            problem = image_problem(data)
+            if problem:
+                return FetchResult(status="not_an_image", detail=problem, **base)
+        elif not looks_like_html(base["content_type"], data):
+            return FetchResult(status="not_html", detail=f"Content-Type "
+                               f"{base['content_type'] or '(none)'} and no HTML markup", **base)
+        digest = sha256_bytes(data)
+        if kind == "image":
+            self._remember(url, reply.headers, digest)
+        return FetchResult(status="fetched", data=data, sha256=digest,
+                           detail=f"{len(data)} bytes", **base)
+
+    def fetch_many(self, urls: list[str], kind: str = "image",
+                   workers: int = 4) -> list[FetchResult]:
+        """Results in the order of `urls`; per-host limits hold across all workers."""
+        return list(self.iter_fetch(urls, kind, workers))
+
+    def iter_fetch(self, urls: list[str], kind: str = "image",
+                   workers: int = 4) -> Iterator[FetchResult]:
+        """`fetch_many` as a stream, in order: the caller stores each image as it comes, so
+        a killed run keeps what it downloaded. Stopping early cancels what has not begun."""
+        if not urls:
+            return
+        pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(urls))))
+        try:
+            yield from progress(pool.map(lambda u: self.fetch(u, kind), urls),
+                                total=len(urls), desc=f"download {kind}s", unit="url")
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    # -------------------------------------------------------------- redirects
+    def _follow(self, url: str, headers: dict[str, str], max_bytes: int,
+                robots: bool = True) -> _Reply:
+        """Follow redirects by hand so every hop is re-checked for scheme and robots."""
+        seen: set[str] = set()
+        current = url
+        for _hop in range(self.max_redirects + 1):
+            problem = url_problem(current)
+            if problem:
+                return _Reply(current, failure=problem[0], detail=problem[1])
+            current = drop_fragment(current)
+            seen.add(current)
+            if robots and self.obey_robots:
+                rules = self._robots_for(current)
+                if not rules.allows(current):
+                    return _Reply(current, failure="robots",
+                                  detail=rules.detail or "disallowed by robots.txt")
+            reply = self._request(current, headers, max_bytes)
+            if reply.failure or reply.code not in REDIRECT_CODES:
+                return reply
+            location = reply.headers.get("location")
+            if not location:
+                return _Reply(current, reply.code, reply.headers, failure="http_status",
+                              detail=f"HTTP {reply.code} without a Location",
+                              attempts=reply.attempts)
+            try:
+                nxt = drop_fragment(str(httpx.URL(current).join(location)))
+            except httpx.InvalidURL as e:
+                return _Reply(current, reply.code, failure="bad_url",
+                              detail=f"bad redirect target: {e}")
+            if nxt in seen:
+                return _Reply(nxt, reply.code, failure="redirects",
+                              detail=f"redirect loop back to {nxt}")
+            current = nxt
+        return _Reply(current, failure="redirects",
+                      detail=f"more than {self.max_redirects} redirects")
+
+    # -------------------------------------------------------------- retries
+    def _request(self, url: str, headers: dict[str, str], max_bytes: int) -> _Reply:
+        """One hop with retries on connection errors, timeouts, 429 and 5xx."""
+        reply = _Reply(url)
+        for attempt in range(self.retries + 1):
+            reply = self._attempt(url, headers, max_bytes)
+            reply.attempts = attempt + 1
+            retryable = reply.failure in ("timeout", "connection") or (
+                not reply.failure and reply.code is not None
+                and (reply.code == 429 or reply.code >= 500))
+            if not retryable or attempt == self.retries:
+                break
+            wait = retry_after_s(reply.headers.get("retry-after"), self.max_retry_after_s)
+            time.sleep(wait if wait is not None else self.backoff_s * 2 ** attempt)
+        if not reply.failure and reply.code is not None and (
+                reply.code == 429 or reply.code >= 500):
+            reply.failure = "http_status"
+            reply.detail = f"HTTP {reply.code} after {reply.attempts} attempts"
+        return reply
+
+    def _attempt(self, url: str, headers: dict[str, str], max_bytes: int) -> _Reply:
+        """One request under the host's gate; the body is read only for a 2xx."""
+        try:
+            with self._gate(url).slot(), self._client.stream("GET", url,
+                                                              headers=headers) as resp:
+                reply = _Reply(url, resp.status_code, resp.headers)
+                if not 200 <= resp.status_code < 300:
+                    return reply
+                return self._read_body(resp, reply, max_bytes)
+        except httpx.TimeoutException as e:
+            return _Reply(url, failure="timeout", detail=f"{type(e).__name__} after "
+                          f"{self.timeout_s:g} s")
+        except httpx.UnsupportedProtocol as e:
+            return _Reply(url, failure="bad_scheme", detail=str(e)[:200])
+        except (httpx.TransportError, httpx.DecodingError, OSError) as e:
+            return _Reply(url, failure="connection", detail=f"{type(e).__name__}: {e}"[:200])
+        except httpx.InvalidURL as e:
+            return _Reply(url, failure="bad_url", detail=str(e)[:200])
+
+    def _read_body(self, resp: httpx.Response, reply: _Reply, max_bytes: int) -> _Reply:
+        """Stream at most `max_bytes`; leaving the `with` early drops the connection, so
+        the server stops sending."""
+        declared = resp.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_bytes:
+            reply.failure = "too_large"
+            reply.detail = f"Content-Length {declared} > cap {max_bytes}"
+            return reply
+        buf = bytearray()
+        deadline = time.monotonic() + self.max_request_s
+        for chunk in resp.iter_bytes(CHUNK):
+            if len(buf) + len(chunk) > max_bytes:
+                reply.failure = "too_large"
+                reply.detail = f"body passed the cap of {max_bytes} bytes"
+                return reply
+            buf += chunk
+            if time.monotonic() > deadline:
+                reply.failure = "timeout"
+                reply.detail = f"body still arriving after {self.max_request_s:g} s"
+                return reply
+        reply.body = bytes(buf)
+        return reply
+
+    # -------------------------------------------------------------- per-host state
+    def _gate(self, url: str) -> _HostGate:
+        key = host_key(url)
+        with self._lock:
+            gate = self._gates.get(key)
+            if gate is None:
+                gate = self._gates[key] = _HostGate(self.per_host_delay_s,
+                                                    self.per_host_concurrency)
+            return gate
+
+    def _robots_for(self, url: str) -> _Robots:
+        """One robots.txt request per origin per run, even with many threads asking."""
+        key = origin(url)
+        with self._lock:
+            if key in self._robots:
+                return self._robots[key]
+            lock = self._robots_locks.setdefault(key, threading.Lock())
+        with lock:
+            with self._lock:
+                if key in self._robots:
+                    return self._robots[key]
+            rules = self._load_robots(key)
+            with self._lock:
+                self._robots[key] = rules
+            return rules
+
+    def _load_robots(self, origin_url: str) -> _Robots:
+        reply = self._follow(f"{origin_url}/robots.txt", {}, ROBOTS_MAX_BYTES, robots=False)
+        if not reply.failure and reply.code is not None and 200 <= reply.code < 300:
+            rules = parse_robots(reply.body or b"")
+            delay = rules.crawl_delay(ROBOTS_TOKEN)
+            if delay:
+                self._gate(origin_url).slow_down(min(float(delay), self.max_retry_after_s))
+            return _Robots(rules, allow_all=True, detail="disallowed by robots.txt")
+        if not reply.failure and reply.code is not None and 400 <= reply.code < 500:
+            return _Robots(None, allow_all=True)
+        why = reply.detail or f"HTTP {reply.code}"
+        return _Robots(None, allow_all=False,
+                       detail=f"robots.txt unavailable ({why}); host skipped this run")
+
+    # -------------------------------------------------------------- cache
+    def _cached(self, url: str) -> dict[str, str] | None:
+        with self._lock:
+            entry = self._cache.get(url)
+            return dict(entry) if entry else None
+
+    def _remember(self, url: str, headers: httpx.Headers, digest: str,
+                  revalidated: bool = False) -> None:
+        """Keep validators only when the server gave some. A 304 may omit them, so then
+        the old ones stay; a 200 without them makes the URL uncacheable."""
+        etag = headers.get("etag", "")
+        modified = headers.get("last-modified", "")
+        with self._lock:
+            old = self._cache.get(url)
+            if revalidated and old:
+                etag, modified = etag or old["etag"], modified or old["last_modified"]
+            new = {"etag": etag, "last_modified": modified, "sha256": digest}
+            if not (etag or modified):
+                if old is None:
+                    return
+                self._cache.pop(url)
+            elif new == old:
+                return
+            else:
+                self._cache[url] = new
+            self._cache_dirty = True
+            due = time.monotonic() - self._saved_at >= self.save_every_s
+        if due:
+            self.save_cache()

@@ -1,0 +1,213 @@
+"""The built-in data source: deterministic brand-style graphics with their ground truth.
+
+Each image i of a source with seed s is drawn from its own RNG seeded by (s, i), so an
+image never changes when n grows, and the same settings give byte-identical PNGs. The
+ground truth (exact text and every label attribute) is what OCR error, label accuracy
+and prompt adherence are measured against.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from components.config import Brand, Labels, Synthetic
+from components.contracts import UserError
+from components.labelling.labeller import FIGURE_SHARES as FIGURE_SIZES
+from components.labelling.labeller import LAYOUTS, logo_mask, scale_saturation
+
+SHAPES = ["circle", "square", "triangle"]
+CORNERS = ["top-left", "top-right", "bottom-left", "bottom-right"]
+DARK_TEXT = (24, 24, 24)
+LIGHT_TEXT = (255, 255, 255)
+
+
+@dataclass
+class Truth:
+    text: str  # lines joined by "\n", exactly as drawn
+    background: str
+    background_kind: str  # solid | gradient
+    gradient_to: str  # "" for solid
+    layout: str
+    n_figures: int
+    figure_size: str  # none | small | medium | large
+    saturation: str
+    logo: bool
+    logo_corner: str  # "" when no logo
+
+
+def luminance(rgb: tuple[int, int, int]) -> float:
+    def lin(c: float) -> float:
+        c /= 255
+        return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (lin(c) for c in rgb)
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def contrast(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
+    la, lb = sorted((luminance(a), luminance(b)), reverse=True)
+    return (la + 0.05) / (lb + 0.05)
+
+
+@lru_cache(maxsize=64)
+def _font(path: str, size: int) -> ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.truetype(path, size)
+    except OSError:
+        raise UserError(f"brand.font: cannot open font {path!r}; install fonts-dejavu-core "
+                        "(apt-get install fonts-dejavu-core) or point brand.font at a .ttf") \
+            from None
+
+
+def _overlaps(a: tuple, b: tuple, pad: float = 0) -> bool:
+    return not (a[2] + pad <= b[0] or b[2] + pad <= a[0] or a[3] + pad <= b[1]
+                or b[3] + pad <= a[1])
+
+
+def _text_lines(rng: np.random.Generator, vocabulary: list[str]) -> list[str]:
+    n_lines = int(rng.integers(1, 4))
+    lines = []
+    for _ in range(n_lines):
+        n_words = int(rng.integers(1, 3))
+        lines.append(" ".join(str(w).upper() for w in rng.choice(vocabulary, n_words)))
+    return lines
+
+
+def _text_block(draw: ImageDraw.ImageDraw, lines: list[str], layout: str, size: int,
+                font_path: str) -> tuple[ImageFont.FreeTypeFont, list[tuple], tuple]:
+    """Pick a font size that fits the layout's block; return font, line positions, bbox."""
+    width_share = 0.5 if layout in ("left", "right") else 0.86
+    max_w = width_share * size
+    font_px = int(0.11 * size)
+    while True:
+        font = _font(font_path, font_px)
+        boxes = [draw.textbbox((0, 0), line, font=font) for line in lines]
+        widths = [b[2] - b[0] for b in boxes]
+        if max(widths) <= max_w or font_px <= int(0.05 * size):
+            break
+        font_px -= 1
+    line_h = int(font_px * 1.35)
+    block_w, block_h = max(widths), line_h * len(lines)
+    m = int(0.06 * size)
+    if layout == "centre":
+        x0, y0 = (size - block_w) / 2, (size - block_h) / 2
+    elif layout == "top":
+        x0, y0 = (size - block_w) / 2, m + 0.04 * size
+    elif layout == "bottom":
+        x0, y0 = (size - block_w) / 2, size - m - 0.04 * size - block_h
+    elif layout == "left":
+        x0, y0 = m, (size - block_h) / 2
+    else:  # right
+        x0, y0 = size - m - block_w, (size - block_h) / 2
+    positions = []
+    for i, (line, box, w) in enumerate(zip(lines, boxes, widths, strict=True)):
+        if layout == "left":
+            x = x0
+        elif layout == "right":
+            x = x0 + block_w - w
+        else:
+            x = x0 + (block_w - w) / 2
+        positions.append((x - box[0], y0 + i * line_h, line))
+    return font, positions, (x0, y0, x0 + block_w, y0 + block_h)
+
+
+def _draw_logo(img: Image.Image, box: tuple, colour: tuple, logo: str) -> None:
+    """The brand mark from the logo file, tinted in the text colour (the default mark, a
+    ring around a diamond, has no letters, so OCR never reads it)."""
+    x0, y0, x1, y1 = (round(v) for v in box)
+    mask = logo_mask(logo).resize((x1 - x0, y1 - y0), Image.Resampling.LANCZOS)
+    img.paste(Image.new("RGB", mask.size, colour), (x0, y0), mask)
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple, colour: tuple) -> None:
+    if shape == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape == "square":
+        draw.rectangle(box, fill=colour)
+    else:
+        x0, y0, x1, y1 = box
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=colour)
+
+
+def render(index: int, seed: int, size: int, brand: Brand, synth: Synthetic,
+           labels: Labels) -> tuple[bytes, Truth]:
+    """Draw image `index` of the source seeded `seed`; return PNG bytes and ground truth."""
+    rng = np.random.default_rng([seed, index])
+    palette = brand.rgb()
+    names = list(palette)
+    sat_name = str(rng.choice(list(labels.saturation_levels)))
+    factor = labels.saturation_levels[sat_name]
+    bg = str(rng.choice(names))
+    gradient = bool(rng.random() < synth.gradient_share)
+    grad_to = str(rng.choice([n for n in names if n != bg])) if gradient else ""
+    layout = str(rng.choice(LAYOUTS))
+
+    top = scale_saturation(palette[bg], factor)
+    bottom = scale_saturation(palette[grad_to], factor) if gradient else top
+    arr = np.linspace(np.array(top, float), np.array(bottom, float), size)
+    img = Image.fromarray(np.repeat(arr[:, None, :], size, axis=1).round().astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+
+    text_colour = max((LIGHT_TEXT, DARK_TEXT), key=lambda c: min(contrast(c, top),
+                                                                  contrast(c, bottom)))
+    lines = _text_lines(rng, synth.vocabulary)
+    font, positions, tbox = _text_block(draw, lines, layout, size, brand.font)
+    pad = 0.04 * size
+    taken = [tbox]
+
+    logo = bool(rng.random() < synth.logo_share) and bool(brand.logos)
+    corner = ""
+    if logo:
+        s = synth.logo_size * size
+        m = 0.04 * size
+        boxes = {"top-left": (m, m, m + s, m + s),
+                 "top-right": (size - m - s, m, size - m, m + s),
+                 "bottom-left": (m, size - m - s, m + s, size - m),
+                 "bottom-right": (size - m - s, size - m - s, size - m, size - m)}
+        rule = "random" not in synth.logo_corners  # else any clear corner
+        free = [c for c in (synth.logo_corners if rule else CORNERS)
+                if not _overlaps(boxes[c], tbox, pad)]
+        if free:
+            corner = free[0] if rule else str(rng.choice(free))
+            _draw_logo(img, boxes[corner], text_colour, brand.logos[0])
+            taken.append(boxes[corner])
+        else:
+            logo = False
+
+    want = int(rng.integers(0, 4))
+    fig_size = str(rng.choice(list(FIGURE_SIZES))) if want else "none"
+    placed = 0
+    if want:
+        side = FIGURE_SIZES[fig_size] * size
+        fig_colour = scale_saturation(palette[str(rng.choice([n for n in names if n != bg]))],
+                                      factor)
+        for _ in range(want):
+            for _attempt in range(40):
+                x = rng.uniform(0.03 * size, size - 0.03 * size - side)
+                y = rng.uniform(0.03 * size, size - 0.03 * size - side)
+                box = (x, y, x + side, y + side)
+                if not any(_overlaps(box, t, pad) for t in taken):
+                    _draw_shape(draw, str(rng.choice(SHAPES)), box, fig_colour)
+                    taken.append(box)
+                    placed += 1
+                    break
+    for x, y, line in positions:
+        draw.text((x, y), line, font=font, fill=text_colour)
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False)
+    truth = Truth(text="\n".join(lines), background=bg,
+                  background_kind="gradient" if gradient else "solid", gradient_to=grad_to,
+                  layout=layout, n_figures=placed,
+                  figure_size=fig_size if placed else "none", saturation=sat_name,
+                  logo=logo, logo_corner=corner)
+    return buf.getvalue(), truth
+
+
+def truth_row(truth: Truth) -> dict:
+    return asdict(truth)

@@ -1,0 +1,106 @@
+"""What the fetcher checks before and after a request: URLs it may ask for, Retry-After,
+whether a body is an image or a page."""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+import io
+
+import httpx
+from PIL import Image
+
+from components.contracts import UserError
+
+
+def url_problem(url: str) -> tuple[str, str] | None:
+    """(reason, detail) when a URL can never be fetched, so no request is spent on it."""
+    try:
+        u = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError) as e:
+        return "bad_url", f"unparseable URL: {e}"
+    if not u.scheme:
+        return "bad_url", "not an absolute URL"
+    if u.scheme not in ("http", "https"):
+        return "bad_scheme", f"scheme {u.scheme or '(none)'!r}: only http and https are fetched"
+    if not u.host:
+        return "bad_url", "URL has no host"
+    return None
+
+
+def check_url(url: str, where: str) -> str:
+    """For URLs the user wrote in config: a bad one is theirs to fix, so it raises."""
+    problem = url_problem(url)
+    if problem:
+        raise UserError(f"{where}: {url!r} is not fetchable ({problem[1]}); "
+                        "use a full http(s):// URL")
+    return url
+
+
+def host_key(url: str) -> str:
+    """Rate limits apply to what one server sees: host and port, not scheme."""
+    u = httpx.URL(url)
+    return f"{u.host.lower()}:{u.port or (443 if u.scheme == 'https' else 80)}"
+
+
+def origin(url: str) -> str:
+    """robots.txt belongs to scheme + host + port (RFC 9309 section 2.3)."""
+    u = httpx.URL(url)
+    return f"{u.scheme}://{u.netloc.decode('ascii').lower()}"
+
+
+def drop_fragment(url: str) -> str:
+    return str(httpx.URL(url).copy_with(fragment=None))
+
+
+def retry_after_s(value: str | None, cap: float, now: dt.datetime | None = None) -> float | None:
+    """Seconds a server asked us to wait (delta-seconds or an HTTP date), cut to `cap`;
+    None when absent or unreadable so the caller falls back to its own backoff."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), cap)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    now = now or dt.datetime.now(dt.UTC)
+    return min(max((when - now).total_seconds(), 0.0), cap)
+
+
+def image_problem(data: bytes) -> str | None:
+    """Why `data` is not a usable image, or None.
+
+    verify() catches corrupt structure but not truncation, so a fresh open also load()s
+    the pixels. The decompression-bomb limit is checked explicitly instead of via
+    warnings.catch_warnings, which is not thread-safe and fetch_many verifies in threads.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if limit and im.width * im.height > limit:
+                return f"{im.width}x{im.height} pixels exceeds the decompression-bomb limit"
+            im.verify()
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+    except Image.DecompressionBombError as e:
+        return str(e)
+    except Image.UnidentifiedImageError:
+        return "not in any image format Pillow can read"
+    except Exception as e:  # noqa: BLE001 - any decoder failure means "not an image"
+        return f"does not decode as an image ({type(e).__name__}: {e})"[:200]
+    return None
+
+
+def looks_like_html(content_type: str, data: bytes) -> bool:
+    """Trust a text/html type; otherwise sniff, since servers often send no or a wrong type."""
+    ctype = content_type.split(";")[0].strip().lower()
+    if ctype in ("text/html", "application/xhtml+xml"):
+        return True
+    if ctype and not ctype.startswith("text/") and ctype != "application/octet-stream":
+        return False
+    head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    return head.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<!--"))

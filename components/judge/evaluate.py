@@ -1,0 +1,249 @@
+"""Measure the trained generator the same way every time, on the val split, fixed seeds.
+
+Prompt adherence runs the data's own auto-labeller (components.labelling.labels) on generated
+images: a prompt asking for a red background should give an image that the labeller
+calls red. Fidelity (FD/KID, components.judge.fidelity), text recall (Tesseract on generated
+images) and sampling speed compare val images with images generated from their captions.
+Everything lands in reports/eval: metrics.json (DVC metrics), grids/*.png, report.html.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torchmetrics.functional.image import (
+    peak_signal_noise_ratio,
+    structural_similarity_index_measure,
+)
+
+from components.config import Params
+from components.config import Sampler as SamplerCfg
+from components.contracts import (
+    CAPTIONS,
+    EVAL_GRIDS,
+    EVAL_REPORT,
+    UNET_DIR,
+    VAE_DIR,
+    UserError,
+    atomic_dir,
+    read_table,
+    settings_hash,
+)
+from components.ingest.ocr import normalise, read_texts
+from components.judge.fidelity import distances, feature_extractor, to_tensor
+from components.judge.report import training_curves, write_report
+from components.labelling.captions import caption
+from components.labelling.labeller import FIGURE_SIZES, LAYOUTS, auto_labels
+from components.models.generator import Generator
+from components.models.images import image_grid, load_batch, to_pil
+from components.models.vae import load_vae
+
+
+@torch.no_grad()
+def vae_quality(vae_dir: Path, rows: pd.DataFrame, params: Params) -> dict:
+    """PSNR and SSIM of the reconstructions of val images, and the labeller's agreement with
+    their captions on the reconstructions: what prompt adherence can reach through this VAE
+    (a colour the decoder shifts, or text it blurs past reading, caps it)."""
+    vae = load_vae(vae_dir)
+    x = load_batch(rows["path"].tolist(), vae.cfg.image_size)
+    mean, _ = vae.encode(x)
+    rec = vae.decode(mean).clamp(-1, 1)
+    a, b = (rec + 1) / 2, (x + 1) / 2
+    agreement = labeller_agreement(to_pil(rec), rows, params)
+    return {"vae_psnr": round(float(peak_signal_noise_ratio(a, b, data_range=1.0)), 3),
+            "vae_ssim": round(float(structural_similarity_index_measure(a, b, data_range=1.0)),
+                              4)} | {f"vae_{k}": v for k, v in agreement.items()}
+
+
+ADHERENCE_FIELDS = ["background", "background_kind", "gradient_to", "saturation", "layout",
+                    "figure_size", "logo"]
+
+
+def adherence_cases(params: Params) -> list[dict]:
+    """Held-out prompts in the captions' own words: every palette colour, solid and
+    gradient, with saturation, layout, figure size and logo cycling through their values,
+    so most combinations are not the ones of any one training image."""
+    levels = list(params.labels.saturation_levels)
+    colours = list(params.brand.palette)
+    cases = []
+    for i, colour in enumerate(colours):
+        for j, kind in enumerate(["solid", "gradient"]):
+            k = 2 * i + j
+            to = colours[(i + 1 + k % (len(colours) - 1)) % len(colours)]
+            row = {"background": colour, "background_kind": kind,
+                   "gradient_to": to if kind == "gradient" else "none",
+                   "saturation": levels[(i + j) % len(levels)],
+                   "layout": LAYOUTS[k % len(LAYOUTS)],
+                   "figure_size": FIGURE_SIZES[k % len(FIGURE_SIZES)],
+                   "logo": ["no", "yes"][(k // 2) % 2] if params.brand.logos else "no",
+                   "text": "SALE"}
+            cases.append({**row, "prompt": caption(row, params.labels.caption_template)})
+    return cases
+
+
+def prompt_adherence(gen: Generator, params: Params, train: pd.DataFrame
+                     ) -> tuple[dict, list[list[Image.Image]]]:
+    """Share of generated images whose auto-label equals what the prompt asked, per
+    field; also per colour, and on combinations that no training caption has."""
+    cfg = params.evaluate
+    seen = set(map(tuple, train[ADHERENCE_FIELDS].to_numpy().tolist()))
+    hits: dict[str, list[bool]] = {}
+    rows = []
+    for case in adherence_cases(params):
+        ims = gen.generate([case["prompt"]] * cfg.adherence_seeds, seed=cfg.seed)
+        rows.append(ims)
+        unseen = tuple(case[f] for f in ADHERENCE_FIELDS) not in seen
+        for im in ims:
+            got = auto_labels(im, [], params.brand, params.labels)
+            for f in ADHERENCE_FIELDS:
+                ok = got[f] == case[f]
+                hits.setdefault(f, []).append(ok)
+                if unseen:
+                    hits.setdefault(f"unseen_{f}", []).append(ok)
+            hits.setdefault(f"colour_{case['background']}", []).append(
+                got["background"] == case["background"])
+
+    def share(v: list[bool]) -> float:
+        return round(sum(v) / len(v), 4)
+
+    metrics = {f"prompt_adherence_{f}": share(hits[f]) for f in ADHERENCE_FIELDS}
+    metrics |= {f"prompt_adherence_{k}": share(v) for k, v in hits.items()
+                if k.startswith("unseen_")}
+    metrics |= {f"adherence_{k.removeprefix('colour_')}": share(v) for k, v in hits.items()
+                if k.startswith("colour_")}
+    metrics["adherence_images"] = len(hits["background"])
+    return metrics, rows
+
+
+def labeller_agreement(real: list[Image.Image], rows: pd.DataFrame, params: Params) -> dict:
+    """How far the adherence numbers can be trusted: the share of real val images, shrunk
+    to the model's size, whose auto-label still equals their caption's label. A field the
+    labeller cannot read at this size (a small logo at 64 px) cannot be scored reliably on
+    generated images either."""
+    got = [auto_labels(im, [], params.brand, params.labels) for im in real]
+    return {f"labeller_agreement_{f}": round(float(np.mean(
+        [g[f] == want for g, want in zip(got, rows[f], strict=True)])), 4)
+        for f in ADHERENCE_FIELDS}
+
+
+def diversity(rows: list[list[Image.Image]]) -> float:
+    """Mean pairwise RMS pixel distance (0..1) between images of one prompt drawn with
+    different seeds, averaged over prompts: 0 means every seed gives the same image."""
+    dists = []
+    for row in rows:
+        x = to_tensor(row)
+        for i, j in itertools.combinations(range(len(row)), 2):
+            dists.append(float((x[i] - x[j]).square().mean().sqrt()))
+    return round(float(np.mean(dists)), 4) if dists else 0.0
+
+
+def _words(text: str) -> set[str]:
+    return set(normalise(text).split())
+
+
+def text_recall(real: list[Image.Image], fake: list[Image.Image], params: Params) -> dict:
+    """Of the words OCR reads in a real val image at the model's size (text large enough to
+    read), the share it also reads in the image generated from that image's caption."""
+    texts = read_texts(real + fake, params.ocr)
+    wanted = found = 0
+    for r, f in zip(texts[: len(real)], texts[len(real):], strict=True):
+        readable = _words(r)
+        wanted += len(readable)
+        found += len(readable & _words(f))
+    out = {"text_readable_words": wanted}
+    if wanted:
+        out["text_recall"] = round(found / wanted, 4)
+    return out
+
+
+def _chunks(items: list, n: int) -> list[list]:
+    return [items[i : i + n] for i in range(0, len(items), n)]
+
+
+@dataclass
+class Evaluation:
+    metrics: dict
+    real: list[Image.Image]
+    fake: list[Image.Image]
+    captions: list[str]
+    prompt_rows: list[list[Image.Image]]
+    colour_rows: list[list[Image.Image]]
+
+
+def eval_set(params: Params, val: pd.DataFrame, feature_space: str) -> str:
+    """What makes two evaluations comparable: the same val images and captions, the same
+    prompts, seeds and sizes, the same labeller and feature space (not the sampler: that is
+    part of the model being measured)."""
+    return settings_hash({"val": sorted(zip(val["id"], val["caption"], strict=True)),
+                          "evaluate": params.evaluate.model_dump(mode="json"),
+                          "brand": params.brand.model_dump(mode="json"),
+                          "labels": params.labels.model_dump(mode="json"),
+                          "ocr": params.ocr.model_dump(mode="json"),
+                          "feature_space": feature_space})
+
+
+def measure(params: Params, vae_dir: Path = VAE_DIR, unet_dir: Path = UNET_DIR,
+            sampler: SamplerCfg | None = None) -> Evaluation:
+    """Every metric of one generator (its VAE and U-Net folders) on the current val data;
+    register also calls this to re-measure the champion when the data changed."""
+    cfg = params.evaluate
+    caps = read_table(CAPTIONS, "captions")
+    val = caps[caps["split"] == "val"]
+    if len(val) < 2:
+        raise UserError(f"evaluate: the val split has {len(val)} image(s), at least 2 are "
+                        "needed; add images or raise labels.split.val")
+    metrics: dict = vae_quality(vae_dir, val.head(64), params)
+    gen = Generator.load(vae_dir, unet_dir, sampler or params.sampler)
+    extractor, feature_space = feature_extractor(cfg)
+
+    # real val images vs images generated from their captions: fidelity, speed, text
+    pairs = val.head(cfg.fid_images)
+    real = to_pil(load_batch(pairs["path"].tolist(), gen.native_size))
+    t0 = time.monotonic()
+    fake = [im for k, chunk in enumerate(_chunks(pairs["caption"].tolist(), 32))
+            for im in gen.generate(chunk, seed=cfg.seed + k)]
+    metrics["sample_images_per_s"] = round(len(fake) / (time.monotonic() - t0), 3)
+    metrics |= {k: round(v, 5) for k, v in distances(real, fake, extractor, cfg.seed).items()}
+    metrics["fid_images"] = len(fake)
+    metrics |= text_recall(real[: cfg.text_recall_images], fake[: cfg.text_recall_images],
+                           params)
+
+    adherence, colour_rows = prompt_adherence(gen, params, caps[caps["split"] == "train"])
+    metrics |= adherence | labeller_agreement(real, pairs, params)
+    prompt_rows = [gen.generate([prompt] * cfg.prompt_seeds, seed=cfg.seed)
+                   for prompt in cfg.prompts]
+    metrics["diversity"] = diversity(prompt_rows)
+    metrics["feature_space"] = feature_space
+    metrics["eval_set"] = eval_set(params, val, feature_space)
+    return Evaluation(metrics, real, fake, pairs["caption"].tolist(), prompt_rows, colour_rows)
+
+
+def evaluate(params: Params) -> dict:
+    cfg = params.evaluate
+    ev = measure(params)
+    n_show = min(8, len(ev.real))
+    grids = {"samples.png": (image_grid(ev.prompt_rows), "every fixed prompt (rows) with "
+                             f"{cfg.prompt_seeds} seeds (columns)"),
+             "adherence.png": (image_grid(ev.colour_rows), "held-out adherence prompts"),
+             "real_vs_generated.png": (image_grid([ev.real[:n_show], ev.fake[:n_show]]),
+                                       "top: real val images; bottom: generated from their "
+                                       "captions")}
+    for i, (prompt, row) in enumerate(zip(cfg.prompts, ev.prompt_rows, strict=True), 1):
+        grids[f"prompt_{i:02d}.png"] = (image_grid([row], cell=192), prompt)
+    curves = training_curves()
+    if curves is not None:
+        grids["training_curves.png"] = (curves, "training curves (models/*/loss.csv)")
+    with atomic_dir(EVAL_GRIDS) as tmp:
+        for name, (im, _caption) in grids.items():
+            im.save(tmp / name)
+    write_report(EVAL_REPORT, ev.metrics,
+                 [(EVAL_GRIDS / n, c) for n, (_im, c) in grids.items()],
+                 cases=adherence_cases(params), real_captions=ev.captions[:n_show])
+    return ev.metrics

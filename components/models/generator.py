@@ -1,0 +1,115 @@
+"""The one composition of text encoder + U-Net + sampler + VAE (a diffusers "pipeline").
+
+evaluate, generate and the served MLflow model all call `Generator`, so what is
+measured is what is shipped. Prompt i of a call draws its noise from a generator seeded
+by (seed, i): the same seed gives the same images, and an image does not depend on the
+other prompts in the batch (up to float rounding of batched convolutions).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from components.config import Diffusion as DiffusionCfg
+from components.config import Sampler as SamplerCfg
+from components.config import TextEncoder as TextEncoderCfg
+from components.contracts import UserError
+from components.models.diffusion import NoiseSchedule, make_sampler, sample
+from components.models.unet import ContextUnet, load_unet, read_unet_config
+from components.models.vae import VAE, load_vae
+from components.models.images import to_pil
+
+MIN_SIDE, MAX_SIDE = 8, 800  # output width/height limits of generate and the served model
+
+
+def check_size(width: int | None, height: int | None) -> None:
+    for key, v in [("width", width), ("height", height)]:
+        if v is not None and not MIN_SIDE <= v <= MAX_SIDE:
+            raise UserError(f"{key}={v}: must be between {MIN_SIDE} and {MAX_SIDE} pixels")
+
+
+def prompt_seed(seed: int, i: int) -> int:
+    """A 63-bit seed for prompt i of a call with `seed` (independent streams)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{i}".encode()).digest()[:8], "big") >> 1
+
+
+class Generator:
+    def __init__(self, vae: VAE, unet: ContextUnet, unet_config: dict, text_encoder: Any,
+                 sampler: SamplerCfg):
+        self.vae, self.unet, self.config = vae.eval(), unet.eval(), unet_config
+        self.text_encoder = text_encoder
+        self.sampler_cfg = sampler  # params.sampler (or what a logged model carries)
+        self.schedule = NoiseSchedule(DiffusionCfg(**unet_config["diffusion"]))
+        self.scale_factor = float(unet_config["scale_factor"])
+        self.latent_shape = tuple(unet_config["latent_shape"])
+
+    @classmethod
+    def load(cls, vae_dir: Path | str, unet_dir: Path | str, sampler: SamplerCfg,
+             text_encoder: Any = None) -> Generator:
+        """`text_encoder` is anything with `.encode(list[str]).vectors` (and `.tokens`, the
+        token states, for a U-Net with cross-attention); by default the
+        encoder the U-Net was trained with (its config.json names it; a fitted one, tfidf,
+        is saved in the U-Net's text_encoder/ folder)."""
+        config = read_unet_config(Path(unet_dir))
+        if text_encoder is None:
+            from components.models.text_encoders import get_encoder
+
+            text_encoder = get_encoder(TextEncoderCfg(name=config["text_encoder"]),
+                                       saved=Path(unet_dir) / "text_encoder")
+        return cls(load_vae(Path(vae_dir)), load_unet(Path(unet_dir), ema=True), config,
+                   text_encoder, sampler)
+
+    @property
+    def native_size(self) -> int:
+        return self.latent_shape[-1] * self.vae.down_factor
+
+    def check_prompts(self, prompts: list[str]) -> None:
+        """A request's prompts: not empty, and within the text encoder's token limit (a
+        served prompt is refused, not silently cut; training captions follow the caption
+        policy instead)."""
+        for p in prompts:
+            if not p.strip():
+                raise UserError("prompt: empty; describe the image the way the training "
+                                "captions do, e.g. 'vivid red solid poster, text at the "
+                                "centre, figures none, logo no, reading \"SALE\".'")
+        limit = getattr(self.text_encoder, "max_tokens", None)
+        if limit and hasattr(self.text_encoder, "count_tokens"):
+            for p, n in zip(prompts, self.text_encoder.count_tokens(prompts), strict=True):
+                if n > limit:
+                    raise UserError(f"prompt {p[:40]!r}...: {n} tokens, over the text "
+                                    f"encoder's {limit}-token limit; shorten it")
+
+    @torch.no_grad()
+    def decode_latents(self, z: torch.Tensor) -> list[Image.Image]:
+        return to_pil(self.vae.decode(z / self.scale_factor))
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seed: int = 0, steps: int | None = None,
+                 guidance: float | None = None, width: int | None = None,
+                 height: int | None = None) -> list[Image.Image]:
+        """Images at the model's native size, resized (LANCZOS) to width x height when
+        either is given (the other defaults to the native size)."""
+        if not prompts:
+            return []
+        cfg = self.sampler_cfg
+        if steps is not None:
+            cfg = cfg.model_copy(update={"steps": int(steps)})
+        g = cfg.guidance if guidance is None else float(guidance)
+        enc = self.text_encoder.encode(list(prompts))
+        tokens = getattr(enc, "tokens", None)  # token states, for a cross-attention U-Net
+        use_tokens = tokens is not None and (self.unet.cross_attention or self.unet.pool_queries)
+        context = torch.from_numpy(tokens if use_tokens else enc.vectors).float()
+        gens = [torch.Generator().manual_seed(prompt_seed(seed, i))
+                for i in range(len(prompts))]
+        sampler = make_sampler(cfg, self.schedule)
+        z = sample(self.unet, self.schedule, sampler, context, self.latent_shape, g, gens)
+        images = self.decode_latents(z)
+        if width is not None or height is not None:
+            size = (int(width or self.native_size), int(height or self.native_size))
+            images = [im.resize(size, Image.Resampling.LANCZOS) for im in images]
+        return images

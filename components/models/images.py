@@ -1,0 +1,75 @@
+"""Image files <-> tensors in [-1, 1] at the models' size, and grids of PIL images."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from components.config import Params
+from components.config import Vae as VaeCfg
+from components.contracts import (
+    SPLIT,
+    TRAINING_CURVE,
+    VAE_DIR,
+    UserError,
+    atomic_dir,
+    open_rgb,
+    progress,
+    read_table,
+    write_csv,
+    write_json,
+)
+from components.training.runtime import (
+    Checkpoint,
+    Runtime,
+    adamw,
+    cosine_with_warmup,
+    finish,
+    runtime,
+)
+
+
+def load_image_tensor(path: Path | str, size: int) -> torch.Tensor:
+    """One image (contracts.open_rgb: rotated, flattened on white, RGB) as a
+    3 x size x size float tensor in [-1, 1]."""
+    try:
+        im = open_rgb(path).resize((size, size), Image.Resampling.BICUBIC)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read image ({e}); re-run validate to quarantine it") \
+            from None
+    arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def load_batch(paths: list[Path] | list[str], size: int) -> torch.Tensor:
+    if not paths:
+        return torch.zeros(0, 3, size, size)
+    return torch.stack([load_image_tensor(p, size) for p in paths])
+
+
+def to_pil(x: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> PIL images."""
+    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in arr]
+
+
+def image_grid(rows: list[list[Image.Image]], cell: int = 128) -> Image.Image:
+    """Rows of images as one picture, each cell `cell` pixels square (nearest: the pixels
+    a small model made stay visible as pixels)."""
+    n_cols = max(len(r) for r in rows)
+    grid = Image.new("RGB", (n_cols * cell, len(rows) * cell), "white")
+    for y, row in enumerate(rows):
+        for x, im in enumerate(row):
+            grid.paste(im.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST),
+                       (x * cell, y * cell))
+    return grid

@@ -1,0 +1,215 @@
+"""Encode every captioned image once: VAE posterior mean/log-variance + caption embedding
+(token-level states, float16, for cross-attention; one vector for an encoder without).
+Each image also gets its caption without the free text (OCR text, description): the U-Net
+trains on it for a share of steps (unet.text_drop), so that it learns the attributes'
+words rather than memorising each image by its unique text. With latents.flip, every
+train image also gets a mirrored copy whose caption says left where the original says
+right (and the other way round).
+
+Arrays are plain .npy files (memory-mapped by the U-Net stage), rows indexed by
+index.parquet. Entries are also kept in a content-keyed store (.cache/latents): an
+image's key hashes its bytes, the VAE weights and the size; a caption's key hashes the
+caption and the text encoder. A re-run encodes only what changed (new images, edited
+captions, everything after a retrained VAE) and a changed input can never pass for a
+cached one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from components.config import Params
+from components.contracts import (
+    CAPTIONS,
+    LABEL_FIELDS,
+    LATENTS,
+    TEXT_FIELDS,
+    VAE_DIR,
+    UserError,
+    atomic_dir,
+    atomic_path,
+    progress,
+    read_json,
+    read_table,
+    sha256_bytes,
+    sha256_file,
+    write_table,
+)
+from components.labelling.captions import caption
+from components.models.images import load_batch
+from components.models.text_encoders import get_encoder, save_encoder
+from components.models.vae import load_vae
+
+CACHE = Path(".cache") / "latents"  # content-keyed entries, kept across runs (DVC clears outs)
+TEXT_ENCODER = "text_encoder"  # a fitted encoder (tfidf) travels with the latents and model
+CACHE_FILES = ["mean.npy", "logvar.npy", "text.npy", "text_attributes.npy", "index.parquet",
+               "meta.json"]
+
+
+class LatentCache:
+    """The latents stage's output, memory-mapped (the U-Net stage reads only its rows)."""
+
+    def __init__(self, latents_dir: Path):
+        d = Path(latents_dir)
+        missing = [n for n in CACHE_FILES if not (d / n).exists()]
+        if missing:
+            raise UserError(f"{d}: latent cache incomplete (missing {', '.join(missing)}); "
+                            "run the latents stage first")
+        self.mean = np.load(d / "mean.npy", mmap_mode="r")
+        self.logvar = np.load(d / "logvar.npy", mmap_mode="r")
+        self.text = np.load(d / "text.npy", mmap_mode="r")
+        self.text_attributes = np.load(d / "text_attributes.npy", mmap_mode="r")
+        self.index = pd.read_parquet(d / "index.parquet")
+        self.meta = read_json(d / "meta.json")
+
+    def identity(self) -> str:
+        """A hash of what was encoded (every row's cache key) and how (meta.json)."""
+        return sha256_bytes("\n".join([*self.index["key"], json.dumps(
+            self.meta, sort_keys=True)]).encode())
+
+    def rows(self, split: str) -> np.ndarray:
+        return self.index.loc[self.index["split"] == split, "row"].to_numpy(np.int64)
+
+
+def _load_or_none(path: Path):
+    try:
+        return np.load(path)
+    except (OSError, ValueError):  # absent, torn or foreign: encode again
+        return None
+
+
+def _encode_missing(keys: list[str], kind: str, encode) -> tuple[list, int]:
+    """Entries of the content-keyed store for `keys`; the missing ones are computed by
+    `encode(indices) -> arrays` and stored. Returns (entries, how many were computed)."""
+    files = [CACHE / kind / k[:2] / f"{k}.npy" for k in keys]
+    entries = [_load_or_none(f) for f in files]
+    todo = [i for i, e in enumerate(entries) if e is None]
+    if todo:
+        for i, arr in zip(todo, encode(todo), strict=True):
+            entries[i] = arr
+            with atomic_path(files[i]) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, arr)
+    wanted = set(keys)  # entries of an older VAE or encoder are never read again: drop them
+    for f in (CACHE / kind).rglob("*.npy"):
+        if f.stem not in wanted:
+            f.unlink(missing_ok=True)
+    return entries, len(todo)
+
+
+def pad_stack(entries: list[np.ndarray]) -> np.ndarray:
+    """Caption vectors (D,) -> (N, D); token states (L_i, D) -> (N, max L, D) float16, the
+    rows after each caption's end all zero (what the U-Net reads as padding)."""
+    if entries[0].ndim == 1:
+        return np.stack(entries).astype(np.float32)
+    out = np.zeros((len(entries), max(len(e) for e in entries), entries[0].shape[-1]),
+                   np.float16)
+    for i, e in enumerate(entries):
+        out[i, : len(e)] = e
+    return out
+
+
+MIRROR = {"left": "right", "right": "left"}
+
+
+def mirrored(caps: pd.DataFrame, template: str) -> pd.DataFrame:
+    """The train rows as their mirror images: flip set, layout left <-> right, and the
+    caption written again from the template. (Mirrored text is no longer text: for
+    text-heavy posters this teaches backwards letters, so it is off by default.)"""
+    out = caps[caps["split"] == "train"].copy()
+    out["flip"] = True
+    out["layout"] = out["layout"].map(lambda v: MIRROR.get(v, v))
+    out["caption"] = [caption(r, template) for r in out[LABEL_FIELDS].to_dict("records")]
+    return out
+
+
+def attributes_only(caps: pd.DataFrame, template: str) -> list[str]:
+    """Each caption written again without its free text (what the image reads, a
+    description): the attribute words alone."""
+    return [caption({**r, **dict.fromkeys(TEXT_FIELDS, "")}, template)
+            for r in caps[LABEL_FIELDS].to_dict("records")]
+
+
+def latents(params: Params) -> dict:
+    caps = read_table(CAPTIONS, "captions")
+    caps = caps[caps["split"].isin(["train", "val"])].assign(flip=False)
+    if caps.empty:
+        raise UserError(f"{CAPTIONS}: no train/val rows to encode")
+    if params.latents.flip:
+        caps = pd.concat([caps, mirrored(caps, params.labels.caption_template)])
+    caps = caps.reset_index(drop=True)
+    vae = load_vae(VAE_DIR)
+    size = vae.cfg.image_size
+    vae_hash = sha256_file(VAE_DIR / "weights.safetensors")[:16]
+    encoder = get_encoder(params.text_encoder,
+                          fit_captions=caps.loc[caps["split"] == "train", "caption"].tolist())
+    # an image's latent depends on its bytes (the id is their sha256), the VAE weights and
+    # the size it is resized to; a caption's vector on the caption and the encoder
+    image_keys = [sha256_bytes(f"{i}|{vae_hash}|{size}{'|flip' if f else ''}".encode())
+                  for i, f in zip(caps["id"], caps["flip"], strict=True)]
+    texts = caps["caption"].tolist()
+    plain = attributes_only(caps, params.labels.caption_template)
+    n_rows = len(texts)
+    text_keys = [sha256_bytes(f"{encoder.identity}|tokens|{c}".encode())
+                 for c in texts + plain]
+
+    def encode_images(todo: list[int]) -> list[np.ndarray]:
+        out, bs = [], params.latents.batch_size
+        with torch.no_grad():
+            for j in progress(range(0, len(todo), bs), desc="latents", unit="batch"):
+                rows = caps.iloc[todo[j : j + bs]]
+                x = load_batch(rows["path"].tolist(), size)
+                flip = torch.tensor(rows["flip"].tolist(), dtype=torch.bool)
+                x[flip] = x[flip].flip(-1)
+                mean, logvar = vae.encode(x)
+                out.extend(torch.stack([mean, logvar], 1).float().numpy())
+        return out
+
+    def encode_texts(todo: list[int]) -> list[np.ndarray]:
+        """Each caption's token states without padding (L_i, D), or its vector (D,)."""
+        out, strings = [], texts + plain
+        for j in range(0, len(todo), 256):
+            enc = encoder.encode([strings[i] for i in todo[j : j + 256]])
+            if enc.tokens is None:
+                out.extend(enc.vectors)
+            else:
+                out.extend(t[np.abs(t).max(-1) > 0].astype(np.float16) for t in enc.tokens)
+        return out
+
+    posteriors, n_images = _encode_missing(image_keys, "image", encode_images)
+    vectors, n_texts = _encode_missing(text_keys, "text", encode_texts)
+    post = np.stack(posteriors).astype(np.float32)  # (N, 2, C, H, W): mean, logvar
+    mean, logvar = post[:, 0], post[:, 1]
+    text, text_attributes = pad_stack(vectors[:n_rows]), pad_stack(vectors[n_rows:])
+    scale = float(1.0 / max(mean.std(), 1e-6))
+    truncated = (sum(n > encoder.max_tokens for n in encoder.count_tokens(
+        caps["caption"].tolist())) if hasattr(encoder, "count_tokens") else 0)
+
+    index = pd.DataFrame({
+        "id": caps["id"], "row": np.arange(len(caps), dtype=np.int64), "split": caps["split"],
+        "caption": caps["caption"],
+        "key": [sha256_bytes(f"{a}|{b}".encode())[:16]
+                for a, b in zip(image_keys, text_keys[:n_rows], strict=True)],
+        "flip": caps["flip"].astype(bool),
+    })
+    meta = {"scale_factor": scale, "latent_shape": list(mean.shape[1:]),
+            "text_dim": int(text.shape[-1]), "text_tokens": int(text.shape[1])
+            if text.ndim == 3 else 0, "text_encoder": encoder.name,
+            "vae_weights": vae_hash, "image_size": size}
+    with atomic_dir(LATENTS) as tmp:
+        np.save(tmp / "mean.npy", mean)
+        np.save(tmp / "logvar.npy", logvar)
+        np.save(tmp / "text.npy", text)
+        np.save(tmp / "text_attributes.npy", text_attributes)
+        write_table(index, tmp / "index.parquet", "latent_index")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        save_encoder(encoder, tmp / TEXT_ENCODER)
+    return {"images": len(caps), "images_encoded": n_images, "captions_encoded": n_texts,
+            "scale_factor": round(scale, 5),
+            "latent_shape": "x".join(map(str, mean.shape[1:])),
+            "captions_truncated": int(truncated),
+            "captions_truncated_share": round(truncated / len(caps), 4)}

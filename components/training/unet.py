@@ -1,0 +1,191 @@
+"""The unet stage: train the Context U-Net on the latent cache, write models/unet/ whole."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from components import tracking
+from components.config import Diffusion as DiffusionCfg
+from components.config import Params
+from components.config import Unet as UnetCfg
+from components.contracts import (
+    LATENTS,
+    TRAINING_CURVE,
+    UNET_DIR,
+    VAE_DIR,
+    UserError,
+    atomic_dir,
+    progress,
+    write_csv,
+    write_json,
+)
+from components.models.unet import ContextUnet, save_unet
+
+
+def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Path,
+               text_encoder_name: str, vae_dir: Path) -> dict:
+    """Train the Context U-Net on the cached train-split latents; write out_dir whole."""
+    from components.models.diffusion import NoiseSchedule, training_loss
+    from components.models.vae import load_vae
+    from components.training.latents import TEXT_ENCODER, LatentCache
+    from components.training.runtime import (
+        Checkpoint,
+        adamw,
+        cosine_with_warmup,
+        finish,
+        runtime,
+        train_step,
+    )
+
+    cache = LatentCache(latents_dir)
+    rows = cache.rows("train")
+    if len(rows) == 0:
+        raise UserError(f"{latents_dir}/index.parquet: no rows with split == 'train'; "
+                        "check labels.split")
+    cached_encoder = cache.meta.get("text_encoder")
+    if cached_encoder and cached_encoder != text_encoder_name:
+        raise UserError(f"{latents_dir}: text embeddings were made with {cached_encoder!r}, "
+                        f"not text_encoder.name={text_encoder_name!r}; re-run the latents "
+                        "stage")
+    vae = load_vae(vae_dir)
+    # the whole train split fits in memory at these sizes (960 x 4x16x16 floats = 4 MB)
+    mean = torch.from_numpy(np.ascontiguousarray(cache.mean[rows]))
+    std = torch.from_numpy(np.ascontiguousarray(cache.logvar[rows])).mul(0.5).exp()
+    # caption token states (N, L, D), or vectors (N, D) for an encoder without tokens; and
+    # the same captions without their free text, padded to one length to mix the two
+    text, plain = (torch.from_numpy(np.ascontiguousarray(a[rows])).float()
+                   for a in (cache.text, cache.text_attributes))
+    if text.dim() == 3:
+        length = max(text.shape[1], plain.shape[1])
+        text, plain = (nn.functional.pad(t, (0, 0, 0, length - t.shape[1])) for t in (text, plain))
+    scale = float(cache.meta["scale_factor"])
+    latent_shape = tuple(int(s) for s in mean.shape[1:])
+
+    rt = runtime(cfg.device, cfg.bf16, "unet")
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    schedule = NoiseSchedule(diff)
+    model = ContextUnet.from_config(cfg, latent_shape[0], text.shape[-1],
+                                    latent_shape[1]).train()
+    net = rt.wrap(model)
+    ema = ContextUnet(**model.config()).eval()
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False).to(rt.device)
+    mean, std = mean.to(rt.device), std.to(rt.device)
+    text, plain = text.to(rt.device), plain.to(rt.device)
+    opt = adamw(model.parameters(), cfg.lr, 0.0)
+    sched = cosine_with_warmup(opt, cfg.warmup, cfg.steps)
+    params, ema_params = list(model.parameters()), list(ema.parameters())
+
+    log: list[tuple[int, float]] = []
+    running, n_running, first = 0.0, 0, 0
+    ckpt = Checkpoint("unet", {"unet": cfg.model_dump(exclude={"checkpoint_every", "device",
+                                                               "processes"}),
+                               "diffusion": diff.model_dump(), "text_encoder": text_encoder_name,
+                               "latents": cache.identity()})
+    if (state := ckpt.load()) is not None:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        gen.set_state(state["rng"])
+        first, running, n_running = state["step"], state["running"], state["n_running"]
+        log = [tuple(x) for x in state["log"]]
+        print(f"unet: resuming at step {first} of {cfg.steps} from {ckpt.path}")
+    start = time.perf_counter()
+    bar = progress(range(first, cfg.steps), initial=first, total=cfg.steps, desc="unet",
+                   unit="step", disable=not rt.main)
+    global_batch = cfg.batch_size * rt.world  # every process draws it; each takes a slice
+    for step in bar:
+        idx = torch.randint(0, len(rows), (global_batch,), generator=gen)
+        eps = torch.randn((global_batch, *latent_shape), generator=gen)
+        drop = torch.rand(global_batch, generator=gen) < cfg.text_drop
+        idx, eps, drop = rt.shard(idx, eps, drop)
+        # a fresh posterior sample each time
+        x0 = (mean[idx] + std[idx] * eps.to(rt.device)) * scale
+        drop = drop.to(rt.device).view(-1, *[1] * (text.dim() - 1))
+        context = torch.where(drop, plain[idx], text[idx])
+        loss = train_step(rt, lambda x0=x0, c=context: training_loss(
+                              net, schedule, x0, c, cfg.cond_drop, gen, (rt.rank, rt.world)),
+                          opt, sched, params, ema_params, cfg.ema, step)
+        running += loss.item()
+        n_running += 1
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            log.append((step + 1, rt.mean(running / n_running)))
+            bar.set_postfix(loss=f"{log[-1][1]:.4f}")
+            running, n_running = 0.0, 0
+            if rt.main:  # live in MLflow (the stage's run), as loss.csv has it
+                tracking.log_metrics({"curve.loss": log[-1][1]}, step + 1)
+        if rt.main and cfg.sample_every and (step + 1) % cfg.sample_every == 0 \
+                and tracking.active():
+            grid = preview_grid(ema, vae, schedule, cache, scale, latent_shape)
+            tracking.log_image(grid, f"samples/step_{step + 1:06d}.png")
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 \
+                and step + 1 < cfg.steps:
+            ckpt.save({"model": model.state_dict(), "ema": ema.state_dict(),
+                       "opt": opt.state_dict(), "sched": sched.state_dict(),
+                       "rng": gen.get_state(), "step": step + 1, "running": running,
+                       "n_running": n_running, "log": log}, rt.main)
+    seconds = time.perf_counter() - start
+    spread = rt.weight_spread(model)
+    model, ema = model.cpu(), ema.cpu()
+
+    config = {"diffusion": diff.model_dump(mode="json"), "scale_factor": scale,
+              "latent_shape": list(latent_shape), "text_encoder": text_encoder_name,
+              "text_dim": int(text.shape[-1]), "image_size": vae.cfg.image_size,
+              "train": cfg.model_dump(mode="json")}
+    metrics = {"final_loss": log[-1][1], "steps": cfg.steps, "bf16": rt.precision == "bf16",
+               "precision": rt.precision, "device": rt.device.type, "processes": rt.world,
+               "resumed_at": first, "seconds": round(seconds, 2),
+               "steps_per_s": round((cfg.steps - first) / seconds, 3),
+               "train_latents": len(rows)}
+    if rt.world > 1:
+        metrics["process_weight_spread"] = spread
+    if not rt.main:
+        finish(rt)
+        return metrics
+    with atomic_dir(Path(out_dir)) as tmp:
+        save_unet(model, ema, config, tmp)
+        if (Path(latents_dir) / TEXT_ENCODER).is_dir():
+            shutil.copytree(Path(latents_dir) / TEXT_ENCODER, tmp / TEXT_ENCODER)
+        write_csv(tmp / TRAINING_CURVE, ["step", "loss"], [(s, f"{v:.6f}") for s, v in log])
+        preview_grid(ema, vae, schedule, cache, scale, latent_shape).save(tmp / "samples.png")
+        write_json(tmp / "metrics.json", metrics)
+    ckpt.clear()
+    finish(rt)
+    return metrics
+
+
+@torch.no_grad()
+def preview_grid(model: ContextUnet, vae: nn.Module, schedule, cache, scale: float,
+                 latent_shape: tuple[int, ...], n: int = 8) -> Image.Image:
+    """The first n val captions (train if no val), DDIM 25 steps, guidance 2, one row. Its
+    own seeded noise and the model's device: calling it mid-training changes nothing
+    of the training run."""
+    from components.models.diffusion import DDIMSampler, sample
+    from components.models.images import image_grid, to_pil
+
+    rows = cache.rows("val")
+    if len(rows) == 0:
+        rows = cache.rows("train")
+    rows = rows[:n]
+    device = next(model.parameters()).device
+    context = torch.from_numpy(np.ascontiguousarray(cache.text[rows])).float().to(device)
+    sampler = DDIMSampler(schedule, 0.0)
+    sampler.set_timesteps(25)
+    gens = [torch.Generator().manual_seed(i) for i in range(len(rows))]
+    z = sample(model, schedule, sampler, context, latent_shape, 2.0, gens)
+    return image_grid([to_pil(vae.decode(z.cpu() / scale))], cell=64)
+
+
+def unet(params: Params) -> dict:
+    """The stage: latent cache in, models/unet/ out."""
+    return train_unet(params.unet, params.diffusion, LATENTS, UNET_DIR,
+                      params.text_encoder.name, VAE_DIR)

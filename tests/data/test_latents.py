@@ -1,0 +1,102 @@
+"""Latent cache: a re-run encodes only what changed, and a changed image, caption, VAE or
+text-encoder setting can never be served a stale entry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from components.config import Params, load_params
+from components.contracts import CAPTIONS, LATENTS, VAE_DIR, read_table, write_table
+from components.labelling.labels import labels
+from components.training.latents import LatentCache, attributes_only, latents
+from components.ingest.ocr import ocr
+from components.ingest.scrape import scrape
+from components.models.images import load_batch
+from components.models.vae import load_vae
+from components.training.vae import vae
+from components.ingest.validate import validate
+
+TINY = ["scrape.sources=[{kind: synthetic, n: 12, seed: 2, size: 64}]", "ocr.workers=2",
+        "labels.split={train: 0.7, val: 0.3, test: 0.0}",
+        "vae.image_size=32", "vae.base_channels=8", "vae.epochs=1", "vae.batch_size=8"]
+
+
+@pytest.fixture
+def collected(workdir) -> Params:
+    params = load_params(overrides=TINY)
+    for stage in (scrape, ocr, validate, labels, vae):
+        stage(params)
+    return params
+
+
+def test_rerun_encodes_only_what_changed(collected: Params, workdir) -> None:
+    params = collected
+    first = latents(params)
+    n = first["images"]
+    # every caption, and every caption without its free text (attributes only)
+    assert n == 12 and first["images_encoded"] == n and first["captions_encoded"] == 2 * n
+    before = LatentCache(LATENTS)
+    mean, text = np.array(before.mean), np.array(before.text)
+    plain = np.array(before.text_attributes)  # the captions without what the image reads
+    assert len(plain) == n and not np.allclose(plain, text[:, : plain.shape[1]])
+
+    again = latents(params)
+    assert again["images_encoded"] == 0 and again["captions_encoded"] == 0
+    assert np.array_equal(np.array(LatentCache(LATENTS).mean), mean)
+
+    caps = read_table(CAPTIONS, "captions")
+    edited = caps["id"].iloc[0]
+    caps.loc[0, "caption"] = "muted teal gradient poster, text at the top, reading \"HI\""
+    write_table(caps, CAPTIONS, "captions")
+    m = latents(params)
+    assert m["images_encoded"] == 0 and m["captions_encoded"] == 1
+    after = LatentCache(LATENTS)
+    row = int(after.index.set_index("id").loc[edited, "row"])
+    assert not np.allclose(after.text[row], text[row])
+    others = [i for i in range(n) if i != row]
+    assert np.array_equal(np.array(after.text)[others], text[others])
+
+    vae(load_params(overrides=[*TINY, "vae.seed=1"]))  # a retrained VAE: new weights
+    m = latents(params)
+    assert m["images_encoded"] == n and m["captions_encoded"] == 0
+    assert not np.allclose(np.array(LatentCache(LATENTS).mean), mean)
+
+    m = latents(load_params(overrides=[*TINY, "text_encoder.max_tokens=16"]))
+    assert m["images_encoded"] == 0 and m["captions_encoded"] == 2 * n
+    store = workdir / ".cache" / "latents"  # stale entries are dropped, the store stays small
+    assert len(list((store / "image").rglob("*.npy"))) == n
+    assert len(list((store / "text").rglob("*.npy"))) == len(
+        set(LatentCache(LATENTS).index["caption"]) | set(attributes_only(
+            read_table(CAPTIONS, "captions"), params.labels.caption_template)))
+    assert (VAE_DIR / "weights.safetensors").exists()
+
+
+def test_flip_adds_a_mirrored_copy_of_each_train_image_with_left_and_right_swapped(
+        collected: Params, workdir) -> None:
+    plain = latents(collected)
+    m = latents(load_params(overrides=[*TINY, "latents.flip=true"]))
+    cache = LatentCache(LATENTS)
+    idx = cache.index
+    flipped, train = idx[idx["flip"]], idx[(idx["split"] == "train") & ~idx["flip"]]
+    assert sorted(flipped["id"]) == sorted(train["id"]) and (flipped["split"] == "train").all()
+    assert m["images"] == plain["images"] + len(flipped)
+    assert m["images_encoded"] == len(flipped)  # the originals come from the store
+
+    caps = read_table(CAPTIONS, "captions").set_index("id")
+    swap = {"left": "right", "right": "left"}
+    for _, row in flipped.iterrows():
+        layout = caps.loc[row["id"], "layout"]
+        assert f"text at the {swap.get(layout, layout)}," in row["caption"]
+        assert row["caption"].replace(swap.get(layout, layout), layout) == \
+            caps.loc[row["id"], "caption"]
+
+    # the mirrored latent is the encoding of the mirrored image
+    vae_model = load_vae(VAE_DIR)
+    row = flipped.iloc[0]
+    x = load_batch([caps.loc[row["id"], "path"]], vae_model.cfg.image_size).flip(-1)
+    with torch.no_grad():
+        want = vae_model.encode(x)[0][0].numpy()
+    assert np.allclose(cache.mean[int(row["row"])], want, atol=1e-5)
+    assert latents(collected)["images_encoded"] == 0  # switched off: the plain rows again

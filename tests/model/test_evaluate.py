@@ -1,0 +1,110 @@
+"""Evaluation pieces on real generator images: the offline FD/KID feature space, a
+user-supplied TorchScript extractor, diversity, and the self-contained report."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+from components.config import Evaluate, load_params
+from components.contracts import UserError
+from components.ingest.synthetic import render
+from components.judge.evaluate import diversity
+from components.judge.fidelity import BUILTIN_ID, BrandFeatures, distances, feature_extractor
+from components.judge.report import grouped, write_report
+
+PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
+
+
+@pytest.fixture(scope="module")
+def posters() -> list[Image.Image]:
+    p = load_params(PARAMS)
+    return [Image.open(io.BytesIO(render(i, 5, 64, p.brand, p.synthetic, p.labels)[0]))
+            .convert("RGB") for i in range(48)]
+
+
+def _cfg(**kw) -> Evaluate:
+    return Evaluate(prompts=["x"], **kw)
+
+
+def test_fd_is_zero_for_identical_sets_and_grows_with_corruption(posters) -> None:
+    ext, ident = feature_extractor(_cfg())
+    assert ident == BUILTIN_ID
+    a, b = posters[:24], posters[24:]
+    assert distances(a, a, ext)["fd"] == pytest.approx(0.0, abs=1e-6)
+    clean = distances(a, b, ext)["fd"]
+    blurred = [distances(a, [im.filter(ImageFilter.GaussianBlur(r)) for im in b], ext)["fd"]
+               for r in (1, 2, 4)]
+    rng = np.random.default_rng(0)
+    noisy = [Image.fromarray(np.clip(np.asarray(im, np.float32)
+                                     + rng.normal(0, 40, (64, 64, 3)), 0, 255).astype(np.uint8))
+             for im in b]
+    assert clean < blurred[0] < blurred[1] < blurred[2]
+    assert distances(a, noisy, ext)["fd"] > 2 * clean
+    # KID: near 0 for two halves of one distribution, clearly above for a corruption
+    assert distances(a, noisy, ext)["kid"] > distances(a, b, ext)["kid"] + 0.01
+
+
+def test_builtin_features_are_fixed_and_finite(posters) -> None:
+    x = torch.rand(3, 3, 64, 64)
+    f = BrandFeatures()
+    assert f(x).shape == (3, BrandFeatures.num_features)
+    assert torch.equal(f(x), BrandFeatures()(x)) and torch.isfinite(f(x)).all()
+
+
+class Pool(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_user_extractor_torchscript_and_export(tmp_path: Path, posters) -> None:
+    torch.jit.script(Pool()).save(str(tmp_path / "pool.pt"))
+    batch = torch.export.Dim("batch", min=1)
+    torch.export.save(torch.export.export(Pool(), (torch.rand(2, 3, 32, 32),),
+                                          dynamic_shapes={"x": {0: batch}}),
+                      str(tmp_path / "pool.pt2"))
+    for name, kind in [("pool.pt", "torchscript:"), ("pool.pt2", "export:")]:
+        ext, ident = feature_extractor(_cfg(feature_extractor=str(tmp_path / name),
+                                            feature_image_size=32))
+        assert ident.startswith(kind)
+        assert distances(posters[:10], posters[:10], ext)["fd"] == pytest.approx(0, abs=1e-6)
+        assert distances(posters[:10], posters[10:20], ext)["fd"] > 1e-4
+
+    with pytest.raises(UserError, match="not found"):
+        feature_extractor(_cfg(feature_extractor=str(tmp_path / "missing.pt")))
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(UserError, match="not a loadable torchscript"):
+        feature_extractor(_cfg(feature_extractor=str(tmp_path / "junk.pt")))
+
+
+def test_fd_needs_two_images_each(posters) -> None:
+    ext, _ = feature_extractor(_cfg())
+    with pytest.raises(UserError, match="at least 2"):
+        distances(posters[:1], posters[:5], ext)
+
+
+def test_diversity_is_zero_for_identical_seeds(posters) -> None:
+    assert diversity([[posters[0]] * 3, [posters[1]] * 3]) == 0.0
+    assert diversity([posters[:4]]) > 0.05
+
+
+def test_report_is_self_contained(tmp_path: Path, posters) -> None:
+    grid = tmp_path / "g.png"
+    posters[0].save(grid)
+    metrics = {"vae_psnr": 24.5, "fd": 1.25, "prompt_adherence_background": 0.9,
+               "adherence_red": 1.0, "text_recall": 0.3, "sample_images_per_s": 5.0,
+               "feature_space": BUILTIN_ID, "odd": 1}
+    assert [t for t, _ in grouped(metrics)][-1] == "other"
+    out = tmp_path / "report.html"
+    write_report(out, metrics, [(grid, "a <caption>")], cases=[{"prompt": "red poster"}],
+                 real_captions=["vivid red"])
+    html = out.read_text()
+    assert "data:image/png;base64," in html and "a &lt;caption&gt;" in html
+    assert not re.search(r"(src|href)=\"https?:", html)  # nothing fetched when opened

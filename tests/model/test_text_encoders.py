@@ -1,0 +1,109 @@
+"""Each text encoder end to end on tiny data: the packaged MiniLM, any transformers model
+from a local folder (a tiny random BERT with a tokenizer trained here), and TF-IDF."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from components.config import TextEncoder
+from components.contracts import UserError
+from components.models.text_encoders import TfidfTextEncoder, get_encoder, save_encoder
+
+CAPTIONS = [f'{s} {c} {k} poster, text at the {layout}, reading "{t}"'
+            for s, c, k, layout, t in [
+                ("vivid", "red", "solid", "centre", "SUMMER SALE"),
+                ("soft", "blue", "gradient", "top", "NEW ARRIVALS"),
+                ("muted", "green", "solid", "left", "GRAND OPENING"),
+                ("vivid", "yellow", "gradient", "bottom", "FREE SHIPPING"),
+                ("soft", "purple", "solid", "right", "BIG EVENT"),
+                ("vivid", "pink", "solid", "centre", "HOT PICKS")]]
+
+
+def _check(vectors: np.ndarray, n: int, dim: int) -> None:
+    assert vectors.shape == (n, dim) and vectors.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
+
+
+def test_minilm_is_pretrained_and_tells_colours_apart() -> None:
+    enc = get_encoder(TextEncoder(name="minilm"))
+    out = enc.encode(CAPTIONS[:2])
+    _check(out.vectors, 2, 384)
+    assert out.n_truncated == 0
+    same = enc.encode([CAPTIONS[0], CAPTIONS[0]]).vectors
+    assert np.allclose(same[0], same[1], atol=1e-5)
+    assert float(out.vectors[0] @ out.vectors[1]) < 0.99
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> str:
+    """A randomly initialised 1-layer BERT and a WordPiece tokenizer trained with
+    `tokenizers` on the captions, saved like any hub model."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator(CAPTIONS * 5, trainers.WordPieceTrainer(vocab_size=200,
+                                                                     special_tokens=special))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    fast.save_pretrained(folder)
+    BertModel(BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=64,
+                         max_position_embeddings=64)).save_pretrained(folder)
+    return str(folder)
+
+
+def test_hf_encoder_from_a_local_folder(tiny_bert: str) -> None:
+    enc = get_encoder(TextEncoder(name=f"hf:{tiny_bert}", max_tokens=64))
+    _check(enc.encode(CAPTIONS).vectors, len(CAPTIONS), 32)
+
+
+def test_long_captions_are_counted_or_refused(tiny_bert: str) -> None:
+    long = CAPTIONS[0] + " " + " ".join(["sale"] * 80)
+    out = get_encoder(TextEncoder(name=f"hf:{tiny_bert}", max_tokens=16)).encode(
+        [CAPTIONS[1], long])
+    assert out.n_truncated == 1  # never cut silently
+    with pytest.raises(UserError, match="exceed the 16-token limit"):
+        get_encoder(TextEncoder(name=f"hf:{tiny_bert}", max_tokens=16,
+                                policy="error")).encode([long])
+
+
+def test_chunk_policy_encodes_every_window(tiny_bert: str) -> None:
+    """chunk: a long caption is the length-weighted mean of its windows, so its tail counts
+    (truncate would drop it) and a short caption encodes exactly as before."""
+    head = f"{CAPTIONS[0]} {CAPTIONS[0]}"  # over 16 tokens on its own
+    long_a, long_b = f"{head} {' '.join(['sale'] * 40)}", f"{head} {' '.join(['blue'] * 40)}"
+    chunk = get_encoder(TextEncoder(name=f"hf:{tiny_bert}", max_tokens=16, policy="chunk"))
+    cut = get_encoder(TextEncoder(name=f"hf:{tiny_bert}", max_tokens=16))
+    c, t = chunk.encode([long_a, long_b, CAPTIONS[1]]), cut.encode([long_a, long_b, CAPTIONS[1]])
+    assert c.n_truncated == t.n_truncated == 2  # counted either way
+    assert np.allclose(t.vectors[0], t.vectors[1])  # truncation lost the different tails
+    assert not np.allclose(c.vectors[0], c.vectors[1], atol=1e-3)
+    assert np.allclose(c.vectors[2], t.vectors[2], atol=1e-5)
+    _check(c.vectors, 3, 32)
+
+
+def test_unknown_or_unreachable_encoder_is_one_line(tmp_path) -> None:
+    with pytest.raises(UserError, match="unknown; use minilm, tfidf or hf:"):
+        get_encoder(TextEncoder(name="clip"))
+    with pytest.raises(UserError, match="cannot load"):
+        get_encoder(TextEncoder(name=f"hf:{tmp_path / 'nothing-here'}"))
+
+
+def test_tfidf_fits_saves_and_reloads_identically(tmp_path) -> None:
+    with pytest.raises(UserError, match="not fitted yet"):
+        get_encoder(TextEncoder(name="tfidf"))
+    enc = get_encoder(TextEncoder(name="tfidf", dim=4), fit_captions=CAPTIONS)
+    vectors = enc.encode(CAPTIONS).vectors
+    _check(vectors, len(CAPTIONS), 4)
+    save_encoder(enc, tmp_path / "te")
+    again = get_encoder(TextEncoder(name="tfidf"), saved=tmp_path / "te")
+    assert isinstance(again, TfidfTextEncoder)
+    assert np.allclose(again.encode(CAPTIONS).vectors, vectors, atol=1e-6)
+    with pytest.raises(UserError, match="no fitted tfidf"):
+        TfidfTextEncoder.load(tmp_path / "missing")
