@@ -41,9 +41,9 @@ def main() -> None:
 
     from components.judge.evaluate import prompt_adherence
     from components.models.generator import Generator
+    from components.training.latents import latents
     from components.training.unet import unet
     from components.training.vae import vae
-    from components.training.latents import latents
 
     report: dict = {"torch": torch.__version__, "cuda": cuda, "set": args.set}
     for name, stage in (("vae", vae), ("latents", latents), ("unet", unet)):

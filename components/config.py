@@ -1,7 +1,14 @@
-"""params.yaml -> validated pydantic models. The one place defaults and limits live.
+"""params.yaml -> validated pydantic models: every knob's type and limits.
+
+params.yaml holds every default; a default written here only repeats it (a model built
+in code, e.g. in a test, means what the file means) and tests/unit/test_config.py fails
+when the two disagree or a knob is missing from the file.
 
 Every problem a user can cause here (typo in a key, wrong type, value out of range)
 becomes one line naming the dotted key and what is allowed, raised as ConfigError.
+
+Over 400 lines on purpose: one model per params.yaml section, side by side in the file's
+order, so a knob's type and bounds are found where its neighbours are.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from components.config import Params, Scale
 from components.contracts import UserError
 
 if TYPE_CHECKING:
-    from components.ingest.ocr import Mapper
+    from components.fanout import Mapper
 
 FANOUT_STAGES = {"ocr", "labels"}  # stage functions that take a `mapper`
 CONNECT_TIMEOUT_S = 10

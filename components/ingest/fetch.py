@@ -16,6 +16,10 @@ robots.txt policy (RFC 9309, conservative where the RFC lets us choose):
 Conditional GET (images only: a page answered 304 would leave the crawler without links):
 the cache file is JSON, {"version": 1, "entries": {url: {"etag", "last_modified",
 "sha256"}}}, keyed by the requested URL, loaded on open and written atomically on close.
+
+Over 400 lines on purpose: `Fetcher` holds the per-host politeness state (gates, robots
+rules, the conditional cache) that every request path shares; its checks of URLs and
+bodies live apart, in web.py.
 """
 
 from __future__ import annotations

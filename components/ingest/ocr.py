@@ -21,7 +21,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,13 +42,13 @@ from components.contracts import (
     UserError,
     atomic_write_text,
     open_rgb,
-    progress,
     read_table,
     settings_hash,
     sha256_bytes,
     to_rgb,
     write_table,
 )
+from components.fanout import Mapper, check_worker, fan_out
 
 CACHE = Path(".cache") / "ocr"
 # Knobs that change what Tesseract reads; workers/timeout only change how fast.
@@ -207,49 +207,6 @@ def read_texts(images: list[Image.Image], cfg: Ocr) -> list[str]:
     workers = cfg.workers or os.cpu_count() or 1
     with _single_threaded_tesseract(), ThreadPoolExecutor(workers) as pool:
         return [r["text"] for r in pool.map(lambda im: read_words(im, cfg), images)]
-
-
-# ------------------------------------------------------------------ fan-out (labels too)
-# A mapper calls fn on each chunk (a list of work items) and yields the chunks' results in
-# order. fn is a top-level function bound to plain settings (functools.partial), so it
-# pickles to a process or a Dask worker; it returns plain data, one entry per item.
-Mapper = Callable[[Callable[[list], list], list[list]], Iterable[list]]
-
-
-def thread_map(workers: int) -> Mapper:
-    """The default mapper: this process's thread pool (no orchestration cost)."""
-    def run(fn: Callable[[list], list], chunks: list[list]) -> Iterator[list]:
-        with ThreadPoolExecutor(max(1, min(workers, len(chunks)))) as pool:
-            yield from pool.map(fn, chunks)
-    return run
-
-
-def fan_out(fn: Callable[[list], list], items: list, mapper: Mapper | None, chunk_size: int,
-            workers: int, desc: str) -> list:
-    """fn over items through the mapper; flat results in item order, with a progress bar.
-    Without a mapper the thread pool takes one item at a time (as ever); a task runner
-    takes chunk_size, since each of its tasks has a fixed cost."""
-    if not items:  # all cached: start no task runner
-        return []
-    mapper, size = (thread_map(workers), 1) if mapper is None else (mapper, chunk_size)
-    chunks = [items[i : i + size] for i in range(0, len(items), size)]
-    out: list = []
-    with progress(total=len(items), desc=desc, unit="img") as bar:
-        for chunk, got in zip(chunks, mapper(fn, chunks), strict=True):
-            if len(got) != len(chunk):
-                raise RuntimeError(f"{desc}: a worker returned {len(got)} results for "
-                                   f"{len(chunk)} images")
-            out.extend(got)
-            bar.update(len(got))
-    return out
-
-
-def check_worker(root: str) -> None:
-    """A worker reads images by path under the repository folder; say so where it cannot."""
-    if not Path(root).is_dir():
-        raise UserError(f"worker {socket.gethostname()} cannot see {root}: workers read the "
-                        "images by path; run them on this machine, or mount the repository "
-                        "folder on them at the same path")
 
 
 @dataclass(frozen=True)

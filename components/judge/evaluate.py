@@ -33,6 +33,7 @@ from components.contracts import (
     VAE_DIR,
     UserError,
     atomic_dir,
+    progress,
     read_table,
     settings_hash,
 )
@@ -190,20 +191,24 @@ def eval_set(params: Params, val: pd.DataFrame, feature_space: str) -> str:
 
 
 def measure(params: Params, vae_dir: Path = VAE_DIR, unet_dir: Path = UNET_DIR,
-            sampler: SamplerCfg | None = None) -> Evaluation:
+            sampler: SamplerCfg | None = None, what: str = "evaluate") -> Evaluation:
     """Every metric of one generator (its VAE and U-Net folders) on the current val data;
     register also calls this to re-measure the champion when the data changed."""
     cfg = params.evaluate
+    bar = progress(total=5, desc=what, unit="part")
     caps = read_table(CAPTIONS, "captions")
     val = caps[caps["split"] == "val"]
     if len(val) < 2:
         raise UserError(f"evaluate: the val split has {len(val)} image(s), at least 2 are "
                         "needed; add images or raise labels.split.val")
+    bar.set_postfix_str("VAE reconstruction")
     metrics: dict = vae_quality(vae_dir, val.head(64), params)
+    bar.update()
     gen = Generator.load(vae_dir, unet_dir, sampler or params.sampler)
     extractor, feature_space = feature_extractor(cfg)
 
     # real val images vs images generated from their captions: fidelity, speed, text
+    bar.set_postfix_str("fidelity")
     pairs = val.head(cfg.fid_images)
     real = to_pil(load_batch(pairs["path"].tolist(), gen.native_size))
     t0 = time.monotonic()
@@ -212,16 +217,24 @@ def measure(params: Params, vae_dir: Path = VAE_DIR, unet_dir: Path = UNET_DIR,
     metrics["sample_images_per_s"] = round(len(fake) / (time.monotonic() - t0), 3)
     metrics |= {k: round(v, 5) for k, v in distances(real, fake, extractor, cfg.seed).items()}
     metrics["fid_images"] = len(fake)
+    bar.update()
+    bar.set_postfix_str("text recall")
     metrics |= text_recall(real[: cfg.text_recall_images], fake[: cfg.text_recall_images],
                            params)
 
+    bar.update()
+    bar.set_postfix_str("prompt adherence")
     adherence, colour_rows = prompt_adherence(gen, params, caps[caps["split"] == "train"])
     metrics |= adherence | labeller_agreement(real, pairs, params)
+    bar.update()
+    bar.set_postfix_str("sample grids")
     prompt_rows = [gen.generate([prompt] * cfg.prompt_seeds, seed=cfg.seed)
                    for prompt in cfg.prompts]
     metrics["diversity"] = diversity(prompt_rows)
     metrics["feature_space"] = feature_space
     metrics["eval_set"] = eval_set(params, val, feature_space)
+    bar.update()
+    bar.close()
     return Evaluation(metrics, real, fake, pairs["caption"].tolist(), prompt_rows, colour_rows)
 
 

@@ -29,7 +29,7 @@ from components.contracts import (
     write_csv,
     write_table,
 )
-from components.ingest.ocr import Mapper, check_worker, fan_out
+from components.fanout import Mapper, check_worker, fan_out
 from components.labelling.captions import caption, token_counts
 from components.labelling.labeller import auto_labels, dominant_colours, label_system
 from components.labelling.labelstudio import (

@@ -22,6 +22,7 @@ from torch import nn
 
 from components.config import Diffusion as DiffusionCfg
 from components.config import Sampler as SamplerCfg
+from components.contracts import progress
 
 Generators = torch.Generator | list[torch.Generator] | None
 
@@ -236,7 +237,7 @@ def sample(model: nn.Module, schedule: NoiseSchedule, sampler: Sampler,
     x = randn((b, *shape), generator)
     uncond = torch.zeros_like(context)
     sampler.reset()
-    for t, t_prev in sampler.pairs():
+    for t, t_prev in progress(sampler.pairs(), desc="sampling", unit="step", leave=False):
         tt = schedule.normalise(torch.full((b,), t))
         if guidance == 1.0 or guidance == 0.0:
             c = context if guidance == 1.0 else uncond

@@ -20,9 +20,9 @@ from components.config import Sampler as SamplerCfg
 from components.config import TextEncoder as TextEncoderCfg
 from components.contracts import UserError
 from components.models.diffusion import NoiseSchedule, make_sampler, sample
+from components.models.images import to_pil
 from components.models.unet import ContextUnet, load_unet, read_unet_config
 from components.models.vae import VAE, load_vae
-from components.models.images import to_pil
 
 MIN_SIDE, MAX_SIDE = 8, 800  # output width/height limits of generate and the served model
 

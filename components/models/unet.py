@@ -23,30 +23,17 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from components.config import Diffusion as DiffusionCfg
-from components.config import Params
 from components.config import Unet as UnetCfg
 from components.contracts import (
-    LATENTS,
-    TRAINING_CURVE,
-    UNET_DIR,
-    VAE_DIR,
     UserError,
-    atomic_dir,
-    progress,
-    write_csv,
     write_json,
 )
-
 
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"

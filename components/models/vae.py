@@ -11,42 +11,19 @@ count, so beta means the same thing at any image size."""
 
 from __future__ import annotations
 
-import copy
 import json
-import math
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from components.config import Params
 from components.config import Vae as VaeCfg
 from components.contracts import (
-    SPLIT,
-    TRAINING_CURVE,
-    VAE_DIR,
     UserError,
-    atomic_dir,
-    open_rgb,
-    progress,
-    read_table,
-    write_csv,
     write_json,
 )
-from components.training.runtime import (
-    Checkpoint,
-    Runtime,
-    adamw,
-    cosine_with_warmup,
-    finish,
-    runtime,
-)
-
 
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"

@@ -63,7 +63,8 @@ def remeasure(client: Any, name: str, mv: Any, params: Params) -> dict[str, floa
         flavor = yaml.safe_load((path / "MLmodel").read_text())["flavors"]["python_function"]
         sampler = (flavor.get("config") or {}).get("sampler")  # the logged model_config
         ev = measure(params, path / "artifacts" / "vae", path / "artifacts" / "unet",
-                     Sampler(**sampler) if sampler else None)
+                     Sampler(**sampler) if sampler else None,
+                     what=f"re-measuring champion v{mv.version}")
     return numeric(ev.metrics)
 
 

@@ -23,14 +23,14 @@ from components.contracts import (
     read_json,
     read_table,
 )
-from components.labelling.captions import caption
-from components.labelling.labeller import auto_labels, dominant_colours, logo_mask, scale_saturation
-from components.labelling.labels import labels, split_of, stats
-from components.labelling.labelstudio import export, import_labels
 from components.ingest.ocr import ocr
 from components.ingest.scrape import scrape
 from components.ingest.synthetic import render
 from components.ingest.validate import validate
+from components.labelling.captions import caption
+from components.labelling.labeller import auto_labels, dominant_colours, logo_mask, scale_saturation
+from components.labelling.labels import labels, split_of, stats
+from components.labelling.labelstudio import export, import_labels
 
 PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 

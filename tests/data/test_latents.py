@@ -9,14 +9,14 @@ import torch
 
 from components.config import Params, load_params
 from components.contracts import CAPTIONS, LATENTS, VAE_DIR, read_table, write_table
-from components.labelling.labels import labels
-from components.training.latents import LatentCache, attributes_only, latents
 from components.ingest.ocr import ocr
 from components.ingest.scrape import scrape
+from components.ingest.validate import validate
+from components.labelling.labels import labels
 from components.models.images import load_batch
 from components.models.vae import load_vae
+from components.training.latents import LatentCache, attributes_only, latents
 from components.training.vae import vae
-from components.ingest.validate import validate
 
 TINY = ["scrape.sources=[{kind: synthetic, n: 12, seed: 2, size: 64}]", "ocr.workers=2",
         "labels.split={train: 0.7, val: 0.3, test: 0.0}",

@@ -6,9 +6,9 @@ from PIL import Image
 
 from components.config import load_params
 from components.contracts import GROUND_TRUTH, RAW_MANIFEST, read_table
-from components.labelling.labeller import label_background
 from components.ingest.scrape import scrape
 from components.ingest.synthetic import LAYOUTS, render
+from components.labelling.labeller import label_background
 
 
 def test_same_seed_same_bytes_and_index_stability(workdir):
