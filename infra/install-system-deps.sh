@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # System packages tinyldm needs: Tesseract (OCR), the DejaVu fonts (built-in data) and the
-# PostgreSQL server programs (tests/test_infra.py starts a throwaway server on 127.0.0.1;
+# PostgreSQL server programs (tests/e2e/test_infra.py starts a throwaway server on 127.0.0.1;
 # the pipeline itself never needs one). Installs them with apt when running as root;
 # otherwise says what to install.
 set -euo pipefail

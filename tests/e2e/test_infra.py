@@ -1,7 +1,7 @@
 """The shared setup of infra/, for real and without Docker: a PostgreSQL server (a temp
 cluster on 127.0.0.1) as the backend store of an `mlflow server` with proxied artifacts
 (tests/services.py starts both), and the register stage against it: one registration,
-then two at once. tests/test_e2e.py runs the whole pipeline against the same server.
+then two at once. tests/e2e/test_e2e.py runs the whole pipeline against the same server.
 
 The Docker parts (MinIO, basic auth, Prefect) are not run here; infra/README.md says so."""
 
