@@ -14,14 +14,13 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from components.config import load_params
+from components.ingest.ocr import ocr
+from components.ingest.scrape import scrape
+from components.ingest.synthetic import render
+from components.ingest.validate import validate
 
-from components.config import load_params  # noqa: E402
-from components.ingest.ocr import ocr  # noqa: E402
-from components.ingest.scrape import scrape  # noqa: E402
-from components.ingest.synthetic import render  # noqa: E402
-from components.ingest.validate import validate  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_folder(folder: Path, start: int, n: int, params) -> None:

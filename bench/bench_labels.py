@@ -15,16 +15,14 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.chdir(ROOT)
+from PIL import Image
 
-from PIL import Image  # noqa: E402
-
-from components.config import load_params  # noqa: E402
-from components.ingest.synthetic import render  # noqa: E402
+from components.config import load_params
+from components.ingest.synthetic import render
 from components.labelling.labeller import auto_labels
-from components.labelling.labels import ACCURACY_FIELDS  # noqa: E402
+from components.labelling.labels import ACCURACY_FIELDS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> int:
@@ -32,6 +30,7 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=600)
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
+    os.chdir(ROOT)  # params.yaml and the pipeline's paths are relative to it
     p = load_params()
     size = p.scrape.sources[0].size if p.scrape.sources[0].kind == "synthetic" else 256
     drawn = [render(i, args.seed, size, p.brand, p.synthetic, p.labels) for i in range(args.n)]

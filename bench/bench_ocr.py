@@ -14,15 +14,13 @@ import sys
 import time
 from pathlib import Path
 
+from PIL import Image
+
+from components.config import load_params
+from components.ingest.ocr import cer, read_texts
+from components.ingest.synthetic import render
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.chdir(ROOT)
-
-from PIL import Image  # noqa: E402
-
-from components.config import load_params  # noqa: E402
-from components.ingest.ocr import cer, read_texts  # noqa: E402
-from components.ingest.synthetic import render  # noqa: E402
 
 
 def main() -> int:
@@ -30,6 +28,7 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=120)
     ap.add_argument("--seed", type=int, default=0)  # the default source's seed
     args = ap.parse_args()
+    os.chdir(ROOT)  # params.yaml and the pipeline's paths are relative to it
     p = load_params()
     drawn = [render(i, args.seed, 256, p.brand, p.synthetic, p.labels) for i in range(args.n)]
     images = [Image.open(io.BytesIO(d)).convert("RGB") for d, _t in drawn]

@@ -12,15 +12,15 @@ import sys
 import time
 from pathlib import Path
 
+# before the imports: huggingface_hub reads it once, when first imported
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.chdir(ROOT)
 
-from components.config import Sampler, load_params  # noqa: E402
-from components.contracts import CAPTIONS, UNET_DIR, VAE_DIR, read_table  # noqa: E402
-from components.judge.evaluate import prompt_adherence  # noqa: E402
-from components.models.generator import Generator  # noqa: E402
+from components.config import Sampler, load_params
+from components.contracts import CAPTIONS, UNET_DIR, VAE_DIR, read_table
+from components.judge.evaluate import prompt_adherence
+from components.models.generator import Generator
+
+ROOT = Path(__file__).resolve().parents[1]
 
 RUNS = [("ddpm", 1000), ("ddim", 50), ("dpmpp2m", 20)]
 
@@ -29,6 +29,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=2, help="images per adherence prompt")
     args = ap.parse_args()
+    os.chdir(ROOT)  # params.yaml and the pipeline's paths are relative to it
     if not (UNET_DIR / "weights.safetensors").exists():
         print(f"bench_samplers: no trained model in {UNET_DIR}; run `make run` first")
         return 0

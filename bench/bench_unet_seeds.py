@@ -18,16 +18,16 @@ import tempfile
 import time
 from pathlib import Path
 
+# before the imports: huggingface_hub reads it once, when first imported
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.chdir(ROOT)
 
-from components.config import load_params  # noqa: E402
-from components.contracts import CAPTIONS, LATENTS, VAE_DIR, read_table  # noqa: E402
-from components.judge.evaluate import ADHERENCE_FIELDS, prompt_adherence  # noqa: E402
-from components.models.generator import Generator  # noqa: E402
-from components.training.unet import train_unet  # noqa: E402
+from components.config import load_params
+from components.contracts import CAPTIONS, LATENTS, VAE_DIR, read_table
+from components.judge.evaluate import ADHERENCE_FIELDS, prompt_adherence
+from components.models.generator import Generator
+from components.training.unet import train_unet
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> int:
@@ -38,6 +38,7 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a params override for every seed, e.g. unet.lr=0.002")
     args = ap.parse_args()
+    os.chdir(ROOT)  # params.yaml and the pipeline's paths are relative to it
     if not (LATENTS / "meta.json").exists() or not (VAE_DIR / "weights.safetensors").exists():
         print("bench_unet_seeds: no latent cache or VAE; run `make run` first")
         return 0

@@ -15,17 +15,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# before the imports: huggingface_hub reads it once, when first imported
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from components.config import load_params  # noqa: E402
-from components.contracts import CAPTIONS, UNET_DIR, VAE_DIR, read_table  # noqa: E402
+from components.config import load_params
+from components.contracts import CAPTIONS, UNET_DIR, VAE_DIR, read_table
+from components.judge.evaluate import prompt_adherence
+from components.models.generator import Generator
+from components.training.latents import latents
+from components.training.unet import unet
+from components.training.vae import vae
 
 
 def main() -> None:
@@ -38,12 +42,6 @@ def main() -> None:
     print(f"torch {torch.__version__}; CUDA: "
           f"{torch.cuda.get_device_name() if cuda else 'none'}; "
           f"bf16 on it: {cuda and torch.cuda.is_bf16_supported()}", flush=True)
-
-    from components.judge.evaluate import prompt_adherence
-    from components.models.generator import Generator
-    from components.training.latents import latents
-    from components.training.unet import unet
-    from components.training.vae import vae
 
     report: dict = {"torch": torch.__version__, "cuda": cuda, "set": args.set}
     for name, stage in (("vae", vae), ("latents", latents), ("unet", unet)):

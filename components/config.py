@@ -1,16 +1,12 @@
 """params.yaml -> validated pydantic models: every knob's type and limits.
 
-params.yaml holds every default; a default written here only repeats it (a model built
-in code, e.g. in a test, means what the file means) and tests/unit/test_config.py fails
-when the two disagree or a knob is missing from the file.
-
-Every problem a user can cause here (typo in a key, wrong type, value out of range)
-becomes one line naming the dotted key and what is allowed, raised as ConfigError.
-
-Over 400 lines on purpose: one model per params.yaml section, side by side in the file's
-order, so a knob's type and bounds are found where its neighbours are.
+params.yaml holds every default; a default written here only repeats it (a model built in
+code, e.g. in a test, means what the file means); tests/unit/test_config.py fails when the
+two disagree or a knob is missing from the file. Every problem a user can cause here (a
+typo in a key, a wrong type, a value out of range) becomes one line naming the dotted key
+and what is allowed (ConfigError). Over 400 lines on purpose: one model per section of
+params.yaml, in the file's order, so a knob's bounds sit beside its neighbours'.
 """
-
 from __future__ import annotations
 
 import io
@@ -323,8 +319,6 @@ class Retrain(Section):
 
     @model_validator(mode="after")
     def _branch_and_urls(self) -> Retrain:
-        import re
-
         fields = format_fields("branch", self.branch)
         if fields - {"date"}:
             raise ValueError(f"branch: unknown field(s) {sorted(fields - {'date'})}; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 import time
 from pathlib import Path
@@ -166,9 +167,9 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
 @torch.no_grad()
 def preview_grid(model: ContextUnet, vae: nn.Module, schedule, cache, scale: float,
                  latent_shape: tuple[int, ...], n: int = 8) -> Image.Image:
-    """The first n val captions (train if no val), DDIM 25 steps, guidance 2, one row. Its
-    own seeded noise and the model's device: calling it mid-training changes nothing
-    of the training run."""
+    """The first n val captions (train if no val), DDIM 25 steps, guidance 2, one row, on
+    the CPU (as the generator samples) with its own seeded noise: calling it mid-training
+    changes nothing of the training run, on any device."""
     from components.models.diffusion import DDIMSampler, sample
     from components.models.images import image_grid, to_pil
 
@@ -176,13 +177,14 @@ def preview_grid(model: ContextUnet, vae: nn.Module, schedule, cache, scale: flo
     if len(rows) == 0:
         rows = cache.rows("train")
     rows = rows[:n]
-    device = next(model.parameters()).device
-    context = torch.from_numpy(np.ascontiguousarray(cache.text[rows])).float().to(device)
+    if next(model.parameters()).device.type != "cpu":  # mid-training on a GPU
+        model = copy.deepcopy(model).cpu()
+    context = torch.from_numpy(np.ascontiguousarray(cache.text[rows])).float()
     sampler = DDIMSampler(schedule, 0.0)
     sampler.set_timesteps(25)
     gens = [torch.Generator().manual_seed(i) for i in range(len(rows))]
     z = sample(model, schedule, sampler, context, latent_shape, 2.0, gens)
-    return image_grid([to_pil(vae.decode(z.cpu() / scale))], cell=64)
+    return image_grid([to_pil(vae.decode(z / scale))], cell=64)
 
 
 def unet(params: Params) -> dict:
