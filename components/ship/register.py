@@ -13,6 +13,7 @@ import json
 import math
 import os
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -260,8 +261,10 @@ def log_datasets(root: Path, version_tags: dict[str, str]) -> None:
             continue
         df = pd.read_parquet(root / path)
         digest = version_tags.get(f"dvc.{out}", "")[:32] or None
-        mlflow.log_input(mlflow.data.from_pandas(df, source=str(path), name=name,
-                                                 digest=digest), context=context)
+        with warnings.catch_warnings():  # its schema hint about integer columns is for models
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(df, source=str(path), name=name, digest=digest)
+        mlflow.log_input(dataset, context=context)
 
 
 def register(params: Params, root: Path = Path(".")) -> dict:
