@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from components import contracts as c
+from components.stages import stage_names
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -19,7 +20,8 @@ TINY = [
     "register.model_name=tinyldm-e2e", "register.experiment=tinyldm-e2e",
     "scrape.sources=[{kind: synthetic, n: 48, seed: 3, size: 128}]",
     "vae.epochs=2", "vae.batch_size=16",
-    "unet.steps=40", "unet.batch_size=16", "unet.n_feat=32",
+    "unet.steps=40", "unet.batch_size=16", "unet.n_feat=32", "unet.log_every=10",
+    "unet.sample_every=20",
     "sampler.steps=4", "evaluate.adherence_seeds=1",
     "evaluate.prompts=['vivid red solid poster, text at the centre, reading \"SALE\"']",
 ]
@@ -75,19 +77,31 @@ def test_pipeline_end_to_end(tmp_path, mlflow_server):
               "reports/eval/report.html", "data/labels/labelstudio_tasks.json",
               "reports/validation/gx_results.json"]:
         assert (repo / f).stat().st_size > 0, f
-    for stage in c.STAGES:
+    for stage in stage_names(repo / "dvc.yaml"):
         assert (repo / c.metrics_path(stage)).exists(), stage
     reg = json.loads((repo / c.metrics_path("register")).read_text())
     assert reg["alias"] == "champion" and reg["version"] == 1
     from mlflow import MlflowClient  # the version is in the server's Postgres store
 
     server = MlflowClient(mlflow_server.url)
-    assert server.get_model_version_by_alias("tinyldm-e2e", "champion").version == "1"
+    mv = server.get_model_version_by_alias("tinyldm-e2e", "champion")
+    assert mv.version == "1"
+    # the model hangs in the pipeline's run, and every stage's live run nests under it
+    stage_runs = server.search_runs([server.get_run(mv.run_id).info.experiment_id],
+                                    f"tags.mlflow.parentRunId = '{mv.run_id}'")
+    assert sorted(r.info.run_name for r in stage_runs) == sorted(
+        s for s in stage_names(repo / "dvc.yaml") if s != "register")
+    unet_run = next(r for r in stage_runs if r.info.run_name == "unet")
+    curve = server.get_metric_history(unet_run.info.run_id, "curve.loss")
+    assert [m.step for m in curve] == [10, 20, 30, 40]
+    assert {a.path for a in server.list_artifacts(unet_run.info.run_id, "samples")} == {
+        "samples/step_000020.png", "samples/step_000040.png"}
     assert not (repo / "mlflow.db").exists()  # nothing went to the embedded default
     ev = json.loads((repo / c.metrics_path("evaluate")).read_text())
     assert ev["fd"] >= 0 and ev["sample_images_per_s"] > 0 and ev["fid_images"] >= 2
     models = _run([str(BIN / "tinyldm"), "models"], repo, env).stdout
-    assert "champion" in models.splitlines()[1], models
+    row = next(r for r in models.splitlines() if r.split()[:1] == ["1"])  # version 1
+    assert "champion" in row, models
 
     png = tmp_path / "gen.png"
     _run([str(BIN / "tinyldm"), "generate", "vivid blue solid poster", "--out", str(png),

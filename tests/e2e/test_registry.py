@@ -349,9 +349,10 @@ def test_champion_is_measured_again_when_the_val_data_changed(
 
     seen = {}
 
-    def fake_measure(p, vae_dir, unet_dir, sampler):
+    def fake_measure(p, vae_dir, unet_dir, sampler, what):
         seen.update(vae=(vae_dir / "weights.safetensors").exists(),
-                    unet=(unet_dir / "weights.safetensors").exists(), steps=sampler.steps)
+                    unet=(unet_dir / "weights.safetensors").exists(), steps=sampler.steps,
+                    what=what)
         return evaluate.Evaluation({"prompt_adherence_background": 0.25, "eval_set": "x"},
                                    [], [], [], [], [])
 
@@ -359,7 +360,8 @@ def test_champion_is_measured_again_when_the_val_data_changed(
     _write_metrics(store, {"prompt_adherence_background": 0.4, "eval_set": "new-data"})
     r = register.register(params)
     tags = MlflowClient().get_model_version(name, str(r["version"])).tags
-    assert seen == {"vae": True, "unet": True, "steps": 2}
+    assert seen == {"vae": True, "unet": True, "steps": 2,
+                    "what": f"re-measuring champion v{v1}"}
     assert r["alias"] == "champion"  # 0.4 beats the champion's 0.25 on the new data
     tags = MlflowClient().get_model_version(name, str(r["version"])).tags
     assert tags["gate.champion_source"] == "re-measured on the current val data"
