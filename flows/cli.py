@@ -170,9 +170,9 @@ def stage_(
     params_file: ParamsFile = PARAMS_FILE,
 ) -> None:
     """Run one stage of dvc.yaml in this process (what `dvc repro` calls)."""
-    from flows.stage import run_stage
+    from flows import stage
 
-    run_stage(name.value, params_file, overrides or [])
+    stage.run(name.value, params_file, overrides or [])
 
 
 @app.command("params", rich_help_panel=PIPELINE)

@@ -24,8 +24,8 @@ from flows.fanout import stage_kwargs
 TREE_WRITER = "register"  # writes the pipeline's run tree itself (components/ship/register.py)
 
 
-def run_stage(name: str, params_file: Path = Path("params.yaml"),
-              overrides: list[str] | None = None) -> dict | None:
+def run(name: str, params_file: Path = Path("params.yaml"),
+        overrides: list[str] | None = None) -> dict | None:
     """Run stage `name`; returns its metrics (None on a torchrun worker or launcher)."""
     error_file = stage_error_file(name)
     with contextlib.suppress(OSError):
