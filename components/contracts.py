@@ -122,6 +122,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("background_kind", pa.string()), ("gradient_to", pa.string()),
         ("layout", pa.string()), ("n_figures", pa.int64()), ("figure_size", pa.string()),
         ("saturation", pa.string()), ("logo", pa.bool_()), ("logo_corner", pa.string()),
+        ("text_boxes", pa.string()),  # labelling/text_boxes.py's JSON
     ]),
     "ocr": pa.schema([
         ("id", pa.string()), ("text", pa.string()), ("mean_conf", pa.float64()),
@@ -138,6 +139,8 @@ SCHEMAS: dict[str, pa.Schema] = {
         *[(f"{f}{suffix}", t) for f in LABEL_FIELDS
           for suffix, t in [("", pa.string()), ("_provenance", pa.string()),
                             ("_conf", pa.float64())]],
+        # where the text is (labelling/text_boxes.py's JSON), from truth, ocr or none
+        ("text_boxes", pa.string()), ("text_boxes_provenance", pa.string()),
     ]),
     "split": pa.schema([("id", pa.string()), ("path", pa.string()), ("split", pa.string())]),
     "latent_index": pa.schema([

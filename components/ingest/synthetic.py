@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import io
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from components.config import Brand, Labels, Synthetic
-from components.contracts import UserError
 from components.labelling.labeller import FIGURE_SHARES as FIGURE_SIZES
 from components.labelling.labeller import LAYOUTS, logo_mask, scale_saturation
+from components.labelling.text_boxes import dumps, relative
+from components.models.glyphs import font as brand_font
 
 SHAPES = ["circle", "square", "triangle"]
 CORNERS = ["top-left", "top-right", "bottom-left", "bottom-right"]
@@ -38,6 +38,7 @@ class Truth:
     saturation: str
     logo: bool
     logo_corner: str  # "" when no logo
+    text_boxes: str = "[]"  # where the text is drawn: labelling/text_boxes.py's JSON format
 
 
 def luminance(rgb: tuple[int, int, int]) -> float:
@@ -52,16 +53,6 @@ def luminance(rgb: tuple[int, int, int]) -> float:
 def contrast(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
     la, lb = sorted((luminance(a), luminance(b)), reverse=True)
     return (la + 0.05) / (lb + 0.05)
-
-
-@lru_cache(maxsize=64)
-def _font(path: str, size: int) -> ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.truetype(path, size)
-    except OSError:
-        raise UserError(f"brand.font: cannot open font {path!r}; install fonts-dejavu-core "
-                        "(apt-get install fonts-dejavu-core) or point brand.font at a .ttf") \
-            from None
 
 
 def _overlaps(a: tuple, b: tuple, pad: float = 0) -> bool:
@@ -85,7 +76,7 @@ def _text_block(draw: ImageDraw.ImageDraw, lines: list[str], layout: str, size: 
     max_w = width_share * size
     font_px = int(0.11 * size)
     while True:
-        font = _font(font_path, font_px)
+        font = brand_font(font_path, font_px)
         boxes = [draw.textbbox((0, 0), line, font=font) for line in lines]
         widths = [b[2] - b[0] for b in boxes]
         if max(widths) <= max_w or font_px <= int(0.05 * size):
@@ -132,6 +123,23 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple, colour: tuple
     else:
         x0, y0, x1, y1 = box
         draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=colour)
+
+
+def drawn_boxes(draw: ImageDraw.ImageDraw, positions: list[tuple], font, size: int
+                ) -> list[dict]:
+    """The ink box of every line and word exactly as `draw.text` placed them, in units of
+    the image side."""
+    lines = []
+    for x, y, line in positions:
+        words, start = [], 0
+        for word in line.split(" "):
+            at = line.index(word, start)
+            offset = draw.textlength(line[:at], font=font)  # kerning as drawn, to the word
+            words.append({"text": word, "box": draw.textbbox((x + offset, y), word, font=font)})
+            start = at + len(word)
+        lines.append({"text": line, "box": draw.textbbox((x, y), line, font=font),
+                      "words": words})
+    return relative(lines, size, size)
 
 
 def render(index: int, seed: int, size: int, brand: Brand, synth: Synthetic,
@@ -198,6 +206,7 @@ def render(index: int, seed: int, size: int, brand: Brand, synth: Synthetic,
                     break
     for x, y, line in positions:
         draw.text((x, y), line, font=font, fill=text_colour)
+    boxes = drawn_boxes(draw, positions, font, size)
 
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=False)
@@ -205,7 +214,7 @@ def render(index: int, seed: int, size: int, brand: Brand, synth: Synthetic,
                   background_kind="gradient" if gradient else "solid", gradient_to=grad_to,
                   layout=layout, n_figures=placed,
                   figure_size=fig_size if placed else "none", saturation=sat_name,
-                  logo=logo, logo_corner=corner)
+                  logo=logo, logo_corner=corner, text_boxes=dumps(boxes))
     return buf.getvalue(), truth
 
 

@@ -36,6 +36,7 @@ from components.labelling.labelstudio import (
     write_labelstudio,
 )
 from components.labelling.manual import apply_manual, read_manual
+from components.labelling.text_boxes import dumps, from_ocr, loads, retext
 
 ACCURACY_FIELDS = ["background", "background_kind", "gradient_to", "layout", "figure_size",
                    "saturation", "logo"]  # the attributes the built-in generator records
@@ -76,6 +77,8 @@ def _label_one(item: dict, job: LabelJob) -> dict:
            "split": split_of(item["id"], job.labels)}
     for f in LABEL_FIELDS:
         row[f"{f}_provenance"] = {"text": "ocr", "description": "none"}.get(f, "auto")
+    boxes = from_ocr(words, im.width, im.height)
+    row["text_boxes"], row["text_boxes_provenance"] = dumps(boxes), "ocr" if boxes else "none"
     return row
 
 
@@ -106,7 +109,12 @@ def labels(params: Params, mapper: Mapper | None = None) -> dict:
 
     system = label_system(params)
     manual, problems = read_manual(manifest, system)
+    df = with_truth_boxes(df)
     df, disagreements = apply_manual(df, manual)
+    corrected = df["text_provenance"] == "manual"  # a corrected transcription keeps its box
+    df.loc[corrected, "text_boxes"] = [dumps(retext(loads(b), t)) for b, t in
+                                       zip(df.loc[corrected, "text_boxes"],
+                                           df.loc[corrected, "text"], strict=True)]
     df["caption"] = [caption(r, cfg.caption_template) for r in df.to_dict("records")]
     df["caption_tokens"], limit = token_counts(params, df["caption"].tolist())
     over = df[df["caption_tokens"] > limit] if limit else df.iloc[:0]
@@ -136,12 +144,26 @@ def labels(params: Params, mapper: Mapper | None = None) -> dict:
         print(f"labels: {len(over)} caption(s) ({len(over) / len(df):.1%}) over the "
               f"{limit}-token limit; policy {policy}")
     metrics |= accuracy(df)
+    metrics |= {f"text_boxes_{k}": int(v)
+                for k, v in df["text_boxes_provenance"].value_counts().items()}
     for line in problems:
         print(f"labels: {line}")
     if disagreements:
         print(f"labels: {len(disagreements)} manual label(s) overrule a confident auto label; "
               f"listed in {DISAGREEMENTS}")
     return metrics
+
+
+def with_truth_boxes(df: pd.DataFrame) -> pd.DataFrame:
+    """The generator's own text boxes (ground truth) over OCR's, for the images it drew."""
+    if not Path(GROUND_TRUTH).exists():
+        return df
+    gt = read_table(GROUND_TRUTH, "ground_truth").set_index("id")["text_boxes"]
+    known = df["id"].isin(gt.index)
+    df = df.copy()
+    df.loc[known, "text_boxes"] = gt.loc[df.loc[known, "id"]].to_numpy()
+    df.loc[known, "text_boxes_provenance"] = "truth"
+    return df
 
 
 def accuracy(df: pd.DataFrame) -> dict[str, float]:

@@ -187,9 +187,14 @@ def test_auto_labels_match_ground_truth_and_manual_wins(pipeline_to_validate, wo
     assert (caps["description_provenance"] == "none").all()
     assert (caps["caption_tokens"] > 10).all() and caps["dominant_colours"].str.match("#").all()
     assert len(read_json(LS_TASKS)) == 16
+    # where the text is: the generator's own boxes, whatever OCR read
+    assert (caps["text_boxes_provenance"] == "truth").all() and m["text_boxes_truth"] == 16
+    truth = read_table(GROUND_TRUTH, "ground_truth").set_index("id")
+    for image_id, boxes in caps.set_index("id")["text_boxes"].items():
+        assert [ln["text"] for ln in json.loads(boxes)] == truth.loc[image_id, "text"].split("\n")
     before = caps.set_index("id")["caption"]
 
-    target, by_name, untouched = caps["id"].iloc[:3]
+    target, by_name, untouched, retyped = caps["id"].iloc[:4]
     other = next(c for c in params.brand.palette if c != caps["background"].iloc[0])
     manual = workdir / "labels" / "manual"
     manual.mkdir(parents=True)
@@ -199,13 +204,15 @@ def test_auto_labels_match_ground_truth_and_manual_wins(pipeline_to_validate, wo
     pd.DataFrame({"file": [stored_name, stored_name], "layout": ["diagonal", "top"],
                   "description": ["two balloons", "a beach"]}).to_csv(
         manual / "b_more.csv", index=False)
+    pd.DataFrame({"id": [retyped], "text": ["FIXED WORDS"]}).to_csv(manual / "c_text.csv",
+                                                                       index=False)
     m = labels(params)
     out = capsys.readouterr().out
     assert "a_review.csv: unknown field 'mood' ignored" in out
     assert "a_review.csv: row 3: id 'ffffffffffffffff" in out and "not a known image" in out
     assert "b_more.csv: row 2: layout='diagonal' is not one of centre, left" in out
     assert "b_more.csv: image" in out and "labelled again (before in b_more.csv)" in out
-    assert m["manual_images"] == 2 and m["manual_problems"] == 4
+    assert m["manual_images"] == 3 and m["manual_problems"] == 4
     assert m["manual_disagreements"] >= 1  # a confident auto background was overruled
     assert "background" in (workdir / DISAGREEMENTS).read_text()
     after = read_table(CAPTIONS, "captions").set_index("id")
@@ -215,8 +222,12 @@ def test_auto_labels_match_ground_truth_and_manual_wins(pipeline_to_validate, wo
     named = after.loc[by_name]  # by file name; the later row wins
     assert named["layout"] == "top" and named["layout_provenance"] == "manual"
     assert named["caption"].endswith("a beach") and named["description_provenance"] == "manual"
+    fixed = json.loads(after.loc[retyped, "text_boxes"])  # a corrected text keeps its box
+    old_boxes = json.loads(caps.set_index("id").loc[retyped, "text_boxes"])
+    assert " ".join(ln["text"] for ln in fixed) == "FIXED WORDS"
+    assert fixed[0]["box"][0] == min(ln["box"][0] for ln in old_boxes)
     changed = {i for i in after.index if after.loc[i, "caption"] != before[i]}
-    assert changed <= {target, by_name} and untouched not in changed
+    assert changed <= {target, by_name, retyped} and untouched not in changed
     assert len(read_table(GROUND_TRUTH, "ground_truth")) == 16
 
 
