@@ -117,6 +117,7 @@ class Synthetic(Section):
     gradient_share: float = Field(0.25, ge=0, le=1)
     logo_share: float = Field(0.4, ge=0, le=1)
     logo_size: float = Field(0.2, ge=0.08, le=0.3)  # the labeller looks for 8-30% of the side
+    headline_share: float = Field(0.0, ge=0, le=1)  # images with one large headline line
     # corners the logo may take, in order of preference: the first one clear of the text
     # (a brand's rule); "random": any clear corner
     logo_corners: list[Literal["top-left", "top-right", "bottom-left", "bottom-right",

@@ -60,21 +60,23 @@ def _overlaps(a: tuple, b: tuple, pad: float = 0) -> bool:
                 or b[3] + pad <= a[1])
 
 
-def _text_lines(rng: np.random.Generator, vocabulary: list[str]) -> list[str]:
-    n_lines = int(rng.integers(1, 4))
+def _text_lines(rng: np.random.Generator, vocabulary: list[str], headline: bool = False
+                ) -> list[str]:
+    n_lines = 1 if headline else int(rng.integers(1, 4))
     lines = []
     for _ in range(n_lines):
-        n_words = int(rng.integers(1, 3))
+        n_words = 1 if headline else int(rng.integers(1, 3))
         lines.append(" ".join(str(w).upper() for w in rng.choice(vocabulary, n_words)))
     return lines
 
 
 def _text_block(draw: ImageDraw.ImageDraw, lines: list[str], layout: str, size: int,
-                font_path: str) -> tuple[ImageFont.FreeTypeFont, list[tuple], tuple]:
-    """Pick a font size that fits the layout's block; return font, line positions, bbox."""
-    width_share = 0.5 if layout in ("left", "right") else 0.86
+                font_path: str, font_px: int) -> tuple[ImageFont.FreeTypeFont, list[tuple], tuple]:
+    """The largest font size up to font_px that fits the layout's block (a headline may take
+    the whole width); return font, line positions, bbox."""
+    width_share = 0.92 if font_px > 0.11 * size else 0.5 if layout in ("left", "right") \
+        else 0.86
     max_w = width_share * size
-    font_px = int(0.11 * size)
     while True:
         font = brand_font(font_path, font_px)
         boxes = [draw.textbbox((0, 0), line, font=font) for line in lines]
@@ -163,8 +165,12 @@ def render(index: int, seed: int, size: int, brand: Brand, synth: Synthetic,
 
     text_colour = max((LIGHT_TEXT, DARK_TEXT), key=lambda c: min(contrast(c, top),
                                                                   contrast(c, bottom)))
-    lines = _text_lines(rng, synth.vocabulary)
-    font, positions, tbox = _text_block(draw, lines, layout, size, brand.font)
+    # a large headline (one line, letters 20-40% of the side) on synthetic.headline_share of
+    # the images; no draw from the RNG at share 0, so the default images stay as they were
+    headline = synth.headline_share > 0 and bool(rng.random() < synth.headline_share)
+    lines = _text_lines(rng, synth.vocabulary, headline)
+    font_px = int(rng.uniform(0.2, 0.4) * size / 0.73) if headline else int(0.11 * size)
+    font, positions, tbox = _text_block(draw, lines, layout, size, brand.font, font_px)
     pad = 0.04 * size
     taken = [tbox]
 

@@ -82,3 +82,19 @@ def test_scrape_folder_keeps_corrupt_files_for_quarantine(workdir):
     assert m["images"] == 3 and m["undecodable"] == 1
     manifest = read_table(RAW_MANIFEST, "raw_manifest")
     assert sorted(manifest["format"]) == ["", "JPEG", "PNG"]
+
+
+def test_headline_posters_carry_one_large_word() -> None:
+    from pathlib import Path
+
+    from components.labelling.text_boxes import loads
+
+    params = Path(__file__).resolve().parents[2] / "params.yaml"
+    p = load_params(params)
+    h = load_params(params, ["synthetic.headline_share=1"])
+    for i in range(6):
+        _png, truth = render(i, 0, 256, h.brand, h.synthetic, h.labels)
+        (line,) = loads(truth.text_boxes)
+        assert len(line["text"].split()) == 1 and line["box"][3] - line["box"][1] > 0.15
+    assert max(len(loads(render(i, 0, 64, p.brand, p.synthetic, p.labels)[1].text_boxes))
+               for i in range(12)) > 1
