@@ -9,7 +9,6 @@ params.yaml, in the file's order, so a knob's bounds sit beside its neighbours'.
 """
 from __future__ import annotations
 
-import io
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -24,6 +23,11 @@ PARAMS_FILE = Path("params.yaml")
 
 class ConfigError(UserError):
     pass
+
+
+def redact(text: str) -> str:
+    """Every URL's user and password in `text` as ***: what may be logged or shown."""
+    return re.sub(r"([a-zA-Z][\w+.-]*://)[^/@\s\"']+@", r"\1***@", text)
 
 
 def format_fields(name: str, template: str) -> set[str]:
@@ -312,7 +316,7 @@ class Retrain(Section):
     retries: int = Field(2, ge=0, le=20)  # per stage, after a failure
     retry_delay_s: float = Field(60, ge=0, le=86_400)  # before the first retry
     exponential: bool = True  # double the delay before each further retry
-    notify: list[str] = []  # Apprise URLs told when a run fails
+    notify: list[str] = []  # told when a run fails: env:VAR, block:NAME, credential-free URLs
     on_busy: Literal["wait", "skip"] = "wait"  # another run holds the workspace
     busy_timeout_s: float = Field(6 * 3600, ge=0)  # wait: give up (an error) after this
     git: Literal["none", "commit", "branch"] = "none"  # what happens to dvc.lock after a run
@@ -326,10 +330,13 @@ class Retrain(Section):
                              "only {date} is filled in")
         if any(c in self.branch for c in " ~^:?*[\\") or ".." in self.branch:
             raise ValueError(f"branch: {self.branch!r} is not a valid git branch name")
-        for i, url in enumerate(self.notify):
-            if not re.fullmatch(r"[a-zA-Z][\w+.-]*://\S+", url):
-                raise ValueError(f"notify.{i}: {url!r} is not an Apprise URL (scheme://..., "
-                                 "e.g. mailto://user:pass@example.com or slack://T/B/C)")
+        for i, ref in enumerate(self.notify):  # secrets stay out of params, logs and git
+            if re.fullmatch(r"(env:[A-Za-z_]\w*|block:[\w-]+)", ref):
+                continue
+            if not re.fullmatch(r"[a-zA-Z][\w+.-]*://\S+", ref) or "@" in ref.split("/")[2]:
+                raise ValueError(f"notify.{i}: {redact(ref)!r}: give env:VAR (an environment "
+                                 "variable holding Apprise URLs) or block:NAME (a saved Prefect "
+                                 "Apprise block); a URL here may not carry a user or password")
         return self
 
 
@@ -447,53 +454,3 @@ def load_params(path: Path | str = PARAMS_FILE, overrides: list[str] | None = No
     except ValidationError as e:
         src = f"{path}" + (" (with --set)" if overrides else "")
         raise ConfigError(format_errors(e, src)) from None
-
-
-def write_overrides(path: Path | str, overrides: list[str]) -> None:
-    """Persist --set values into params.yaml, keeping its comments (ruamel round trip),
-    so DVC records exactly what ran."""
-    from ruamel.yaml import YAML
-
-    if not overrides:
-        return
-    load_params(path, overrides)  # validate first: never write a broken params.yaml
-    ry = YAML()
-    ry.preserve_quotes = True
-    ry.width = 4096  # never re-wrap a long line (a template, a prompt)
-    ry.indent(mapping=2, sequence=4, offset=2)  # lists stay indented as written
-    path = Path(path)
-    original = path.read_text()
-    doc = ry.load(original)
-
-    def apply(node, over):
-        for k, v in over.items():
-            if isinstance(v, dict) and isinstance(node.get(k), dict):
-                apply(node[k], v)
-            else:
-                node[k] = v
-
-    over = parse_set(overrides)
-    apply(doc, over)
-    buf = io.StringIO()
-    ry.dump(doc, buf)
-    # ruamel re-flows what it re-emits (a flow list written over several lines becomes
-    # one): the sections no override touched keep their text exactly as the user wrote it
-    before = _top_level_sections(original)
-    text = "".join(before[k] if k not in over and k in before else block
-                   for k, block in _top_level_sections(buf.getvalue()).items())
-    from components.contracts import atomic_write_text
-
-    atomic_write_text(path, text)
-
-
-def _top_level_sections(text: str) -> dict[str | None, str]:
-    """A YAML mapping's text split at its top-level keys: {key: its lines} in order, the
-    lines before the first key under None."""
-    sections: dict[str | None, str] = {None: ""}
-    key = None
-    for line in text.splitlines(keepends=True):
-        if m := re.match(r"([A-Za-z_][\w-]*):", line):
-            key = m.group(1)
-            sections[key] = ""
-        sections[key] += line
-    return sections

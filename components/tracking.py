@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from components.config import redact
 from components.contracts import read_json, write_json
 from components.stages import DVC_YAML, dvc_stages
 
@@ -70,8 +71,9 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def param_value(v: Any) -> str:
+    """A param as MLflow stores it: text, a URL's credentials redacted, within its limit."""
     s = v if isinstance(v, str) else json.dumps(v, default=str)
-    return s[:6000]  # MLflow's param value limit
+    return redact(s)[:6000]  # MLflow's param value limit
 
 
 def numeric(flat: dict[str, Any]) -> dict[str, float]:

@@ -98,13 +98,15 @@ def _params(params_file: Path, overrides: list[str] | None) -> Params:
 
 
 def _params_recorded(params_file: Path, overrides: list[str] | None) -> Params:
-    """Validated params, with --set values written to the file first (DVC reads it)."""
-    from components.config import write_overrides
+    """Validated params, with --set values written to the file (DVC reads it) while this
+    process holds the workspace, so no running pipeline has them changed under it."""
+    from flows.pipeline import record_overrides, workspace_lock
 
     params = _params(params_file, overrides)  # validate before anything starts
     if overrides:
-        write_overrides(params_file, overrides)
-        print(f"{params_file}: set {', '.join(overrides)} (recorded so dvc.lock matches)")
+        cfg = params.retrain
+        with workspace_lock("tinyldm --set", "wait", cfg.busy_timeout_s):
+            record_overrides(overrides, str(params_file))
     return params
 
 
@@ -121,11 +123,11 @@ def run(
     Stages whose inputs did not change are skipped. --set values are written to the
     params file first, so that dvc.lock records what ran.
     """
-    params = _params_recorded(params_file, overrides)
-    from flows.pipeline import run_pipeline
+    params = _params(params_file, overrides)  # validated now, written once the run holds
+    from flows.pipeline import run_pipeline  # the workspace (no other run changes under it)
 
     run_pipeline(force=force, on_busy=params.retrain.on_busy,
-                 busy_timeout_s=params.retrain.busy_timeout_s)
+                 busy_timeout_s=params.retrain.busy_timeout_s, overrides=overrides)
 
 
 @app.command(rich_help_panel=PIPELINE)
@@ -135,10 +137,10 @@ def retrain(overrides: Overrides = None, params_file: ParamsFile = PARAMS_FILE) 
     Scrape; stop there if no image and no manual label changed; else run the pipeline,
     dvc push, and put dvc.lock in git as params `retrain` says.
     """
-    _params_recorded(params_file, overrides)
+    _params(params_file, overrides)  # validated now, written once the run holds the workspace
     from flows.retrain import run_retrain
 
-    run_retrain()
+    run_retrain(overrides)
 
 
 @app.command(rich_help_panel=PIPELINE)

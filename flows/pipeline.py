@@ -33,6 +33,7 @@ from components.contracts import (
     read_json,
     write_json,
 )
+from components.overrides import write_overrides
 from flows.env import stage_error_file, venv_on_path
 
 RUN_LOG = REPORTS / "pipeline_run.json"  # per-stage wall times of the last run (bench/ reads it)
@@ -198,22 +199,33 @@ def run_dag(stage: Callable = run_stage, force: bool = False,
     return results
 
 
+def record_overrides(overrides: list[str] | None, params_file: str = "params.yaml") -> None:
+    """--set values into params.yaml (so dvc.lock records what ran): only while this run
+    holds the workspace, so no run ever has its params changed under it."""
+    if overrides:
+        write_overrides(params_file, overrides)
+        print(f"{params_file}: set {', '.join(overrides)} (recorded so dvc.lock matches)")
+
+
 @flow(name="tinyldm-pipeline", log_prints=True)
-def pipeline(force: bool = False, on_busy: str = "wait",
-             busy_timeout_s: float = 21600) -> list[dict] | State:
+def pipeline(force: bool = False, on_busy: str = "wait", busy_timeout_s: float = 21600,
+             overrides: list[str] | None = None) -> list[dict] | State:
     venv_on_path()  # dvc.yaml calls `tinyldm stage ...` through the shell
     try:
         with workspace_lock("tinyldm run", on_busy, busy_timeout_s) as lease:
-            return run_dag(run_stage, force) if lease.held else []
+            if not lease.held:
+                return []
+            record_overrides(overrides)
+            return run_dag(run_stage, force)
     except UserError as e:
         return Failed(message=str(e))
 
 
-def run_pipeline(force: bool = False, on_busy: str = "wait",
-                 busy_timeout_s: float = 21600) -> list[dict]:
+def run_pipeline(force: bool = False, on_busy: str = "wait", busy_timeout_s: float = 21600,
+                 overrides: list[str] | None = None) -> list[dict]:
     """The flow, with a failed stage turned into one UserError line for the CLI."""
     state = pipeline(force=force, on_busy=on_busy, busy_timeout_s=busy_timeout_s,
-                     return_state=True)
+                     overrides=overrides, return_state=True)
     if state.is_failed():
         raise UserError(state.message or "pipeline failed; see the messages above")
     return state.result()

@@ -19,10 +19,17 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.states import Failed, State
 
-from components.config import Retrain, load_params
+from components.config import Retrain, load_params, redact
 from components.contracts import MANUAL_LABELS, UserError, metrics_path, read_json
 from flows.env import venv_on_path
-from flows.pipeline import STAGE_FAILED, _quiet_dvc, run_dag, run_stage, workspace_lock
+from flows.pipeline import (
+    STAGE_FAILED,
+    _quiet_dvc,
+    record_overrides,
+    run_dag,
+    run_stage,
+    workspace_lock,
+)
 
 FLOW_NAME = "tinyldm-retrain"
 DEPLOYMENT = "retrain"  # `prefect deployment run tinyldm-retrain/retrain`
@@ -37,19 +44,32 @@ def retry_delays(cfg: Retrain) -> list[float]:
     return [cfg.retry_delay_s * (2**i if cfg.exponential else 1) for i in range(cfg.retries)]
 
 
-def notify(urls: list[str], subject: str, body: str, log) -> None:
-    """Tell every Apprise URL, through Prefect's Apprise notification block; a URL that
-    fails is one log line, never a second failure."""
+def notify(targets: list[str], subject: str, body: str, log) -> None:
+    """Tell every target of retrain.notify: `env:VAR` (the Apprise URLs in that environment
+    variable, space- or comma-separated), `block:NAME` (a saved Prefect Apprise block) or a
+    credential-free URL. A target that fails is one log line naming it, never its secret,
+    and never a second failure."""
     from prefect.blocks.notifications import AppriseNotificationBlock
 
-    for url in urls:
-        block = AppriseNotificationBlock(url=url, notify_type="failure")
+    for target in targets:
         try:
-            with block.raise_on_failure():
-                block.notify(body, subject=subject)
+            if target.startswith("block:"):
+                blocks = [AppriseNotificationBlock.load(target.removeprefix("block:"))]
+            else:
+                urls = (os.environ.get(target.removeprefix("env:"), "")
+                        if target.startswith("env:") else target)
+                blocks = [AppriseNotificationBlock(url=u, notify_type="failure")
+                          for u in urls.replace(",", " ").split()]
+                if not blocks:
+                    raise ValueError(f"environment variable {target[4:]} is not set")
+            for block in blocks:
+                with block.raise_on_failure():
+                    block.notify(body, subject=subject)
         except Exception as e:  # noqa: BLE001 - any failure to notify is reported, not raised
-            log.warning("retrain: notifying %s:// failed (%s); check retrain.notify",
-                        url.split("://")[0], str(e) or "refused, unreachable or unknown URL")
+            log.warning("retrain: notifying %s failed (%s); check retrain.notify",
+                        target if target.startswith(("env:", "block:"))
+                        else target.split("://")[0] + "://",
+                        redact(str(e)) or "refused, unreachable or unknown URL")
 
 
 def _where() -> str:
@@ -252,14 +272,16 @@ def _retrain(cfg: Retrain) -> dict | State:
 
 
 @flow(name=FLOW_NAME, log_prints=True, on_failure=[run_failed])
-def retrain() -> dict | State:
-    """One retraining run in this workspace (params.yaml `retrain` says how)."""
+def retrain(overrides: list[str] | None = None) -> dict | State:
+    """One retraining run in this workspace (params.yaml `retrain` says how); --set values
+    are written to params.yaml once the run holds the workspace."""
     venv_on_path()  # dvc.yaml calls `tinyldm stage ...` through the shell
     try:
-        cfg = load_params().retrain
+        cfg = load_params(overrides=overrides).retrain
         with workspace_lock("tinyldm retrain", cfg.on_busy, cfg.busy_timeout_s) as lease:
             if not lease.held:
                 return {"outcome": "skipped", "message": lease.note}
+            record_overrides(overrides)
             result = _retrain(cfg)
             if isinstance(result, dict):
                 result["waited"] = lease.note
@@ -268,9 +290,9 @@ def retrain() -> dict | State:
         return Failed(message=str(e))
 
 
-def run_retrain() -> dict:
+def run_retrain(overrides: list[str] | None = None) -> dict:
     """The flow, with a failure turned into one UserError line for the CLI."""
-    state = retrain(return_state=True)
+    state = retrain(overrides=overrides, return_state=True)
     if state.is_failed():
         raise UserError(state.message or "retrain failed; see the messages above")
     return state.result()

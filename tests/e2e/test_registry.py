@@ -322,6 +322,9 @@ def test_serve_answers_invocations_with_png(store: Path) -> None:
             "dataframe_split": {"columns": ["prompt"], "data": [["red"]]},
             "params": {"width": 4}})
         assert status == 400 and "width=4" in text, (status, text)
+        status, text = _post(f"{base}/invocations", {  # an empty prompt is the caller's too
+            "dataframe_split": {"columns": ["prompt"], "data": [["  "]]}})
+        assert status == 400 and "prompt: empty" in text, (status, text)
     finally:
         proc.terminate()  # SIGTERM to the PID; MLflow's server dies with its parent
         try:
@@ -439,3 +442,20 @@ def test_an_empty_pipeline_run_is_not_kept(store: Path) -> None:
         pass
     assert MlflowClient(tracking.tracking_uri()).get_run(run_id).info.lifecycle_stage == \
         "deleted"
+
+
+def test_no_credential_reaches_the_logged_params(store: Path) -> None:
+    from mlflow import MlflowClient
+
+    assert tracking.param_value(["https://bob:hunter2@intranet.example/a", "x"]) == \
+        '["https://***@intranet.example/a", "x"]'
+    params = load_params(PARAMS, [*ONE_RULE, "scrape.sources=[{kind: site, start_urls: "
+                                  "['https://bob:hunter2@intranet.example/']}]",
+                                  "retrain.notify=['env:HOOK', 'block:ops-slack']"])
+    _tiny_models(store)
+    _write_metrics(store, {"prompt_adherence_background": 0.5})
+    run = MlflowClient(tracking.tracking_uri()).get_run(register.register(params)["run_id"])
+    logged = json.dumps(run.data.params)
+    assert "hunter2" not in logged and "bob:" not in logged
+    assert "https://***@intranet.example/" in run.data.params["scrape.sources"]
+    assert run.data.params["retrain.notify"] == '["env:HOOK", "block:ops-slack"]'

@@ -1,12 +1,7 @@
 import pytest
 
-from components.config import (
-    ConfigError,
-    _top_level_sections,
-    load_params,
-    parse_set,
-    write_overrides,
-)
+from components.config import ConfigError, load_params, parse_set
+from components.overrides import _top_level_sections, write_overrides
 
 
 def test_defaults_load_and_cover_every_section(workdir):

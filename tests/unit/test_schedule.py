@@ -24,8 +24,9 @@ import pytest
 from PIL import Image
 from services import free_port
 
-from components.config import Retrain, write_overrides
+from components.config import Retrain
 from components.contracts import UserError, metrics_path
+from components.overrides import write_overrides
 from flows.cli import main
 from flows.pipeline import WORKSPACE_LOCK, workspace_lock
 from flows.retrain import DEPLOYMENT, FLOW_NAME, retrain, retry_delays, run_retrain
@@ -174,7 +175,9 @@ def test_retry_delays_back_off_and_bad_settings_are_one_line(workdir):
         ("retrain.on_busy=queue", "retrain.on_busy: Input should be 'wait' or 'skip'"),
         ("retrain.branch='retrain {date}'", "is not a valid git branch name"),
         ("retrain.branch=r/{when}", "only {date} is filled in"),
-        ("retrain.notify=[slack]", "notify.0: 'slack' is not an Apprise URL"),
+        ("retrain.notify=[slack]", "notify.0: 'slack': give env:VAR"),
+        ("retrain.notify=['mailto://bob:hunter2@example.com']",
+         "notify.0: 'mailto://***@example.com': give env:VAR"),
     ]:
         with pytest.raises(ConfigError) as e:
             load_params(overrides=[override])
@@ -258,6 +261,12 @@ def test_a_second_run_skips_or_waits_while_the_workspace_is_held(ws, api, monkey
                                              f"holder, pid {os.getpid()}")
         assert main(["retrain"]) == 0 and main(["run"]) == 0  # both verbs skip, no error
         assert not metrics_path("scrape").exists() and _train_runs(ws) == 0
+        # --set is written only by the run that holds the workspace: a skipped one leaves
+        # the running one's params.yaml as it was
+        before = (ws / "params.yaml").read_text()
+        assert main(["run", "--set", "retrain.retries=7"]) == 0
+        assert main(["retrain", "--set", "retrain.retries=7"]) == 0
+        assert (ws / "params.yaml").read_text() == before
 
         write_overrides("params.yaml", ["retrain.on_busy=wait", "retrain.busy_timeout_s=1"])
         with pytest.raises(UserError) as e:
@@ -285,10 +294,13 @@ def test_a_second_run_skips_or_waits_while_the_workspace_is_held(ws, api, monkey
     assert float(waited["waited"].split()[3]) >= 0.9 and "(test holder" in waited["waited"]
 
 
-def test_a_failing_stage_is_retried_then_its_hook_reports_stage_and_error(ws, api, capfd):
+def test_a_failing_stage_is_retried_then_its_hook_reports_stage_and_error(ws, api, capfd,
+                                                                         monkeypatch):
     hook = Receiver()
-    write_overrides("params.yaml", [f"retrain.notify=['{hook.url}']", "retrain.retries=1",
-                                    "retrain.retry_delay_s=0"])
+    # the target's URL comes from the environment (secrets stay out of params.yaml and git)
+    monkeypatch.setenv("TINYLDM_TEST_HOOK", hook.url)
+    write_overrides("params.yaml", ["retrain.notify=['env:TINYLDM_TEST_HOOK']",
+                                    "retrain.retries=1", "retrain.retry_delay_s=0"])
     # a stage that fails once and then works: the retry finishes the run, nobody is told
     dag = (ws / "dvc.yaml").read_text()
     (ws / "dvc.yaml").write_text(dag.replace('cmd: "mkdir', 'cmd: "test -f attempted || '
