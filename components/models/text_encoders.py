@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,9 @@ class HFTextEncoder:
                             "give a local model folder or a hub name reachable from here") \
                 from None
         self.name = name
+        # a fast tokenizer keeps its truncation settings in shared state: requests served
+        # in threads (and count_tokens, which turns truncation off) take turns with it
+        self._lock = threading.RLock()
         model_max = getattr(self.model.config, "max_position_embeddings", max_tokens)
         self.max_tokens = min(max_tokens, model_max)
         self.policy = policy
@@ -65,10 +69,15 @@ class HFTextEncoder:
         self.identity = f"{name}|{self.max_tokens}|{policy}"
 
     def count_tokens(self, texts: list[str]) -> list[int]:
-        return [len(ids) for ids in self.tokenizer(texts, truncation=False)["input_ids"]]
+        with self._lock:
+            return [len(ids) for ids in self.tokenizer(texts, truncation=False)["input_ids"]]
+
+    def encode(self, texts: list[str]) -> Encoded:
+        with self._lock:
+            return self._encode(texts)
 
     @torch.no_grad()
-    def encode(self, texts: list[str]) -> Encoded:
+    def _encode(self, texts: list[str]) -> Encoded:
         lengths = self.count_tokens(texts) if texts else []
         over = [i for i, n in enumerate(lengths) if n > self.max_tokens]
         if over and self.policy == "error":

@@ -107,3 +107,21 @@ def test_tfidf_fits_saves_and_reloads_identically(tmp_path) -> None:
     assert np.allclose(again.encode(CAPTIONS).vectors, vectors, atol=1e-6)
     with pytest.raises(UserError, match="no fitted tfidf"):
         TfidfTextEncoder.load(tmp_path / "missing")
+
+
+def test_one_encoder_serves_concurrent_requests(tiny_bert: str) -> None:
+    """The served model shares one fast tokenizer between request threads; counting (no
+    truncation) and encoding (truncation) at once must not collide ("Already borrowed")."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    enc = get_encoder(TextEncoder(name=f"hf:{tiny_bert}", max_tokens=16))
+    texts = ["vivid red solid poster reading SALE " * k for k in range(1, 6)]
+    alone = enc.encode(texts).vectors
+
+    def work(i: int):
+        return enc.count_tokens(texts) if i % 2 else enc.encode(texts).vectors
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(work, range(200)))
+    assert all(np.array_equal(r, alone) for r in results[::2])
+    assert all(r == enc.count_tokens(texts) for r in results[1::2])
