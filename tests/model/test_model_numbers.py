@@ -1,0 +1,129 @@
+"""Known-answer tests: a number that is computed wrong (a hit counted for every image, a
+text compared with itself) changes the answer, so the test goes red (issue 26)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from components.config import Diffusion, Unet, Vae, load_params
+from components.judge.evaluate import ADHERENCE_FIELDS, adherence_cases, prompt_adherence
+from components.models.vae import VAE, save_vae
+from components.training.unet import train_unet
+
+PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
+
+
+class OneColour:
+    """A stand-in generator: solid images of one palette colour whatever the prompt."""
+
+    def __init__(self, rgb: tuple[int, int, int], size: int = 64):
+        self.rgb, self.native_size, self.calls = rgb, size, 0
+
+    def generate(self, prompts: list[str], seed: int = 0, **_kw) -> list[Image.Image]:
+        self.calls += 1
+        return [Image.new("RGB", (self.native_size,) * 2, self.rgb) for _ in prompts]
+
+
+def test_prompt_adherence_scores_a_one_colour_generator_by_the_cases_asking_for_it() -> None:
+    p = load_params(PARAMS)
+    p = p.model_copy(update={"evaluate": p.evaluate.model_copy(update={"adherence_seeds": 2})})
+    colour = next(iter(p.brand.palette))
+    gen = OneColour(p.brand.rgb()[colour])
+    cases = adherence_cases(p)
+    # the training captions hold exactly the first case: it is seen, the others are not
+    train = pd.DataFrame([{f: cases[0][f] for f in ADHERENCE_FIELDS}])
+    metrics, rows = prompt_adherence(gen, p, train)
+
+    n = len(cases)
+    assert gen.calls == n and [len(r) for r in rows] == [2] * n
+    assert metrics["adherence_images"] == 2 * n
+    want = sum(c["background"] == colour for c in cases) / n
+    assert 0 < want < 1
+    assert metrics["prompt_adherence_background"] == pytest.approx(round(want, 4))
+    solid = sum(c["background_kind"] == "solid" for c in cases) / n
+    assert metrics["prompt_adherence_background_kind"] == pytest.approx(round(solid, 4))
+    # per colour: all hits for the one colour drawn, none for any other
+    assert metrics[f"adherence_{colour}"] == 1.0
+    for other in p.brand.palette:
+        if other != colour:
+            assert metrics[f"adherence_{other}"] == 0.0
+    # the unseen cases are every case but the first
+    unseen = sum(c["background"] == colour for c in cases[1:]) / (n - 1)
+    assert metrics["prompt_adherence_unseen_background"] == pytest.approx(round(unseen, 4))
+
+
+def _tiny_cache(root: Path, n: int = 24, dim: int = 6, shape=(4, 8, 8)) -> Path:
+    """A latent cache as the latents stage leaves it (see test_models.write_tiny_cache)."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    np.save(root / "mean.npy", rng.normal(size=(n, *shape)).astype(np.float32))
+    np.save(root / "logvar.npy", np.full((n, *shape), -4.0, np.float32))
+    np.save(root / "text.npy", rng.normal(size=(n, dim)).astype(np.float32))
+    np.save(root / "text_attributes.npy", rng.normal(size=(n, dim)).astype(np.float32))
+    split = ["train"] * (n - 8) + ["val"] * 4 + ["test"] * 4
+    pd.DataFrame({"id": [f"i{i}" for i in range(n)], "row": np.arange(n), "split": split,
+                  "caption": [f"caption {i}" for i in range(n)],
+                  "key": [f"k{i}" for i in range(n)]}).to_parquet(root / "index.parquet")
+    (root / "meta.json").write_text(json.dumps({
+        "scale_factor": 0.9, "latent_shape": list(shape), "text_dim": dim,
+        "text_encoder": "stub"}))
+    return root
+
+
+def _reencoded(cache: Path) -> None:
+    """The cache as the latents stage rewrites it after the VAE changed: other latents,
+    and every row's key (which hashes the VAE's weights) new."""
+    mean = np.load(cache / "mean.npy")
+    np.save(cache / "mean.npy", (mean * -0.5 + 1.0).astype(np.float32))
+    index = pd.read_parquet(cache / "index.parquet")
+    index["key"] = "new-" + index["key"]
+    index.to_parquet(cache / "index.parquet")
+
+
+def _rescaled(cache: Path) -> None:
+    meta = json.loads((cache / "meta.json").read_text())
+    (cache / "meta.json").write_text(json.dumps(meta | {"scale_factor": 0.5}))
+
+
+@pytest.mark.parametrize("change", [_reencoded, _rescaled])
+def test_unet_does_not_resume_a_checkpoint_of_other_latents(tmp_path: Path, monkeypatch,
+                                                            change) -> None:
+    import components.models.diffusion as diffusion
+
+    monkeypatch.chdir(tmp_path)
+    cache = _tiny_cache(tmp_path / "latents")
+    vae = VAE(Vae(image_size=32, base_channels=8, channel_mult=[1, 2, 2]))
+    save_vae(vae, vae.cfg, tmp_path / "vae")
+    cfg = Unet(n_feat=8, steps=30, batch_size=4, warmup=5, bf16=False, checkpoint_every=10)
+    args = (Diffusion(timesteps=50), cache)
+    ckpts = tmp_path / ".cache" / "checkpoints" / "unet"
+
+    def interrupted() -> None:
+        with monkeypatch.context() as m:
+            calls = {"n": 0}
+            real = diffusion.training_loss
+
+            def loss(*a, **kw):
+                calls["n"] += 1
+                if calls["n"] == 15:
+                    raise KeyboardInterrupt  # a user's Ctrl-C after the step-10 checkpoint
+                return real(*a, **kw)
+
+            m.setattr(diffusion, "training_loss", loss)
+            with pytest.raises(KeyboardInterrupt):
+                train_unet(cfg, *args, tmp_path / "unet", "stub", tmp_path / "vae")
+        assert len(list(ckpts.glob("*.pt"))) == 1
+
+    interrupted()  # the same latents do resume: the checkpoint is usable...
+    assert train_unet(cfg, *args, tmp_path / "unet", "stub", tmp_path / "vae")[
+        "resumed_at"] == 10
+    interrupted()
+    change(cache)  # ...other latents do not
+    assert train_unet(cfg, *args, tmp_path / "unet", "stub", tmp_path / "vae")[
+        "resumed_at"] == 0
