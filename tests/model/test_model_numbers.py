@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from test_models import write_tiny_cache
 
 from components.config import Diffusion, Unet, Vae, load_params
 from components.judge.evaluate import ADHERENCE_FIELDS, adherence_cases, prompt_adherence
@@ -58,24 +59,6 @@ def test_prompt_adherence_scores_a_one_colour_generator_by_the_cases_asking_for_
     assert metrics["prompt_adherence_unseen_background"] == pytest.approx(round(unseen, 4))
 
 
-def _tiny_cache(root: Path, n: int = 24, dim: int = 6, shape=(4, 8, 8)) -> Path:
-    """A latent cache as the latents stage leaves it (see test_models.write_tiny_cache)."""
-    rng = np.random.default_rng(0)
-    root.mkdir(parents=True)
-    np.save(root / "mean.npy", rng.normal(size=(n, *shape)).astype(np.float32))
-    np.save(root / "logvar.npy", np.full((n, *shape), -4.0, np.float32))
-    np.save(root / "text.npy", rng.normal(size=(n, dim)).astype(np.float32))
-    np.save(root / "text_attributes.npy", rng.normal(size=(n, dim)).astype(np.float32))
-    split = ["train"] * (n - 8) + ["val"] * 4 + ["test"] * 4
-    pd.DataFrame({"id": [f"i{i}" for i in range(n)], "row": np.arange(n), "split": split,
-                  "caption": [f"caption {i}" for i in range(n)],
-                  "key": [f"k{i}" for i in range(n)]}).to_parquet(root / "index.parquet")
-    (root / "meta.json").write_text(json.dumps({
-        "scale_factor": 0.9, "latent_shape": list(shape), "text_dim": dim,
-        "text_encoder": "stub"}))
-    return root
-
-
 def _reencoded(cache: Path) -> None:
     """The cache as the latents stage rewrites it after the VAE changed: other latents,
     and every row's key (which hashes the VAE's weights) new."""
@@ -97,7 +80,7 @@ def test_unet_does_not_resume_a_checkpoint_of_other_latents(tmp_path: Path, monk
     import components.models.diffusion as diffusion
 
     monkeypatch.chdir(tmp_path)
-    cache = _tiny_cache(tmp_path / "latents")
+    cache = write_tiny_cache(tmp_path / "latents")
     vae = VAE(Vae(image_size=32, base_channels=8, channel_mult=[1, 2, 2]))
     save_vae(vae, vae.cfg, tmp_path / "vae")
     cfg = Unet(n_feat=8, steps=30, batch_size=4, warmup=5, bf16=False, checkpoint_every=10)
