@@ -264,7 +264,7 @@ def log_datasets(root: Path, version_tags: dict[str, str]) -> None:
         with warnings.catch_warnings():  # its schema hint about integer columns is for models
             warnings.simplefilter("ignore", UserWarning)
             dataset = mlflow.data.from_pandas(df, source=str(path), name=name, digest=digest)
-        mlflow.log_input(dataset, context=context)
+            mlflow.log_input(dataset, context=context)
 
 
 def register(params: Params, root: Path = Path(".")) -> dict:
