@@ -85,15 +85,21 @@ def _load_or_none(path: Path):
 
 def _encode_missing(keys: list[str], kind: str, encode) -> tuple[list, int]:
     """Entries of the content-keyed store for `keys`; the missing ones are computed by
-    `encode(indices) -> arrays` and stored. Returns (entries, how many were computed)."""
+    `encode(indices) -> arrays` and stored, each key once (a caption without text is also
+    its own attributes-only caption: encoding it twice, in other batches, could round the
+    two copies apart), so a run that computes an entry uses exactly the bytes a later run
+    reads back. Returns (entries, how many were computed)."""
     files = [CACHE / kind / k[:2] / f"{k}.npy" for k in keys]
     entries = [_load_or_none(f) for f in files]
-    todo = [i for i, e in enumerate(entries) if e is None]
+    first = {k: i for i, k in reversed(list(enumerate(keys)))}  # each key's first index
+    todo = [i for i, e in enumerate(entries) if e is None and first[keys[i]] == i]
     if todo:
         for i, arr in zip(todo, encode(todo), strict=True):
-            entries[i] = arr
             with atomic_path(files[i]) as tmp, open(tmp, "wb") as fh:
                 np.save(fh, arr)
+            entries[i] = arr
+        entries = [entries[first[k]] if e is None else e for k, e in zip(keys, entries,
+                                                                          strict=True)]
     wanted = set(keys)  # entries of an older VAE or encoder are never read again: drop them
     for f in (CACHE / kind).rglob("*.npy"):
         if f.stem not in wanted:
