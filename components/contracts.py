@@ -282,6 +282,16 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+# what describes a run rather than its result: kept out of outputs that must reproduce
+RUN_FACTS = {"seconds", "images_per_s", "steps_per_s", "resumed_at", "resumed_at_epoch"}
+
+
+def results_only(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The metrics a re-run reproduces bit for bit (timings and resume points left out): what
+    a model folder keeps, so its DVC hash changes only when the model does."""
+    return {k: v for k, v in metrics.items() if k not in RUN_FACTS}
+
+
 def write_metrics(stage: str, metrics: dict[str, Any]) -> dict[str, Any]:
     write_json(metrics_path(stage), metrics)
     return metrics

@@ -24,6 +24,7 @@ from components.contracts import (
     UserError,
     atomic_dir,
     progress,
+    results_only,
     write_csv,
     write_json,
 )
@@ -158,7 +159,7 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
             shutil.copytree(Path(latents_dir) / TEXT_ENCODER, tmp / TEXT_ENCODER)
         write_csv(tmp / TRAINING_CURVE, ["step", "loss"], [(s, f"{v:.6f}") for s, v in log])
         preview_grid(ema, vae, schedule, cache, scale, latent_shape).save(tmp / "samples.png")
-        write_json(tmp / "metrics.json", metrics)
+        write_json(tmp / "metrics.json", results_only(metrics))
     ckpt.clear()
     finish(rt)
     return metrics

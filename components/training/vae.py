@@ -21,6 +21,7 @@ from components.contracts import (
     atomic_dir,
     progress,
     read_table,
+    results_only,
     write_csv,
     write_json,
 )
@@ -208,7 +209,7 @@ def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_d
             write_csv(tmp / TRAINING_CURVE, CURVE,
                       [(int(e), f"{lo:.6f}", f"{p:.4f}", f"{s:.4f}")
                        for e, lo, p, s in history])
-            write_json(tmp / "metrics.json", metrics)
+            write_json(tmp / "metrics.json", results_only(metrics))
     ckpt.clear(rt.main)
     finish(rt)
     return metrics

@@ -123,6 +123,10 @@ def test_train_vae_writes_outputs(tmp_path: Path) -> None:
     assert {"weights.safetensors", "config.json", "recon.png"} <= {
         p.name for p in (tmp_path / "vae").iterdir()}
     assert m["epochs"] == 1 and m["images_per_s"] > 0 and np.isfinite(m["val_psnr"])
+    # the model folder keeps the results, not the run's timings: its hash reproduces
+    kept = json.loads((tmp_path / "vae" / "metrics.json").read_text())
+    assert "seconds" not in kept and "images_per_s" not in kept
+    assert kept["val_psnr"] == m["val_psnr"] and kept["epochs"] == 1
     # the curve watches 1 val image; the reported PSNR is the saved weights' on both
     from components.models.images import load_batch
     from components.training.runtime import runtime
@@ -345,6 +349,9 @@ def test_train_unet_writes_its_files(trained) -> None:
     assert config["scale_factor"] == 0.9 and config["latent_shape"] == [4, 8, 8]
     assert config["image_size"] == 32 and config["text_encoder"] == "stub"
     assert pd.read_csv(unet_dir / "loss.csv")["step"].tolist() == [50, 60]
+    kept = json.loads((unet_dir / "metrics.json").read_text())
+    assert "seconds" not in kept and "steps_per_s" not in kept
+    assert kept["final_loss"] == metrics["final_loss"]
     raw, ema = load_unet(unet_dir, ema=False), load_unet(unet_dir, ema=True)
     assert not torch.equal(raw.out[0].weight, ema.out[0].weight)
 
