@@ -10,11 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from test_models import write_tiny_cache
+from test_models import tiny_cache_and_vae
 
-from components.config import Diffusion, Unet, Vae, load_params
+from components.config import Diffusion, Unet, load_params
 from components.judge.evaluate import ADHERENCE_FIELDS, adherence_cases, prompt_adherence
-from components.models.vae import VAE, save_vae
 from components.training.unet import train_unet
 
 PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
@@ -80,9 +79,7 @@ def test_unet_does_not_resume_a_checkpoint_of_other_latents(tmp_path: Path, monk
     import components.models.diffusion as diffusion
 
     monkeypatch.chdir(tmp_path)
-    cache = write_tiny_cache(tmp_path / "latents")
-    vae = VAE(Vae(image_size=32, base_channels=8, channel_mult=[1, 2, 2]))
-    save_vae(vae, vae.cfg, tmp_path / "vae")
+    cache = tiny_cache_and_vae(tmp_path)
     cfg = Unet(n_feat=8, steps=30, batch_size=4, warmup=5, bf16=False, checkpoint_every=10)
     args = (Diffusion(timesteps=50), cache)
     ckpts = tmp_path / ".cache" / "checkpoints" / "unet"

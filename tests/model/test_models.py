@@ -315,6 +315,15 @@ def write_tiny_cache(root: Path, n: int = 24, dim: int = 6, shape=(4, 8, 8),
     return root
 
 
+def tiny_cache_and_vae(root: Path) -> Path:
+    """A tiny latent cache at root/latents and a random VAE at root/vae: what train_unet
+    reads. Returns the cache folder."""
+    cache = write_tiny_cache(root / "latents")
+    vae = VAE(Vae(image_size=32, base_channels=8, channel_mult=[1, 2, 2]))
+    save_vae(vae, vae.cfg, root / "vae")
+    return cache
+
+
 @dataclass
 class _Encoded:
     vectors: np.ndarray

@@ -3,11 +3,10 @@
 from pathlib import Path
 
 import pandas as pd
-from test_models import write_tiny_cache
+from test_models import tiny_cache_and_vae
 
 from components import tracking
-from components.config import Diffusion, Unet, Vae
-from components.models.vae import VAE, save_vae
+from components.config import Diffusion, Unet
 from components.training.unet import train_unet
 
 
@@ -17,9 +16,7 @@ def test_unet_stage_logs_its_loss_curve_and_samples_while_it_trains(tmp_path: Pa
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/m.db")
-    cache = write_tiny_cache(tmp_path / "latents")
-    vae = VAE(Vae(image_size=32, base_channels=8, channel_mult=[1, 2, 2]))
-    save_vae(vae, vae.cfg, tmp_path / "vae")
+    cache = tiny_cache_and_vae(tmp_path)
     cfg = Unet(n_feat=8, steps=12, batch_size=4, warmup=1, bf16=False, checkpoint_every=0,
                log_every=2, sample_every=6)
     client = MlflowClient(tracking.tracking_uri())
@@ -49,9 +46,7 @@ def test_unet_stage_logs_its_loss_curve_and_samples_while_it_trains(tmp_path: Pa
 def test_training_logs_nothing_and_needs_no_mlflow_without_a_run(tmp_path: Path,
                                                                   monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    cache = write_tiny_cache(tmp_path / "latents")
-    vae = VAE(Vae(image_size=32, base_channels=8, channel_mult=[1, 2, 2]))
-    save_vae(vae, vae.cfg, tmp_path / "vae")
+    cache = tiny_cache_and_vae(tmp_path)
     cfg = Unet(n_feat=8, steps=4, batch_size=4, warmup=1, bf16=False, checkpoint_every=0,
                log_every=2, sample_every=2)
     assert not tracking.active()
