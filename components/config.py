@@ -142,6 +142,8 @@ class Ocr(Section):
     # median word height (shapes read as "A"/"O"); 0: off
     binarize: bool = False  # Otsu threshold before Tesseract (its own is usually as good)
     oem: int = Field(1, ge=0, le=3)  # 1: LSTM engine only (the packaged eng model)
+    retry_below_conf: float = Field(80, ge=0, le=100)  # read again other ways below this
+    large_type_side: int = Field(160, ge=0, le=4096)  # short side large type is shrunk to
     workers: int = Field(0, ge=0, le=256)
     timeout_s: float = Field(30, gt=0)
 
@@ -274,6 +276,7 @@ class Unet(Section):
     pool_queries: int = Field(4, ge=0, le=16)  # learned queries pooling the caption tokens
     full_res_context: bool = True  # the caption and time also at the latent's full size
     text_drop: float = Field(0.5, ge=0, le=1)  # share of captions trained without free text
+    glyph_channels: int = Field(32, ge=0, le=256)  # glyph map features at the input (0: off)
     bf16: bool | Literal["auto"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     processes: int = Field(1, ge=1, le=64)  # data-parallel processes (torchrun) on this box
@@ -283,13 +286,18 @@ class Unet(Section):
     seed: int = 0
 
 
+TEXT_UNSEEN = ["pizza", "garden", "music", "travel", "books", "yoga", "city", "dream",
+               "ocean", "forest", "happy", "party", "river", "gold", "kids", "art"]
+
+
 class Evaluate(Section):
     prompts: list[str] = Field(min_length=1)
     seed: int = 0
     adherence_seeds: int = Field(4, ge=1, le=64)
     prompt_seeds: int = Field(4, ge=2, le=16)
     fid_images: int = Field(128, ge=8, le=10_000)
-    text_recall_images: int = Field(48, ge=0, le=10_000)
+    text_images: int = Field(32, ge=0, le=10_000)  # held-out text prompts (and real images)
+    text_unseen: list[str] = Field(default_factory=lambda: list(TEXT_UNSEEN))
     feature_extractor: str = "builtin"
     feature_image_size: int = Field(64, ge=16, le=1024)
 

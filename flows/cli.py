@@ -243,6 +243,12 @@ def generate(
         show_default=False, help="Classifier-free guidance scale. Default: params.")] = None,
     width: Annotated[int, typer.Option(help="Image width in pixels.")] = 256,
     height: Annotated[int, typer.Option(help="Image height in pixels.")] = 256,
+    text_box: Annotated[str, typer.Option(
+        help="Where the quoted text goes: x,y,w,h in units of the image side, e.g. "
+             "0.1,0.4,0.8,0.2. Default: planned from the prompt's layout.")] = "",
+    typeset: Annotated[bool, typer.Option(
+        help="Draw the quoted text crisply over the output, in the brand font and the "
+             "model's ink colour (exact words; the model's letters are replaced).")] = False,
     model: ModelUri = None,
     overrides: Overrides = None,
     params_file: ParamsFile = PARAMS_FILE,
@@ -253,7 +259,7 @@ def generate(
 
     uri = resolve_model_uri(model, _params(params_file, overrides))
     png = generate_png(uri, prompt, seed=seed, steps=steps, guidance=guidance, width=width,
-                       height=height)
+                       height=height, text_box=text_box, typeset=typeset)
     with atomic_path(out) as tmp:
         tmp.write_bytes(png)
     print(f"wrote {out} ({width}x{height}) from {uri}")

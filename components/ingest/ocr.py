@@ -53,7 +53,8 @@ from components.fanout import Mapper, check_worker, fan_out
 CACHE = Path(".cache") / "ocr"
 # Knobs that change what Tesseract reads; workers/timeout only change how fast.
 OUTPUT_SETTINGS = {"lang", "psm", "min_conf", "upscale_below", "invert_dark", "autocontrast",
-                   "oem", "binarize", "flatten", "remove_shapes", "max_height_ratio"}
+                   "oem", "binarize", "flatten", "remove_shapes", "max_height_ratio",
+                   "retry_below_conf", "large_type_side"}
 
 
 # ------------------------------------------------------------------ scoring
@@ -178,11 +179,10 @@ def drop_tall_singles(words: list[dict], ratio: float) -> list[dict]:
     return [w for w in words if len(w["text"]) > 1 or w["box"][3] <= limit]
 
 
-def read_words(im: Image.Image, cfg: Ocr) -> dict:
-    """OCR one decoded image -> {text, mean_conf, n_words, words}; boxes in original pixels."""
-    prepared, scale = preprocess(im, cfg)
+def _tesseract(prepared: Image.Image, scale: float, cfg: Ocr, psm: int) -> list[dict]:
+    """One Tesseract pass -> its kept words, boxes in original pixels."""
     data = pytesseract.image_to_data(
-        prepared, lang=cfg.lang, config=f"--psm {cfg.psm} --oem {cfg.oem}",
+        prepared, lang=cfg.lang, config=f"--psm {psm} --oem {cfg.oem}",
         output_type=pytesseract.Output.DICT, timeout=cfg.timeout_s)
     words = []
     for i, raw in enumerate(data["text"]):
@@ -193,12 +193,67 @@ def read_words(im: Image.Image, cfg: Ocr) -> dict:
         box = [round(data[k][i] / scale) for k in ("left", "top", "width", "height")]
         line = [data["block_num"][i], data["par_num"][i], data["line_num"][i]]
         words.append({"text": word, "conf": round(conf, 2), "box": box, "line": line})
-    words = drop_tall_singles(words, cfg.max_height_ratio)
+    return drop_tall_singles(words, cfg.max_height_ratio)
+
+
+def _mean_conf(words: list[dict]) -> float:
+    return mean(w["conf"] for w in words) if words else 0.0
+
+
+def _confident_letters(words: list[dict]) -> float:
+    """How a reading ranks: its letters, each weighted by its word's confidence squared
+    (a whole text read at 90 beats one of its words read at 95 and a page of noise read
+    at 50)."""
+    return sum(len(w["text"]) * (w["conf"] / 100) ** 2 for w in words)
+
+
+WORD_PX = 40  # word height (pixels) Tesseract reads best; large type is shrunk to it
+
+
+def _alternatives(im: Image.Image, cfg: Ocr, prepared: Image.Image, scale: float,
+                  words: list[dict]) -> Iterator[tuple[Image.Image, float, int]]:
+    """Other ways to read an image the first pass read badly or found large type in:
+    shrunk so its words are WORD_PX high (Tesseract misses letters far taller), shrunk to
+    ocr.large_type_side when it found nothing to measure, the other text polarity, and
+    sparse-text segmentation (psm 11)."""
+    grey, _ = preprocess(im, cfg.model_copy(update={"upscale_below": 0}))
+    sizes = []
+    if words:
+        sizes.append(WORD_PX / median(w["box"][3] for w in words))
+    if cfg.large_type_side:
+        sizes.append(cfg.large_type_side / min(grey.size))
+    for small in sizes:
+        if small < 0.8 * scale:
+            yield grey.resize((max(1, round(grey.width * small)),
+                               max(1, round(grey.height * small))),
+                              Image.Resampling.LANCZOS), small, cfg.psm
+    yield ImageOps.invert(prepared), scale, cfg.psm
+    if cfg.psm != 11:
+        yield prepared, scale, 11
+
+
+def _large_type(words: list[dict], scale: float) -> bool:
+    """Words over twice WORD_PX high in the image Tesseract read."""
+    return any(w["box"][3] * scale > 2 * WORD_PX for w in words)
+
+
+def read_words(im: Image.Image, cfg: Ocr) -> dict:
+    """OCR one decoded image -> {text, mean_conf, n_words, words}; boxes in original pixels.
+    A first reading under ocr.retry_below_conf mean confidence (or none), or of large
+    type, is read again the `_alternatives` ways; the most confident reading is kept."""
+    prepared, scale = preprocess(im, cfg)
+    words = _tesseract(prepared, scale, cfg, cfg.psm)
+    if cfg.retry_below_conf and (_mean_conf(words) < cfg.retry_below_conf
+                                 or _large_type(words, scale)):
+        for alt, alt_scale, psm in _alternatives(im, cfg, prepared, scale, words):
+            other = _tesseract(alt, alt_scale, cfg, psm)
+            if _confident_letters(other) > _confident_letters(words):
+                words = other
     lines: dict[tuple[int, ...], list[str]] = {}
     for w in words:
         lines.setdefault(tuple(w["line"]), []).append(w["text"])
     return {"text": "\n".join(" ".join(ws) for ws in lines.values()),  # Tesseract's order
-            "mean_conf": round(mean(w["conf"] for w in words), 2) if words else 0.0,
+            "mean_conf": round(_mean_conf(words), 2),
             "n_words": len(words), "words": json.dumps(words)}
 
 

@@ -37,9 +37,9 @@ from components.contracts import (
     read_table,
     settings_hash,
 )
-from components.ingest.ocr import normalise, read_texts
 from components.judge.fidelity import distances, feature_extractor, to_tensor
 from components.judge.report import training_curves, write_report
+from components.judge.text import text_metrics
 from components.labelling.captions import caption
 from components.labelling.labeller import FIGURE_SIZES, LAYOUTS, auto_labels
 from components.models.generator import Generator
@@ -145,25 +145,6 @@ def diversity(rows: list[list[Image.Image]]) -> float:
     return round(float(np.mean(dists)), 4) if dists else 0.0
 
 
-def _words(text: str) -> set[str]:
-    return set(normalise(text).split())
-
-
-def text_recall(real: list[Image.Image], fake: list[Image.Image], params: Params) -> dict:
-    """Of the words OCR reads in a real val image at the model's size (text large enough to
-    read), the share it also reads in the image generated from that image's caption."""
-    texts = read_texts(real + fake, params.ocr)
-    wanted = found = 0
-    for r, f in zip(texts[: len(real)], texts[len(real):], strict=True):
-        readable = _words(r)
-        wanted += len(readable)
-        found += len(readable & _words(f))
-    out = {"text_readable_words": wanted}
-    if wanted:
-        out["text_recall"] = round(found / wanted, 4)
-    return out
-
-
 def _chunks(items: list, n: int) -> list[list]:
     return [items[i : i + n] for i in range(0, len(items), n)]
 
@@ -176,6 +157,7 @@ class Evaluation:
     captions: list[str]
     prompt_rows: list[list[Image.Image]]
     colour_rows: list[list[Image.Image]]
+    text_grid: Image.Image | None = None
 
 
 def eval_set(params: Params, val: pd.DataFrame, feature_space: str) -> str:
@@ -218,9 +200,9 @@ def measure(params: Params, vae_dir: Path = VAE_DIR, unet_dir: Path = UNET_DIR,
     metrics |= {k: round(v, 5) for k, v in distances(real, fake, extractor, cfg.seed).items()}
     metrics["fid_images"] = len(fake)
     bar.update()
-    bar.set_postfix_str("text recall")
-    metrics |= text_recall(real[: cfg.text_recall_images], fake[: cfg.text_recall_images],
-                           params)
+    bar.set_postfix_str("text")
+    text, text_grid = text_metrics(gen, params, caps[caps["split"] == "train"], val)
+    metrics |= text
 
     bar.update()
     bar.set_postfix_str("prompt adherence")
@@ -235,7 +217,8 @@ def measure(params: Params, vae_dir: Path = VAE_DIR, unet_dir: Path = UNET_DIR,
     metrics["eval_set"] = eval_set(params, val, feature_space)
     bar.update()
     bar.close()
-    return Evaluation(metrics, real, fake, pairs["caption"].tolist(), prompt_rows, colour_rows)
+    return Evaluation(metrics, real, fake, pairs["caption"].tolist(), prompt_rows, colour_rows,
+                      text_grid)
 
 
 def evaluate(params: Params) -> dict:
@@ -248,6 +231,9 @@ def evaluate(params: Params) -> dict:
              "real_vs_generated.png": (image_grid([ev.real[:n_show], ev.fake[:n_show]]),
                                        "top: real val images; bottom: generated from their "
                                        "captions")}
+    if ev.text_grid is not None:
+        grids["text.png"] = (ev.text_grid, "held-out text prompts: the requested text under "
+                             "each image (left to right: seen words, unseen words)")
     for i, (prompt, row) in enumerate(zip(cfg.prompts, ev.prompt_rows, strict=True), 1):
         grids[f"prompt_{i:02d}.png"] = (image_grid([row], cell=192), prompt)
     curves = training_curves()

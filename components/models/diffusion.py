@@ -105,11 +105,13 @@ class NoiseSchedule:
 
 def training_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor,
                   c: torch.Tensor, cond_drop: float, generator: torch.Generator | None,
-                  part: tuple[int, int] = (0, 1)) -> torch.Tensor:
-    """MSE to the schedule's target (eps or v); each caption is zeroed with probability
-    cond_drop so the same network also learns the unconditional prediction used by
-    guidance. `part` = (rank, processes): x0 is that process's slice of a global batch,
-    and the random draws are made for the whole batch and sliced the same way."""
+                  part: tuple[int, int] = (0, 1), glyph: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """MSE to the schedule's target (eps or v); each caption (and its glyph map, together)
+    is zeroed with probability cond_drop so the same network also learns the unconditional
+    prediction used by guidance. `part` = (rank, processes): x0 is that process's slice of
+    a global batch, and the random draws are made for the whole batch and sliced the same
+    way."""
     b, dev = x0.shape[0], x0.device
     rank, world = part
     n = b * world
@@ -118,7 +120,9 @@ def training_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor,
     noise = torch.randn((n, *x0.shape[1:]), generator=generator)[rank::world].to(dev)
     keep = (torch.rand(n, generator=generator)[rank::world] >= cond_drop).to(dev, c.dtype)
     keep = keep.view(b, *[1] * (c.dim() - 1))  # a caption is a vector or token states
-    out = model(schedule.q_sample(x0, t, noise), schedule.normalise(t).to(dev), c * keep)
+    extra = () if glyph is None else (glyph * keep.view(b, 1, 1, 1).to(glyph.dtype),)
+    out = model(schedule.q_sample(x0, t, noise), schedule.normalise(t).to(dev), c * keep,
+                *extra)
     per_sample = F.mse_loss(out.float(), schedule.target(x0, noise, t),
                             reduction="none").flatten(1).mean(1)
     return (per_sample * schedule.loss_weight(t).to(dev)).mean()
@@ -230,21 +234,28 @@ def make_sampler(cfg: SamplerCfg, schedule: NoiseSchedule) -> Sampler:
 @torch.no_grad()
 def sample(model: nn.Module, schedule: NoiseSchedule, sampler: Sampler,
            context: torch.Tensor, shape: tuple[int, ...], guidance: float,
-           generator: Generators = None) -> torch.Tensor:
-    """Latents (B, *shape) for captions `context` (B, D) or (B, L, D), with classifier-free
-    guidance out = out_u + g (out_c - out_u); g=0 is unconditional, g=1 purely conditional."""
+           generator: Generators = None, glyph: torch.Tensor | None = None) -> torch.Tensor:
+    """Latents (B, *shape) for captions `context` (B, D) or (B, L, D) and glyph maps (B, 1,
+    H, W) or None, with classifier-free guidance out = out_u + g (out_c - out_u), the
+    unconditional input being no caption and an empty glyph map; g=0 is unconditional,
+    g=1 purely conditional."""
     b = context.shape[0]
     x = randn((b, *shape), generator)
     uncond = torch.zeros_like(context)
+    # the glyph map goes with the caption (dropped together): no glyph argument at all
+    # for a U-Net without glyph input
+    g_c, g_u, g_both = ((), (), ()) if glyph is None else \
+        ((glyph,), (torch.zeros_like(glyph),), (torch.cat([glyph, torch.zeros_like(glyph)]),))
     sampler.reset()
     for t, t_prev in progress(sampler.pairs(), desc="sampling", unit="step", leave=False):
         tt = schedule.normalise(torch.full((b,), t))
         if guidance == 1.0 or guidance == 0.0:
             c = context if guidance == 1.0 else uncond
-            out = model(x, tt, c).float()
+            out = model(x, tt, c, *(g_c if guidance == 1.0 else g_u)).float()
         else:
             out_c, out_u = model(torch.cat([x, x]), torch.cat([tt, tt]),
-                                 torch.cat([context, uncond])).float().chunk(2)
+                                 torch.cat([context, uncond]),
+                                 *g_both).float().chunk(2)
             out = out_u + guidance * (out_c - out_u)  # linear: same for eps or v
         x0, eps = schedule.predictions(out, t, x)
         x = sampler.step(x0, eps, t, t_prev, x, generator)

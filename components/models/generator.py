@@ -9,9 +9,11 @@ other prompts in the batch (up to float rounding of batched convolutions).
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -20,7 +22,10 @@ from components.config import Sampler as SamplerCfg
 from components.config import TextEncoder as TextEncoderCfg
 from components.contracts import UserError
 from components.models.diffusion import NoiseSchedule, make_sampler, sample
+from components.models.glyphs import glyph_map
 from components.models.images import to_pil
+from components.models.layout import layout_of, plan, quoted_text
+from components.models.typeset import typeset as text_typeset
 from components.models.unet import ContextUnet, load_unet, read_unet_config
 from components.models.vae import VAE, load_vae
 
@@ -40,9 +45,12 @@ def prompt_seed(seed: int, i: int) -> int:
 
 class Generator:
     def __init__(self, vae: VAE, unet: ContextUnet, unet_config: dict, text_encoder: Any,
-                 sampler: SamplerCfg):
+                 sampler: SamplerCfg, layout_stats: dict | None = None,
+                 font_path: str | None = None):
         self.vae, self.unet, self.config = vae.eval(), unet.eval(), unet_config
         self.text_encoder = text_encoder
+        # what draws a prompt's glyph map: the training data's layout statistics and font
+        self.layout_stats, self.font_path = layout_stats, font_path
         self.sampler_cfg = sampler  # params.sampler (or what a logged model carries)
         self.schedule = NoiseSchedule(DiffusionCfg(**unet_config["diffusion"]))
         self.scale_factor = float(unet_config["scale_factor"])
@@ -61,8 +69,12 @@ class Generator:
 
             text_encoder = get_encoder(TextEncoderCfg(name=config["text_encoder"]),
                                        saved=Path(unet_dir) / "text_encoder")
-        return cls(load_vae(Path(vae_dir)), load_unet(Path(unet_dir), ema=True), config,
-                   text_encoder, sampler)
+        unet_dir = Path(unet_dir)
+        layout, font = unet_dir / "layout.json", unet_dir / "font.ttf"
+        return cls(load_vae(Path(vae_dir)), load_unet(unet_dir, ema=True), config,
+                   text_encoder, sampler,
+                   json.loads(layout.read_text()) if layout.exists() else None,
+                   str(font) if font.exists() else None)
 
     @property
     def native_size(self) -> int:
@@ -84,6 +96,33 @@ class Generator:
                     raise UserError(f"prompt {p[:40]!r}...: {n} tokens, over the text "
                                     f"encoder's {limit}-token limit; shorten it")
 
+    def text_layouts(self, prompts: list[str], seed: int = 0,
+                     text_box: tuple[float, ...] | None = None) -> list[list[dict]]:
+        """Where each prompt's quoted text goes (layout.plan: lines and boxes in units of
+        the image side; [] for a prompt that quotes nothing); prompt i plans with the seed
+        its noise uses. UserError naming the prompt when its text cannot be placed."""
+        if self.layout_stats is None or self.font_path is None:
+            return [[] for _ in prompts]
+        out = []
+        for i, p in enumerate(prompts):
+            try:
+                out.append(plan(quoted_text(p), layout_of(p), self.layout_stats,
+                                self.font_path, prompt_seed(seed, i), self.native_size,
+                                self.native_size, text_box))
+            except UserError as e:
+                raise UserError(f"prompt {p[:40]!r}: {e}") from None
+        return out
+
+    def glyph_maps(self, layouts: list[list[dict]]) -> torch.Tensor | None:
+        """(B, 1, S, S) in 0..1 at the native size, through the one glyph renderer; None
+        for a U-Net without glyph input."""
+        if not self.unet.glyph_channels:
+            return None
+        s = self.native_size
+        maps = [np.asarray(glyph_map(lines, s, s, self.font_path)) if lines else
+                np.zeros((s, s), np.uint8) for lines in layouts]
+        return torch.from_numpy(np.stack(maps)).unsqueeze(1).float().div_(255)
+
     @torch.no_grad()
     def decode_latents(self, z: torch.Tensor) -> list[Image.Image]:
         return to_pil(self.vae.decode(z / self.scale_factor))
@@ -91,11 +130,19 @@ class Generator:
     @torch.no_grad()
     def generate(self, prompts: list[str], seed: int = 0, steps: int | None = None,
                  guidance: float | None = None, width: int | None = None,
-                 height: int | None = None) -> list[Image.Image]:
+                 height: int | None = None, text_box: tuple[float, ...] | None = None,
+                 typeset: bool = False, layouts: list[list[dict]] | None = None
+                 ) -> list[Image.Image]:
         """Images at the model's native size, resized (LANCZOS) to width x height when
-        either is given (the other defaults to the native size)."""
+        either is given (the other defaults to the native size). The quoted text of each
+        prompt is drawn into its glyph map where `text_layouts` places it (inside
+        text_box, x,y,w,h in units of the side, when given; `layouts`: plans made
+        before); typeset: that text is then drawn crisply at the output size
+        (typeset.py)."""
         if not prompts:
             return []
+        if layouts is None:
+            layouts = self.text_layouts(prompts, seed, text_box)
         cfg = self.sampler_cfg
         if steps is not None:
             cfg = cfg.model_copy(update={"steps": int(steps)})
@@ -107,9 +154,16 @@ class Generator:
         gens = [torch.Generator().manual_seed(prompt_seed(seed, i))
                 for i in range(len(prompts))]
         sampler = make_sampler(cfg, self.schedule)
-        z = sample(self.unet, self.schedule, sampler, context, self.latent_shape, g, gens)
+        z = sample(self.unet, self.schedule, sampler, context, self.latent_shape, g, gens,
+                   self.glyph_maps(layouts))
         images = self.decode_latents(z)
         if width is not None or height is not None:
             size = (int(width or self.native_size), int(height or self.native_size))
             images = [im.resize(size, Image.Resampling.LANCZOS) for im in images]
+        if typeset:
+            if self.font_path is None:
+                raise UserError("typeset: this model was trained without glyph maps (no "
+                                "font.ttf in its U-Net folder); retrain it")
+            images = [text_typeset(im, lines, self.font_path)
+                      for im, lines in zip(images, layouts, strict=True)]
         return images

@@ -30,6 +30,29 @@ def quoted_text(prompt: str) -> str:
     return " ".join((m.group(1) or m.group(2)).split()) if m else ""
 
 
+LAYOUT_WORDS = {"centre": "centre", "center": "centre", "centred": "centre",
+                "centered": "centre", "middle": "centre", "left": "left",
+                "right": "right", "top": "top", "bottom": "bottom"}
+_LAYOUT = re.compile(r"\b(" + "|".join(LAYOUT_WORDS) + r")\b", re.IGNORECASE)
+
+
+def layout_of(prompt: str, default: str = "centre") -> str:
+    """The layout a prompt asks for: its first layout word outside the quoted text
+    ("text at the top", "headline along the bottom", "centered"), else `default`."""
+    m = _LAYOUT.search(QUOTED.sub(" ", prompt))
+    return LAYOUT_WORDS[m.group(1).lower()] if m else default
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    """"x,y,w,h" (units of the image side) -> a tuple; UserError naming the format."""
+    try:
+        x, y, w, h = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"text box {text!r}: give x,y,w,h in units of the image side, e.g. "
+                        "0.1,0.4,0.8,0.2") from None
+    return x, y, w, h
+
+
 def fit_layouts(rows: list[tuple[str, list[dict]]]) -> dict:
     """(layout attribute, text_boxes) of the training images -> the planner's statistics:
     {"blocks": {layout: {n_lines: [[x0, y0, x1, y1], ...]}},

@@ -1,4 +1,5 @@
-"""The Context U-Net: predicts the noise in a latent, given the timestep and a caption.
+"""The Context U-Net: predicts the noise in a latent, given the timestep, a caption and
+(glyph_channels > 0) a glyph map: the requested words drawn where they go (glyphs.py).
 
     x ─ init_conv ─ down1 ─ down2 ─ to_vec ─ up0 ─┐
          │           │       └──────────────── up1(ctx1 * h + time1) ─┐
@@ -9,10 +10,16 @@ Time (a float in [0, 1], through sinusoidal features) and the caption embedding 
 through small MLPs; the context *multiplies* and the time *adds* to the decoder features
 (the course model does so at h/4 and h/2 only; full_res_context also at full size, where
 a small mark such as a logo is drawn).
-An all-zero caption embedding is the unconditional input used for classifier-free
-guidance. Two bugs of the widely copied course version are fixed here: the 1x1 shortcut
-conv of a residual block is built in __init__ (so it is trained and saved), and norms
-are GroupNorm (BatchNorm statistics would differ between training and EMA sampling).
+The glyph map, at the image's full resolution, goes through a small strided encoder
+(GlyphEncoder) down to the latent's size and is concatenated with the noisy latent at the
+input; the full-size skip (x into `out`) carries it to the output. Captions give the
+U-Net *that* there is text; only the glyph map says *which letters* (a subword caption
+encoder cannot spell at this scale: docs/lab/2026-12-glyph-conditioning.md).
+An all-zero caption embedding with an all-zero glyph map is the unconditional input used
+for classifier-free guidance. Two bugs of the widely copied course version are fixed
+here: the 1x1 shortcut conv of a residual block is built in __init__ (so it is trained
+and saved), and norms are GroupNorm (BatchNorm statistics would differ between training
+and EMA sampling).
 
 Saved as one safetensors file holding both weight sets: `model.<name>` (raw, to resume)
 and `ema.<name>` (what sampling uses), plus config.json with the constructor arguments.
@@ -85,6 +92,29 @@ class EmbedFC(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)[:, :, None, None]
+
+
+class GlyphEncoder(nn.Module):
+    """A glyph map (B, 1, H*f, W*f), 0..1, -> features (B, channels, H, W): one stride-2
+    conv per halving (f a power of two), then a 3x3 conv. An empty map gives the same
+    features for every image (the encoder sees no ink): "no text here"."""
+
+    def __init__(self, channels: int, down: int):
+        super().__init__()
+        if down < 1 or down & (down - 1):
+            raise UserError(f"unet: glyph maps {down}x the latent size; the VAE's down "
+                            "factor must be a power of two")
+        layers: list[nn.Module] = []
+        cin = 1
+        for i in range(down.bit_length() - 1):
+            cout = channels // 2 if i < down.bit_length() - 2 else channels
+            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GELU()]
+            cin = cout
+        layers += [nn.Conv2d(cin, channels, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, glyph: torch.Tensor) -> torch.Tensor:
+        return self.net(glyph)
 
 
 def split_context(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -168,7 +198,8 @@ def time_features(t: torch.Tensor, dim: int = 32) -> torch.Tensor:
 class ContextUnet(nn.Module):
     def __init__(self, in_channels: int, n_feat: int, context_dim: int, height: int,
                  cross_attention: bool = False, pool_queries: int = 0,
-                 full_res_context: bool = False):
+                 full_res_context: bool = False, glyph_channels: int = 0,
+                 glyph_down: int = 1):
         super().__init__()
         if height % 4:
             raise UserError(f"unet: latent height {height} is not a multiple of 4; "
@@ -177,8 +208,11 @@ class ContextUnet(nn.Module):
         self.context_dim, self.height = context_dim, height
         self.cross_attention, self.pool_queries = cross_attention, pool_queries
         self.full_res_context = full_res_context
+        self.glyph_channels, self.glyph_down = glyph_channels, glyph_down
         n = n_feat
-        self.init_conv = ResidualConvBlock(in_channels, n)
+        if glyph_channels:
+            self.glyph_encoder = GlyphEncoder(glyph_channels, glyph_down)
+        self.init_conv = ResidualConvBlock(in_channels + glyph_channels, n)
         self.down1 = UnetDown(n, n)            # h/2
         self.down2 = UnetDown(n, 2 * n)        # h/4
         self.to_vec = nn.Sequential(nn.AvgPool2d(height // 4), nn.GELU())
@@ -208,21 +242,31 @@ class ContextUnet(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: UnetCfg, in_channels: int, context_dim: int, height: int,
-                    n_feat: int | None = None) -> ContextUnet:
-        """The U-Net that `unet.*` describes, for latents (in_channels, height, height)
-        and captions of context_dim (n_feat: another width, for benches)."""
+                    n_feat: int | None = None, glyph_down: int = 1) -> ContextUnet:
+        """The U-Net that `unet.*` describes, for latents (in_channels, height, height),
+        captions of context_dim and glyph maps glyph_down x the latent's size (n_feat:
+        another width, for benches)."""
         return cls(in_channels, n_feat or cfg.n_feat, context_dim, height,
-                   cfg.cross_attention, cfg.pool_queries, cfg.full_res_context)
+                   cfg.cross_attention, cfg.pool_queries, cfg.full_res_context,
+                   cfg.glyph_channels, glyph_down)
 
     def config(self) -> dict:
         return {"in_channels": self.in_channels, "n_feat": self.n_feat,
                 "context_dim": self.context_dim, "height": self.height,
                 "cross_attention": self.cross_attention, "pool_queries": self.pool_queries,
-                "full_res_context": self.full_res_context}
+                "full_res_context": self.full_res_context,
+                "glyph_channels": self.glyph_channels, "glyph_down": self.glyph_down}
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor,
+                glyph: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, C, H, W) noisy latent; t: (B,) in [0, 1]; c: the caption, token states
-        (B, L, context_dim) with zero rows as padding, or one vector (B, context_dim)."""
+        (B, L, context_dim) with zero rows as padding, or one vector (B, context_dim);
+        glyph: (B, 1, H * glyph_down, W * glyph_down) in 0..1 (None: no text)."""
+        if self.glyph_channels:
+            if glyph is None:
+                b, _, h, w = x.shape
+                glyph = x.new_zeros(b, 1, h * self.glyph_down, w * self.glyph_down)
+            x = torch.cat([x, self.glyph_encoder(glyph.to(x.dtype))], 1)
         x = self.init_conv(x)
         down1 = self.down1(x)
         down2 = self.down2(down1)

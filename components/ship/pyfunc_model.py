@@ -3,8 +3,10 @@
 MLflow copies this file (and the `components` package, via code_paths) into the model, so
 the model loads anywhere `tinyldm`'s dependencies are installed; nothing is pickled.
 Input: a DataFrame with a string column `prompt`; params seed, steps, guidance, width,
-height (defaults live in the logged signature); output: a column `image` holding each
-PNG as base64 text, which is what survives JSON serving.
+height, text_box ("x,y,w,h" in units of the side: where the quoted text goes), typeset
+(draw the quoted text crisply over the output); defaults live in the logged signature.
+Output: a column `image` holding each PNG as base64 text, which is what survives JSON
+serving.
 """
 
 from __future__ import annotations
@@ -47,22 +49,27 @@ class GeneratorModel(PythonModel):
 
         from components.contracts import UserError
         from components.models.generator import check_size
+        from components.models.layout import parse_box
 
         p = params or {}
         prompts = [str(x) for x in model_input["prompt"].tolist()]
         width = int(p["width"]) if p.get("width") is not None else None
         height = int(p["height"]) if p.get("height") is not None else None
+        seed = int(p.get("seed", 0))
         try:  # a bad request is the caller's to fix: HTTP 400 with the one-line reason
             check_size(width, height)
             self.generator.check_prompts(prompts)
+            box = parse_box(str(p["text_box"])) if p.get("text_box") else None
+            layouts = self.generator.text_layouts(prompts, seed, box)
         except UserError as e:
             raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
         images = self.generator.generate(
             prompts,
-            seed=int(p.get("seed", 0)),
+            seed=seed,
             steps=int(p["steps"]) if p.get("steps") is not None else None,
             guidance=float(p["guidance"]) if p.get("guidance") is not None else None,
-            width=width, height=height,
+            width=width, height=height, typeset=bool(p.get("typeset", False)),
+            layouts=layouts,
         )
         return pd.DataFrame({"image": [png_b64(im) for im in images]})
 

@@ -175,6 +175,8 @@ def signature(params: Params) -> Any:
             ParamSpec("guidance", "double", float(params.sampler.guidance)),
             ParamSpec("width", "long", 256),
             ParamSpec("height", "long", 256),
+            ParamSpec("text_box", "string", ""),   # x,y,w,h in units of the side; "": planned
+            ParamSpec("typeset", "boolean", False),
         ]),
     )
 

@@ -74,14 +74,19 @@ def load_generator_model(uri: str) -> Any:
 
 
 def generate_png(uri: str, prompt: str, seed: int = 0, steps: int | None = None,
-                 guidance: float | None = None, width: int = 256, height: int = 256) -> bytes:
+                 guidance: float | None = None, width: int = 256, height: int = 256,
+                 text_box: str = "", typeset: bool = False) -> bytes:
     from mlflow.exceptions import MlflowException
 
     from components.models.generator import check_size
+    from components.models.layout import parse_box
 
     check_size(width, height)  # before loading anything
+    if text_box:
+        parse_box(text_box)
     model = load_generator_model(uri)
-    p: dict[str, Any] = {"seed": int(seed), "width": int(width), "height": int(height)}
+    p: dict[str, Any] = {"seed": int(seed), "width": int(width), "height": int(height),
+                         "text_box": text_box, "typeset": bool(typeset)}
     if steps is not None:
         p["steps"] = int(steps)
     if guidance is not None:

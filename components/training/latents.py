@@ -6,6 +6,11 @@ words rather than memorising each image by its unique text. With latents.flip, e
 train image also gets a mirrored copy whose caption says left where the original says
 right (and the other way round).
 
+Each row also gets its glyph map (models/glyphs.py: the words of its `text_boxes`, drawn
+in brand.font at the VAE's image size, uint8), and the stage fits the layout planner's
+statistics on the train rows (layout.json); both travel with the model, with a copy of
+the font (font.ttf), so generation draws its glyph maps exactly as training did.
+
 Arrays are plain .npy files (memory-mapped by the U-Net stage), rows indexed by
 index.parquet. Entries are also kept in a content-keyed store (.cache/latents): an
 image's key hashes its bytes, the VAE weights and the size; a caption's key hashes the
@@ -17,6 +22,7 @@ cached one.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -38,17 +44,22 @@ from components.contracts import (
     read_table,
     sha256_bytes,
     sha256_file,
+    write_json,
     write_table,
 )
+from components.labelling import text_boxes
 from components.labelling.captions import caption
+from components.models.glyphs import REFERENCE_PX, font, glyph_map
 from components.models.images import load_batch
+from components.models.layout import fit_layouts
 from components.models.text_encoders import get_encoder, save_encoder
 from components.models.vae import load_vae
 
 CACHE = Path(".cache") / "latents"  # content-keyed entries, kept across runs (DVC clears outs)
 TEXT_ENCODER = "text_encoder"  # a fitted encoder (tfidf) travels with the latents and model
-CACHE_FILES = ["mean.npy", "logvar.npy", "text.npy", "text_attributes.npy", "index.parquet",
-               "meta.json"]
+GLYPH_FILES = ["layout.json", "font.ttf"]  # what generation needs to draw glyph maps
+CACHE_FILES = ["mean.npy", "logvar.npy", "text.npy", "text_attributes.npy", "glyphs.npy",
+               "index.parquet", "meta.json", *GLYPH_FILES]
 
 
 class LatentCache:
@@ -64,6 +75,7 @@ class LatentCache:
         self.logvar = np.load(d / "logvar.npy", mmap_mode="r")
         self.text = np.load(d / "text.npy", mmap_mode="r")
         self.text_attributes = np.load(d / "text_attributes.npy", mmap_mode="r")
+        self.glyphs = np.load(d / "glyphs.npy", mmap_mode="r")  # (N, S, S) uint8
         self.index = pd.read_parquet(d / "index.parquet")
         self.meta = read_json(d / "meta.json")
 
@@ -140,6 +152,19 @@ def attributes_only(caps: pd.DataFrame, template: str) -> list[str]:
             for r in caps[LABEL_FIELDS].to_dict("records")]
 
 
+def glyph_maps(caps: pd.DataFrame, size: int, font_path: str) -> np.ndarray:
+    """Each row's glyph map (N, size, size) uint8, mirrored where the row is."""
+    font(font_path, REFERENCE_PX)  # a missing font: one line naming brand.font
+    out = np.zeros((len(caps), size, size), np.uint8)
+    for i, (boxes, flip) in enumerate(zip(caps["text_boxes"], caps["flip"], strict=True)):
+        lines = text_boxes.loads(boxes)
+        if lines:
+            out[i] = np.asarray(glyph_map(lines, size, size, font_path))
+            if flip:
+                out[i] = out[i, :, ::-1]
+    return out
+
+
 def latents(params: Params) -> dict:
     caps = read_table(CAPTIONS, "captions")
     caps = caps[caps["split"].isin(["train", "val"])].assign(flip=False)
@@ -186,6 +211,10 @@ def latents(params: Params) -> dict:
                 out.extend(t[np.abs(t).max(-1) > 0].astype(np.float16) for t in enc.tokens)
         return out
 
+    glyphs = glyph_maps(caps, size, params.brand.font)
+    train = caps[(caps["split"] == "train") & ~caps["flip"]]  # as the images were drawn
+    layout_stats = fit_layouts([(lay, text_boxes.loads(b)) for lay, b in
+                                zip(train["layout"], train["text_boxes"], strict=True)])
     posteriors, n_images = _encode_missing(image_keys, "image", encode_images)
     vectors, n_texts = _encode_missing(text_keys, "text", encode_texts)
     post = np.stack(posteriors).astype(np.float32)  # (N, 2, C, H, W): mean, logvar
@@ -205,16 +234,22 @@ def latents(params: Params) -> dict:
     meta = {"scale_factor": scale, "latent_shape": list(mean.shape[1:]),
             "text_dim": int(text.shape[-1]), "text_tokens": int(text.shape[1])
             if text.ndim == 3 else 0, "text_encoder": encoder.name,
-            "vae_weights": vae_hash, "image_size": size}
+            "vae_weights": vae_hash, "image_size": size,
+            "glyphs": sha256_bytes(glyphs.tobytes())[:16],
+            "font": sha256_file(Path(params.brand.font))[:16]}
     with atomic_dir(LATENTS) as tmp:
         np.save(tmp / "mean.npy", mean)
         np.save(tmp / "logvar.npy", logvar)
         np.save(tmp / "text.npy", text)
         np.save(tmp / "text_attributes.npy", text_attributes)
+        np.save(tmp / "glyphs.npy", glyphs)
+        write_json(tmp / "layout.json", layout_stats)
+        shutil.copyfile(params.brand.font, tmp / "font.ttf")
         write_table(index, tmp / "index.parquet", "latent_index")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         save_encoder(encoder, tmp / TEXT_ENCODER)
     return {"images": len(caps), "images_encoded": n_images, "captions_encoded": n_texts,
+            "glyph_maps_with_text": int((glyphs.reshape(len(glyphs), -1).max(1) > 0).sum()),
             "scale_factor": round(scale, 5),
             "latent_shape": "x".join(map(str, mean.shape[1:])),
             "captions_truncated": int(truncated),

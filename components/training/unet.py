@@ -36,7 +36,7 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
     """Train the Context U-Net on the cached train-split latents; write out_dir whole."""
     from components.models.diffusion import NoiseSchedule, training_loss
     from components.models.vae import load_vae
-    from components.training.latents import TEXT_ENCODER, LatentCache
+    from components.training.latents import GLYPH_FILES, TEXT_ENCODER, LatentCache
     from components.training.runtime import (
         Checkpoint,
         adamw,
@@ -69,19 +69,22 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
         text, plain = (nn.functional.pad(t, (0, 0, 0, length - t.shape[1])) for t in (text, plain))
     scale = float(cache.meta["scale_factor"])
     latent_shape = tuple(int(s) for s in mean.shape[1:])
+    # glyph maps stay uint8 until a batch takes them (960 x 64 x 64 bytes = 4 MB)
+    glyphs = torch.from_numpy(np.ascontiguousarray(cache.glyphs[rows]))
+    glyph_down = glyphs.shape[-1] // latent_shape[-1]
 
     rt = runtime(cfg.device, cfg.bf16, "unet")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     schedule = NoiseSchedule(diff)
-    model = ContextUnet.from_config(cfg, latent_shape[0], text.shape[-1],
-                                    latent_shape[1]).train()
+    model = ContextUnet.from_config(cfg, latent_shape[0], text.shape[-1], latent_shape[1],
+                                    glyph_down=glyph_down).train()
     net = rt.wrap(model)
     ema = ContextUnet(**model.config()).eval()
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False).to(rt.device)
     mean, std = mean.to(rt.device), std.to(rt.device)
-    text, plain = text.to(rt.device), plain.to(rt.device)
+    text, plain, glyphs = text.to(rt.device), plain.to(rt.device), glyphs.to(rt.device)
     opt = adamw(model.parameters(), cfg.lr, 0.0)
     sched = cosine_with_warmup(opt, cfg.warmup, cfg.steps)
     params, ema_params = list(model.parameters()), list(ema.parameters())
@@ -114,8 +117,10 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
         x0 = (mean[idx] + std[idx] * eps.to(rt.device)) * scale
         drop = drop.to(rt.device).view(-1, *[1] * (text.dim() - 1))
         context = torch.where(drop, plain[idx], text[idx])
-        loss = train_step(rt, lambda x0=x0, c=context: training_loss(
-                              net, schedule, x0, c, cfg.cond_drop, gen, (rt.rank, rt.world)),
+        # the glyph map stays when the caption loses its free text: the letters come from it
+        glyph = glyph_batch(glyphs, idx) if cfg.glyph_channels else None
+        loss = train_step(rt, lambda x0=x0, c=context, g=glyph: training_loss(
+                              net, schedule, x0, c, cfg.cond_drop, gen, (rt.rank, rt.world), g),
                           opt, sched, params, ema_params, cfg.ema, step)
         running += loss.item()
         n_running += 1
@@ -157,12 +162,19 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
         save_unet(model, ema, config, tmp)
         if (Path(latents_dir) / TEXT_ENCODER).is_dir():
             shutil.copytree(Path(latents_dir) / TEXT_ENCODER, tmp / TEXT_ENCODER)
+        for name in GLYPH_FILES:  # the layout planner's statistics and the font
+            shutil.copyfile(Path(latents_dir) / name, tmp / name)
         write_csv(tmp / TRAINING_CURVE, ["step", "loss"], [(s, f"{v:.6f}") for s, v in log])
         preview_grid(ema, vae, schedule, cache, scale, latent_shape).save(tmp / "samples.png")
         write_json(tmp / "metrics.json", results_only(metrics))
     ckpt.clear()
     finish(rt)
     return metrics
+
+
+def glyph_batch(glyphs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """uint8 glyph maps (N, S, S) -> the batch's (B, 1, S, S) floats in 0..1."""
+    return glyphs[idx].unsqueeze(1).float().div_(255)
 
 
 @torch.no_grad()
@@ -181,10 +193,12 @@ def preview_grid(model: ContextUnet, vae: nn.Module, schedule, cache, scale: flo
     if next(model.parameters()).device.type != "cpu":  # mid-training on a GPU
         model = copy.deepcopy(model).cpu()
     context = torch.from_numpy(np.ascontiguousarray(cache.text[rows])).float()
+    glyph = glyph_batch(torch.from_numpy(np.ascontiguousarray(cache.glyphs[rows])),
+                        torch.arange(len(rows))) if model.glyph_channels else None
     sampler = DDIMSampler(schedule, 0.0)
     sampler.set_timesteps(25)
     gens = [torch.Generator().manual_seed(i) for i in range(len(rows))]
-    z = sample(model, schedule, sampler, context, latent_shape, 2.0, gens)
+    z = sample(model, schedule, sampler, context, latent_shape, 2.0, gens, glyph)
     return image_grid([to_pil(vae.decode(z / scale))], cell=64)
 
 

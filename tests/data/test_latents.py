@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from components.config import Params, load_params
-from components.contracts import CAPTIONS, LATENTS, VAE_DIR, read_table, write_table
+from components.contracts import CAPTIONS, LATENTS, VAE_DIR, read_json, read_table, write_table
 from components.ingest.ocr import ocr
 from components.ingest.scrape import scrape
 from components.ingest.validate import validate
@@ -134,3 +134,30 @@ def test_a_key_is_encoded_once_and_a_rerun_reads_the_same_bytes(tmp_path, monkey
     again, n = stage._encode_missing(keys, "text", encode)
     assert n == 0 and len(calls) == 1
     assert all(np.array_equal(a, b) for a, b in zip(fresh, again, strict=True))
+
+
+def test_each_row_gets_its_glyph_map_and_the_model_its_layout_statistics_and_font(
+        collected: Params, workdir) -> None:
+    """The glyph maps are the rows' text_boxes drawn by the one renderer at the VAE's size
+    (a mirrored row: mirrored); layout.json is fitted on the train rows; the font is copied
+    byte for byte."""
+    from components.labelling import text_boxes
+    from components.models.glyphs import glyph_map
+    from components.models.layout import fit_layouts
+
+    latents(load_params(overrides=[*TINY, "latents.flip=true"]))
+    cache = LatentCache(LATENTS)
+    caps = read_table(CAPTIONS, "captions").set_index("id")
+    size = collected.vae.image_size
+    assert cache.glyphs.shape == (len(cache.index), size, size)
+    for _, row in cache.index.iterrows():
+        lines = text_boxes.loads(caps.loc[row["id"], "text_boxes"])
+        want = np.asarray(glyph_map(lines, size, size, collected.brand.font))
+        got = cache.glyphs[int(row["row"])]
+        assert np.array_equal(got, want[:, ::-1] if row["flip"] else want)
+    assert sum(bool(text_boxes.loads(b)) for b in caps["text_boxes"]) > 0
+    train = caps[caps["split"] == "train"]
+    assert read_json(LATENTS / "layout.json") == fit_layouts(
+        [(lay, text_boxes.loads(b)) for lay, b in zip(train["layout"], train["text_boxes"],
+                                                         strict=True)])
+    assert (LATENTS / "font.ttf").read_bytes() == open(collected.brand.font, "rb").read()

@@ -67,3 +67,18 @@ def test_missing_tesseract_is_one_line(collected: Params,
     monkeypatch.setattr(pytesseract.pytesseract, "tesseract_cmd", "/nonexistent/tesseract")
     with pytest.raises(UserError, match=r"^tesseract not found: install it \(apt-get"):
         ocr(collected)
+
+
+def test_a_poor_first_reading_is_read_again_and_the_best_kept() -> None:
+    """Large type touching the edges (a typeset 800 px output, cropped): the first
+    Tesseract pass reads one of its two lines; the other ways (ocr.retry_below_conf)
+    read both, and the reading with more confident letters wins."""
+    from PIL import Image
+
+    from components.ingest.ocr import read_words
+
+    cfg = load_params(Path(__file__).resolve().parents[2] / "params.yaml").ocr
+    with Image.open(Path(__file__).resolve().parents[1] / "fixtures/ocr_large_type.png") as im:
+        assert read_words(im, cfg.model_copy(update={"retry_below_conf": 0}))["text"] == "OPEN"
+        got = read_words(im, cfg)
+    assert got["text"] == "OPEN\nHOUSE" and got["n_words"] == 2

@@ -8,6 +8,7 @@ import copy
 import io
 import json
 import math
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -23,6 +24,8 @@ from services import free_port, wait_http
 from components import tracking
 from components.config import GateRule, load_params
 from components.contracts import CAPTIONS, EVAL_GRIDS, UserError, metrics_path, write_json
+from components.ingest.ocr import read_texts
+from components.models.layout import fit_layouts
 from components.ship import gate, register, registry, serving
 from components.ship.gate import decide
 
@@ -183,7 +186,8 @@ def _tiny_models(root: Path) -> None:
     vae = VAE(vae_cfg)
     save_vae(vae, vae_cfg, root / "models/vae")
     shape = list(vae.latent_shape())
-    unet = ContextUnet(in_channels=shape[0], n_feat=8, context_dim=384, height=shape[1])
+    unet = ContextUnet(in_channels=shape[0], n_feat=8, context_dim=384, height=shape[1],
+                       glyph_channels=4, glyph_down=vae.down_factor)
     # a separate EMA copy: save_unet(model, None, ...) aliases the two weight sets, which
     # safetensors refuses
     config = {"diffusion": Diffusion(timesteps=10).model_dump(mode="json"),
@@ -192,6 +196,16 @@ def _tiny_models(root: Path) -> None:
     Image.new("RGB", (8, 8)).save(root / "models/vae/recon.png")
     Image.new("RGB", (8, 8)).save(root / "models/unet/samples.png")
     (root / "models/unet/loss.csv").write_text("step,loss\n50,0.9\n100,0.5\n150,0.4\n")
+    # what the latents stage hands the model for its glyph maps: layout statistics, font
+    two = [{"text": "SUMMER", "box": [0.05, 0.38, 0.95, 0.5], "words": []},
+           {"text": "SALE", "box": [0.05, 0.5, 0.95, 0.62], "words": []}]
+    write_json(root / "models/unet/layout.json",
+               fit_layouts([("centre", two), ("centre", two[1:])]))
+    shutil.copyfile(params_font(), root / "models/unet/font.ttf")
+
+
+def params_font() -> str:
+    return load_params(PARAMS).brand.font
 
 
 def test_register_promote_rollback_round_trip(store: Path,
@@ -246,6 +260,14 @@ def test_register_promote_rollback_round_trip(store: Path,
                                  height=24) == png  # same seed, same image
     with pytest.raises(UserError, match="over the text encoder's 256-token limit"):
         serving.generate_png(uri, "red " * 300)
+    # --typeset: exactly the requested words at 800 px, where the user's text box says
+    png = serving.generate_png(uri, 'vivid red solid poster, reading "OPEN HOUSE"', seed=2,
+                               width=800, height=800, text_box="0.1,0.55,0.8,0.3",
+                               typeset=True)
+    with Image.open(io.BytesIO(png)) as im:  # (random weights: OCR the box, not the noise)
+        assert read_texts([im.crop((40, 400, 760, 720))], params.ocr) == ["OPEN\nHOUSE"]
+    with pytest.raises(UserError, match="text box '1,2': give x,y,w,h"):
+        serving.generate_png(uri, 'red poster, reading "SALE"', text_box="1,2")
     with pytest.raises(UserError, match="no alias 'nope'"):
         serving.load_generator_model(f"models:/{name}@nope")
     with pytest.raises(UserError, match="no registered model 'other'"):
@@ -322,6 +344,18 @@ def test_serve_answers_invocations_with_png(store: Path) -> None:
             "dataframe_split": {"columns": ["prompt"], "data": [["red"]]},
             "params": {"width": 4}})
         assert status == 400 and "width=4" in text, (status, text)
+        status, text = _post(f"{base}/invocations", {
+            "dataframe_split": {"columns": ["prompt"], "data": [['red, reading "SALE"']]},
+            "params": {"width": 64, "height": 64, "text_box": "0.5,0.5,0.8,0.2"}})
+        assert status == 400 and "must lie inside the image" in text, (status, text)
+        status, text = _post(f"{base}/invocations", {
+            "dataframe_split": {"columns": ["prompt"], "data": [['red, reading "SALE"']]},
+            "params": {"width": 400, "height": 400, "typeset": True,
+                       "text_box": "0.2,0.4,0.6,0.2"}})
+        assert status == 200, text
+        png = base64.b64decode(json.loads(text)["predictions"][0]["image"])
+        with Image.open(io.BytesIO(png)) as im:
+            assert read_texts([im.crop((40, 120, 360, 280))], params.ocr) == ["SALE"]
         status, text = _post(f"{base}/invocations", {  # an empty prompt is the caller's too
             "dataframe_split": {"columns": ["prompt"], "data": [["  "]]}})
         assert status == 400 and "prompt: empty" in text, (status, text)

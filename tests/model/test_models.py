@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +24,15 @@ from components.models.diffusion import (
     training_loss,
 )
 from components.models.generator import Generator
+from components.models.glyphs import glyph_map
 from components.models.images import load_image_tensor
+from components.models.layout import fit_layouts
 from components.models.unet import ContextUnet, load_unet, save_unet, split_context
 from components.models.vae import VAE, load_vae, save_vae, vae_loss
 from components.training.unet import train_unet
 from components.training.vae import train_vae
+
+FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"  # brand.font's default
 
 TINY_VAE = Vae(image_size=32, base_channels=8, channel_mult=[1, 2, 2], latent_channels=4,
                epochs=1, batch_size=4, bf16=False)
@@ -312,6 +317,15 @@ def write_tiny_cache(root: Path, n: int = 24, dim: int = 6, shape=(4, 8, 8),
     (root / "meta.json").write_text(json.dumps({
         "scale_factor": 0.9, "latent_shape": list(shape), "text_dim": dim,
         "text_encoder": encoder}))
+    # glyph maps at 4x the latent side (the tiny VAE's factor): every other row reads
+    # "SALE" at the centre, the rest nothing; the layout statistics and font to match
+    side = shape[-1] * 4
+    boxes = [[{"text": "SALE", "box": [0.2, 0.35, 0.8, 0.65], "words": []}] if i % 2 else []
+             for i in range(n)]
+    np.save(root / "glyphs.npy", np.stack([np.asarray(glyph_map(b, side, side, FONT))
+                                           for b in boxes]))
+    (root / "layout.json").write_text(json.dumps(fit_layouts([("centre", b) for b in boxes])))
+    shutil.copyfile(FONT, root / "font.ttf")
     return root
 
 

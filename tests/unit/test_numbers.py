@@ -65,6 +65,7 @@ class _Recorder:
 
         self.gen = Generator.__new__(Generator)
         self.gen.text_encoder = object()  # no token limit to check
+        self.gen.layout_stats = self.gen.font_path = None  # trained without glyph maps
         self.calls: list[list[str]] = []
         self.gen.generate = lambda prompts, **kw: (self.calls.append(prompts) or
                                                    [Image.new("RGB", (8, 8))] * len(prompts))
@@ -75,6 +76,7 @@ class _Recorder:
     (["vivid red solid poster", "   "], {}, "prompt: empty"),
     (["vivid red solid poster"], {"width": 801}, "width=801"),
     (["vivid red solid poster"], {"height": 7}, "height=7"),
+    (['red poster, reading "SALE"'], {"text_box": "0.1,0.2"}, "text box '0.1,0.2': give x,y"),
 ])
 def test_served_model_refuses_a_bad_request_as_invalid_parameter(prompts, params,
                                                                  reason) -> None:

@@ -1,0 +1,86 @@
+"""Text that reads: the typeset option and the OCR text metrics, on known answers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from components.config import load_params
+from components.contracts import UserError
+from components.ingest.ocr import read_texts
+from components.judge.text import scores, text_cases
+from components.models.glyphs import glyph_map
+from components.models.layout import layout_of, parse_box
+from components.models.typeset import typeset
+
+PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
+FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"
+RED, CREAM = (230, 57, 70), (250, 240, 220)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return load_params(PARAMS)
+
+
+def test_scores_known_answers() -> None:
+    got = scores(["summer  SAIE", "", "OPEN\nHOUSE"], ["SUMMER SALE", "OPEN", "OPEN HOUSE"])
+    assert got["word_recall"] == round(3 / 5, 4)  # SUMMER, OPEN, HOUSE of 5 words
+    assert got["exact"] == round(1 / 3, 4)        # line breaks are spaces
+    assert got["cer"] == round((1 / 11 + 1 + 0) / 3, 4)
+    assert scores([], []) == {}
+
+
+def test_ocr_text_metrics_on_a_legible_and_a_blank_image(params) -> None:
+    lines = [{"text": "OPEN HOUSE", "box": [0.08, 0.4, 0.92, 0.6], "words": []}]
+    legible = Image.new("RGB", (128, 128), RED)
+    legible.paste(Image.new("RGB", legible.size, "white"), (0, 0),
+                  glyph_map(lines, 128, 128, FONT))
+    blank = Image.new("RGB", (128, 128), RED)
+    reads = read_texts([legible, blank], params.ocr)
+    assert scores(reads[:1], ["OPEN HOUSE"]) == {"word_recall": 1.0, "exact": 1.0, "cer": 0.0}
+    assert scores(reads[1:], ["OPEN HOUSE"]) == {"word_recall": 0.0, "exact": 0.0, "cer": 1.0}
+
+
+def test_typeset_writes_exactly_the_requested_words_in_the_models_ink(params) -> None:
+    # a "generated" 800 px image: red, with the model's own blurry cream letters (not the
+    # requested words) where the text was planned
+    lines = [{"text": "SUMMER SALE", "box": [0.1, 0.42, 0.9, 0.58], "words": []}]
+    scribble = glyph_map([{**lines[0], "text": "SUNMFR SAIF"}], 800, 800, FONT)
+    image = Image.new("RGB", (800, 800), RED)
+    image.paste(Image.new("RGB", image.size, CREAM), (0, 0),
+                scribble.filter(ImageFilter.GaussianBlur(2)))
+    out = typeset(image, lines, FONT)
+    assert out.size == (800, 800)
+    assert read_texts([out], params.ocr) == ["SUMMER SALE"]
+    px = np.asarray(out).reshape(-1, 3).astype(int)
+    ink = np.asarray(glyph_map(lines, 800, 800, FONT)).reshape(-1) == 255
+    paper = np.asarray(glyph_map(lines, 800, 800, FONT).filter(ImageFilter.MaxFilter(9))
+                       ).reshape(-1) == 0
+    assert np.abs(px[ink] - CREAM).max() <= 40          # the model's ink colour, kept
+    assert np.abs(px[paper] - RED).max() <= 2           # its letters painted over: red
+    assert typeset(image, [], FONT) is image            # no text, nothing to do
+
+
+def test_prompt_layout_words_and_text_boxes() -> None:
+    assert layout_of('vivid red solid poster, text at the top, reading "LEFT OVERS"') == "top"
+    assert layout_of("an orange flyer, headline centered") == "centre"
+    assert layout_of("a blue poster") == "centre"
+    assert parse_box("0.1, 0.4,0.8,0.2") == (0.1, 0.4, 0.8, 0.2)
+    with pytest.raises(UserError, match="x,y,w,h"):
+        parse_box("0.1,0.4")
+
+
+def test_text_cases_split_seen_and_unseen_words(params) -> None:
+    cases = text_cases(params, {"SALE", "OPEN", "SUMMER"})
+    assert len(cases) == params.evaluate.text_images
+    seen = [c for c in cases if c["kind"] == "seen"]
+    unseen = [c for c in cases if c["kind"] == "unseen"]
+    assert len(seen) == len(unseen)
+    assert all(set(c["text"].split()) <= {"SALE", "OPEN", "SUMMER"} for c in seen)
+    assert not any(set(c["text"].split()) & {"SALE", "OPEN", "SUMMER"} for c in unseen)
+    assert all(f'reading "{c["text"]}"' in c["prompt"] for c in cases)
+    assert cases == text_cases(params, {"SALE", "OPEN", "SUMMER"})  # deterministic
