@@ -88,6 +88,7 @@ class Http(Section):
     max_retry_after_s: float = Field(30.0, ge=0)  # a longer Retry-After is cut to this
     max_redirects: int = Field(5, ge=0)
     obey_robots: bool = True
+    max_download_s: float = Field(60.0, gt=0)  # one download's whole time, trickles included
 
 
 class Scrape(Section):
@@ -290,6 +291,16 @@ TEXT_UNSEEN = ["pizza", "garden", "music", "travel", "books", "yoga", "city", "d
                "ocean", "forest", "happy", "party", "river", "gold", "kids", "art"]
 
 
+class Serve(Section):
+    """`tinyldm serve`: what one request may ask for and who may ask."""
+    max_prompts: int = Field(8, ge=1, le=1024)
+    max_steps: int = Field(100, ge=1, le=10_000)
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    max_concurrent: int = Field(1, ge=1, le=256)  # requests sampling at once; more: 429
+    retry_after_s: int = Field(5, ge=1)
+    token_env: str = Field("TINYLDM_SERVE_TOKEN", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
 class Evaluate(Section):
     prompts: list[str] = Field(min_length=1)
     seed: int = 0
@@ -364,6 +375,7 @@ class Params(Section):
     unet: Unet = Unet()
     evaluate: Evaluate
     register_: Register = Field(Register(), alias="register")
+    serve: Serve = Serve()
     retrain: Retrain = Retrain()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

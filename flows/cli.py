@@ -18,7 +18,7 @@ from typer.core import TyperGroup
 
 from components.contracts import UserError
 from components.stages import ENTRIES
-from flows.env import set_defaults, venv_on_path
+from flows.env import set_defaults
 
 if TYPE_CHECKING:
     from components.config import Params
@@ -337,18 +337,31 @@ def serve(
     overrides: Overrides = None,
     params_file: ParamsFile = PARAMS_FILE,
 ) -> NoReturn:
-    """Serve a model over HTTP with `mlflow models serve`.
+    """Serve a model over HTTP (MLflow's scoring server, in this process).
 
-    POST /invocations with a prompt; the answer is the PNG, base64-encoded. Ctrl-C stops.
+    POST /invocations with a prompt; the answer is the PNG, base64-encoded. Ctrl-C or
+    SIGTERM stops it, cancelling a request in flight.
     """
+    import contextlib
     import os
+    import signal
 
-    from components.ship.serving import serve_command
+    import uvicorn
 
-    uri, cmd = serve_command(model, _params(params_file, overrides), host, port)
-    venv_on_path()
+    from components.ship.serving import serve_app
+
+    uri, asgi = serve_app(model, _params(params_file, overrides), host, port)
+    server = uvicorn.Server(uvicorn.Config(asgi, host=host, port=port, log_level="warning",
+                                           timeout_graceful_shutdown=1))
+    # our handlers, not uvicorn's (it re-raises the signal after shutting down, so nothing
+    # after run() would happen): stop accepting, close, then leave below
+    server.capture_signals = contextlib.nullcontext
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
     print(f"serving {uri} on http://{host}:{port}/invocations (Ctrl-C stops)", flush=True)
-    os.execvp(cmd[0], cmd)  # the server takes this PID: stopping it stops the server
+    server.run()
+    print("tinyldm serve: stopped", flush=True)
+    os._exit(0)  # a request still sampling in a worker thread is dropped, not waited for
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,12 @@
 """What the fetcher checks before and after a request: URLs it may ask for, Retry-After,
-whether a body is an image or a page."""
+whether a body is an image or a page; decoding a compressed body within the byte cap."""
 
 from __future__ import annotations
 
 import datetime as dt
 import email.utils
 import io
+import zlib
 
 import httpx
 from PIL import Image
@@ -104,3 +105,32 @@ def looks_like_html(content_type: str, data: bytes) -> bool:
         return False
     head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
     return head.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<!--"))
+
+
+class BodyTooLarge(Exception):
+    """The decoded body would pass the byte cap."""
+
+
+def decoders(content_encoding: str) -> list | None:
+    """zlib decoders undoing a Content-Encoding chain (applied in order, so undone last
+    first); None for an encoding other than gzip, deflate or identity."""
+    out = []
+    for code in reversed([c.strip().lower() for c in content_encoding.split(",")]):
+        if code in ("", "identity"):
+            continue
+        if code not in ("gzip", "x-gzip", "deflate"):
+            return None
+        out.append(zlib.decompressobj(16 + zlib.MAX_WBITS if "gzip" in code else zlib.MAX_WBITS))
+    return out
+
+
+def inflate(chain: list, data: bytes, room: int) -> bytes:
+    """`data` through the decoders, never holding more than `room` + 1 decoded bytes at any
+    stage (a gzip bomb, or gzip of gzip, is stopped as it streams); BodyTooLarge past it."""
+    for d in chain:
+        data = d.decompress(data, room + 1)
+        if len(data) > room:
+            raise BodyTooLarge
+    if len(data) > room:  # identity: the raw bytes themselves
+        raise BodyTooLarge
+    return data

@@ -28,6 +28,8 @@ def png_b64(image: Any) -> str:
 
 
 class GeneratorModel(PythonModel):
+    limits: Any = None  # params.serve when `tinyldm serve` serves it: per-request limits
+
     def load_context(self, context: PythonModelContext) -> None:
         from components.config import Sampler
         from components.contracts import UserError
@@ -50,13 +52,17 @@ class GeneratorModel(PythonModel):
         from components.contracts import UserError
         from components.models.generator import check_size
         from components.models.layout import parse_box
+        from components.ship.limits import check_limits
 
         p = params or {}
         prompts = [str(x) for x in model_input["prompt"].tolist()]
         width = int(p["width"]) if p.get("width") is not None else None
         height = int(p["height"]) if p.get("height") is not None else None
         seed = int(p.get("seed", 0))
+        steps = int(p["steps"]) if p.get("steps") is not None else None
         try:  # a bad request is the caller's to fix: HTTP 400 with the one-line reason
+            if self.limits is not None:
+                check_limits(len(prompts), steps, self.limits)
             check_size(width, height)
             self.generator.check_prompts(prompts)
             box = parse_box(str(p["text_box"])) if p.get("text_box") else None
@@ -66,7 +72,7 @@ class GeneratorModel(PythonModel):
         images = self.generator.generate(
             prompts,
             seed=seed,
-            steps=int(p["steps"]) if p.get("steps") is not None else None,
+            steps=steps,
             guidance=float(p["guidance"]) if p.get("guidance") is not None else None,
             width=width, height=height, typeset=bool(p.get("typeset", False)),
             layouts=layouts,

@@ -1,5 +1,5 @@
 """Loading a registered generator and drawing with it: `tinyldm generate` and `tinyldm serve`
-(`mlflow models serve` over the same pyfunc model)."""
+(MLflow's scoring server over the same pyfunc model, in this process, behind limits)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import base64
 import functools
 import os
 import re
-import sys
 from typing import Any
 
 import pandas as pd
@@ -100,16 +99,68 @@ def generate_png(uri: str, prompt: str, seed: int = 0, steps: int | None = None,
     return base64.b64decode(out["image"].iloc[0])
 
 
-def serve_command(uri: str | None, params: Params, host: str, port: int
-                  ) -> tuple[str, list[str]]:
-    """`mlflow models serve` for the resolved version (an alias is pinned now, so the server
-    says which version it serves); the tracking store goes with it in the environment."""
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+def serve_app(uri: str | None, params: Params, host: str, port: int) -> tuple[str, Any]:
+    """The resolved version (an alias pinned now) and an ASGI app serving it: MLflow's own
+    scoring server (`mlflow models serve`'s /invocations, /ping) behind the request limits
+    of params.serve and, when its variable is set, a bearer token."""
     if not 1 <= port <= 65535:
         raise UserError(f"--port {port}: must be 1..65535")
-    setup_store()
+    cfg = params.serve
+    token = os.environ.get(cfg.token_env, "")
+    if host not in LOOPBACK and not token:
+        raise UserError(f"--host {host}: serving beyond this machine needs a bearer token; "
+                        f"set {cfg.token_env} (serve.token_env) or serve on 127.0.0.1")
     resolved = resolve_model_uri(uri, params)
+    model = load_generator_model(resolved)
     if resolved.startswith("models:/"):
         resolved = _check_registered(resolved)
-    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()
-    return resolved, [sys.executable, "-m", "mlflow", "models", "serve", "-m", resolved,
-                      "--env-manager", "local", "--host", host, "--port", str(port)]
+    model.unwrap_python_model().limits = cfg  # per-request limits, checked in predict
+    from mlflow.pyfunc import scoring_server
+
+    return resolved, guarded(scoring_server.init(model), cfg, token)
+
+
+def guarded(app: Any, cfg: Any, token: str) -> Any:
+    """`app` behind the server-wide limits (pure ASGI, before any body is read): a bearer
+    token when `token` is set (401), a declared body size (411 without one, 413 over
+    serve.max_body_bytes) and at most serve.max_concurrent requests at once (429 with
+    Retry-After); /ping and /health stay open."""
+    import json as _json
+
+    busy = 0
+
+    async def reply(send, status: int, message: str, headers=()) -> None:
+        body = _json.dumps({"error_code": status, "message": message}).encode()
+        await send({"type": "http.response.start", "status": status, "headers": [
+            (b"content-type", b"application/json"), *headers]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def guard(scope, receive, send) -> None:
+        nonlocal busy
+        if scope["type"] != "http" or scope["path"] in ("/ping", "/health", "/version"):
+            return await app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if token and headers.get(b"authorization", b"").decode() != f"Bearer {token}":
+            return await reply(send, 401, "missing or wrong bearer token (Authorization: "
+                                          "Bearer <token>)", [(b"www-authenticate", b"Bearer")])
+        length = headers.get(b"content-length")
+        if scope["method"] == "POST" and length is None:
+            return await reply(send, 411, "send a Content-Length")
+        if length is not None and int(length) > cfg.max_body_bytes:
+            return await reply(send, 413, f"request body of {int(length)} bytes, over "
+                                          f"serve.max_body_bytes={cfg.max_body_bytes}")
+        if busy >= cfg.max_concurrent:
+            return await reply(send, 429, f"busy: {busy} request(s) sampling "
+                                          f"(serve.max_concurrent={cfg.max_concurrent}); "
+                                          f"retry in {cfg.retry_after_s} s",
+                               [(b"retry-after", str(cfg.retry_after_s).encode())])
+        busy += 1
+        try:
+            return await app(scope, receive, send)
+        finally:
+            busy -= 1
+
+    return guard

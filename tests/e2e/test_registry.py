@@ -359,15 +359,31 @@ def test_serve_answers_invocations_with_png(store: Path) -> None:
         status, text = _post(f"{base}/invocations", {  # an empty prompt is the caller's too
             "dataframe_split": {"columns": ["prompt"], "data": [["  "]]}})
         assert status == 400 and "prompt: empty" in text, (status, text)
+        assert _children(proc.pid) == []  # the server is this process: nothing to orphan
     finally:
-        proc.terminate()  # SIGTERM to the PID; MLflow's server dies with its parent
+        proc.terminate()  # SIGTERM to the PID, as systemd or a container runtime does
         try:
-            proc.wait(30)
+            code = proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+            code = "killed"
         log.close()
     out = (store / "serve.log").read_text()
     assert f"serving models:/{params.register_.model_name}/{version}" in out
+    assert code == 0 and "tinyldm serve: stopped" in out, (code, out[-2000:])
+
+
+def _children(pid: int) -> list[int]:
+    """PIDs whose parent is pid (Linux /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
 
 
 def test_champion_is_measured_again_when_the_val_data_changed(

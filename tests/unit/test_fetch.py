@@ -7,6 +7,7 @@ oversized stream).
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import random
@@ -183,6 +184,19 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(b"\x89PNG" + b"\0" * 1000)
             return None
+        if path in ("/bomb.png", "/zipped.png"):  # gzip of gzip: 64 MB of zeros / an image
+            inner = IMAGES["/img/logo.png"] if path == "/zipped.png" else b"\0" * (64 << 20)
+            body = gzip.compress(gzip.compress(inner, 1), 1)
+            return self._send(200, body, "image/png", {"Content-Encoding": "gzip, gzip"})
+        if path == "/trickle.png":  # a byte every 0.1 s, no length, (almost) never ending
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            for _ in range(600):
+                self.wfile.write(b"\0")
+                self.wfile.flush()
+                time.sleep(0.1)
+            return None
         if path == "/fake.png":
             return self._send(200, b"<html><body>Not Found</body></html>", "image/png")
         if path == "/truncated.jpg":
@@ -256,7 +270,7 @@ EXPECTED = {
     "/chain/0": "redirects", "/big.png": "too_large", "/big-declared.png": "too_large",
     "/fake.png": "not_an_image", "/truncated.jpg": "not_an_image", "/private/x.png": "robots",
     "/to-private": "robots", "/to-ftp": "bad_scheme", "/dead": "connection",
-    "/etag.png": "fetched",
+    "/etag.png": "fetched", "/bomb.png": "too_large", "/zipped.png": "fetched",
 }
 
 
@@ -501,3 +515,14 @@ def test_scrape_collects_a_site_and_a_url_list_and_reruns_incrementally(site, wo
     third = scrape(params)
     assert third["urls1.fetched"] == again["urls1.fetched"] + 1 and site.bodies["/etag.png"] == 2
     assert (workdir / etag_row["path"]).exists()
+
+
+def test_a_body_that_never_ends_stops_at_the_deadline(site: Site, make_fetcher) -> None:
+    """A byte every 0.1 s: each read returns in time, so only the whole-download deadline
+    (max_download_s) stops it; the fetcher is free again right after."""
+    f = make_fetcher(max_download_s=1.5, retries=0)
+    t0 = time.monotonic()
+    r = f.fetch(f"{site.base}/trickle.png")
+    assert r.status == "timeout" and "still arriving after 1.5 s" in r.detail
+    assert time.monotonic() - t0 < 5
+    assert f.fetch(f"{site.base}/img/logo.png").status == "fetched"
