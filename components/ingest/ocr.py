@@ -51,6 +51,9 @@ from components.contracts import (
 from components.fanout import Mapper, check_worker, fan_out
 
 CACHE = Path(".cache") / "ocr"
+# How read_words turns Tesseract's output into a reading; bump it when that logic changes,
+# so cached readings of the old logic are not served as new ones.
+READER = 2  # 2: poor or large-type readings read again, the best kept
 # Knobs that change what Tesseract reads; workers/timeout only change how fast.
 OUTPUT_SETTINGS = {"lang", "psm", "min_conf", "upscale_below", "invert_dark", "autocontrast",
                    "oem", "binarize", "flatten", "remove_shapes", "max_height_ratio",
@@ -232,6 +235,18 @@ def _alternatives(im: Image.Image, cfg: Ocr, prepared: Image.Image, scale: float
         yield prepared, scale, 11
 
 
+CONF_SLACK = 3.0  # a reading may be this much less confident (mean) and still win
+
+
+def _better(other: list[dict], words: list[dict]) -> bool:
+    """More confident letters, without a lower mean confidence (beyond CONF_SLACK): more
+    of the text read, not the same text plus shapes read as words."""
+    if not words:
+        return bool(other)
+    return (_confident_letters(other) > _confident_letters(words)
+            and _mean_conf(other) >= _mean_conf(words) - CONF_SLACK)
+
+
 def _large_type(words: list[dict], scale: float) -> bool:
     """Words over twice WORD_PX high in the image Tesseract read."""
     return any(w["box"][3] * scale > 2 * WORD_PX for w in words)
@@ -247,7 +262,7 @@ def read_words(im: Image.Image, cfg: Ocr) -> dict:
                                  or _large_type(words, scale)):
         for alt, alt_scale, psm in _alternatives(im, cfg, prepared, scale, words):
             other = _tesseract(alt, alt_scale, cfg, psm)
-            if _confident_letters(other) > _confident_letters(words):
+            if _better(other, words):
                 words = other
     lines: dict[tuple[int, ...], list[str]] = {}
     for w in words:
@@ -328,7 +343,7 @@ def ocr(params: Params, mapper: Mapper | None = None) -> dict:
     cfg = params.ocr
     version = engine_version()
     manifest = read_table(RAW_MANIFEST, "raw_manifest")
-    shash = settings_hash(cfg.model_dump(include=OUTPUT_SETTINGS))
+    shash = settings_hash({**cfg.model_dump(include=OUTPUT_SETTINGS), "reader": READER})
     workers = cfg.workers or os.cpu_count() or 1
     rows = manifest[["id", "path", "format"]].to_dict("records")
     start = time.perf_counter()
