@@ -186,7 +186,8 @@ class Fetcher:
                  per_host_concurrency: int = 2, retries: int = 3, backoff_s: float = 0.5,
                  max_retry_after_s: float = 30.0, max_redirects: int = 5,
                  cache_file: Path | None = None, obey_robots: bool = True,
-                 max_download_s: float | None = None, save_every_s: float = 30.0) -> None:
+                 max_download_s: float | None = None, save_every_s: float = 30.0,
+                 max_pixels: int | None = None) -> None:
         if ROBOTS_TOKEN not in user_agent.lower() or not any(
                 m in user_agent for m in ("http://", "https://", "@")):
             raise UserError(f"scrape.http.user_agent: {user_agent!r} must name tinyldm and a "
@@ -202,6 +203,7 @@ class Fetcher:
         self.user_agent = user_agent
         self.timeout_s = timeout_s
         self.max_bytes = int(max_bytes)
+        self.max_pixels = max_pixels  # a larger declared image is never decoded
         self.per_host_delay_s = per_host_delay_s
         self.per_host_concurrency = int(per_host_concurrency)
         self.retries = int(retries)
@@ -277,7 +279,7 @@ class Fetcher:
             return FetchResult(status="http_status", detail=f"HTTP {reply.code}", **base)
         data = reply.body
         if kind == "image":
-            problem = image_problem(data)
+            problem = image_problem(data, self.max_pixels)
             if problem:
                 return FetchResult(status="not_an_image", detail=problem, **base)
         elif not looks_like_html(base["content_type"], data):

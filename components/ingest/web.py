@@ -72,18 +72,21 @@ def retry_after_s(value: str | None, cap: float, now: dt.datetime | None = None)
     return min(max((when - now).total_seconds(), 0.0), cap)
 
 
-def image_problem(data: bytes) -> str | None:
+def image_problem(data: bytes, max_pixels: int | None = None) -> str | None:
     """Why `data` is not a usable image, or None.
 
     verify() catches corrupt structure but not truncation, so a fresh open also load()s
-    the pixels. The decompression-bomb limit is checked explicitly instead of via
-    warnings.catch_warnings, which is not thread-safe and fetch_many verifies in threads.
+    the pixels, but only when the declared size is within `max_pixels` (validate.max_pixels;
+    default Pillow's limit): a decompression bomb is never decoded. Checked explicitly,
+    not via warnings.catch_warnings, which is not thread-safe (fetch_many verifies in
+    threads).
     """
-    limit = Image.MAX_IMAGE_PIXELS
+    limit = max_pixels or Image.MAX_IMAGE_PIXELS
     try:
         with Image.open(io.BytesIO(data)) as im:
             if limit and im.width * im.height > limit:
-                return f"{im.width}x{im.height} pixels exceeds the decompression-bomb limit"
+                return (f"{im.width}x{im.height} pixels exceeds the decompression-bomb limit "
+                        f"({limit} pixels, validate.max_pixels)")
             im.verify()
         with Image.open(io.BytesIO(data)) as im:
             im.load()

@@ -526,3 +526,15 @@ def test_a_body_that_never_ends_stops_at_the_deadline(site: Site, make_fetcher) 
     assert r.status == "timeout" and "still arriving after 1.5 s" in r.detail
     assert time.monotonic() - t0 < 5
     assert f.fetch(f"{site.base}/img/logo.png").status == "fetched"
+
+
+def test_an_image_over_validate_max_pixels_is_never_decoded(site: Site, make_fetcher) -> None:
+    """The fetcher's bomb limit is validate.max_pixels (the scrape stage passes it), not
+    Pillow's own 89 million."""
+    url = f"{site.base}/img/logo.png"
+    with Image.open(io.BytesIO(IMAGES["/img/logo.png"])) as im:
+        pixels = im.width * im.height
+    small = make_fetcher(max_pixels=pixels - 1).fetch(url)
+    assert small.status == "not_an_image"
+    assert f"exceeds the decompression-bomb limit ({pixels - 1} pixels" in small.detail
+    assert make_fetcher(max_pixels=pixels).fetch(url).status == "fetched"
