@@ -24,12 +24,13 @@ bodies live apart, in web.py.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import threading
 import time
 import zlib
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -302,10 +303,18 @@ class Fetcher:
         a killed run keeps what it downloaded. Stopping early cancels what has not begun."""
         if not urls:
             return
-        pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(urls))))
+        n = max(1, min(workers, len(urls)))
+        pool = ThreadPoolExecutor(max_workers=n)
+        ahead = deque()  # at most 2 x workers submitted (bodies held in memory), not all
+        todo = iter(urls)
         try:
-            yield from progress(pool.map(lambda u: self.fetch(u, kind), urls),
-                                total=len(urls), desc=f"download {kind}s", unit="url")
+            for url in itertools.islice(todo, 2 * n):
+                ahead.append(pool.submit(self.fetch, url, kind))
+            for _ in progress(range(len(urls)), desc=f"download {kind}s", unit="url"):
+                result = ahead.popleft().result()
+                for url in itertools.islice(todo, 1):
+                    ahead.append(pool.submit(self.fetch, url, kind))
+                yield result
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 

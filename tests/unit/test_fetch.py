@@ -538,3 +538,16 @@ def test_an_image_over_validate_max_pixels_is_never_decoded(site: Site, make_fet
     assert small.status == "not_an_image"
     assert f"exceeds the decompression-bomb limit ({pixels - 1} pixels" in small.detail
     assert make_fetcher(max_pixels=pixels).fetch(url).status == "fetched"
+
+
+def test_downloads_run_a_bounded_window_ahead_of_the_consumer(site: Site,
+                                                               make_fetcher) -> None:
+    """iter_fetch keeps at most 2 x workers downloads submitted (their bodies in memory),
+    not every URL at once; the rest start as results are taken."""
+    f = make_fetcher()
+    urls = [f"{site.base}/img/logo.png?{i}" for i in range(40)]
+    it = f.iter_fetch(urls, workers=2)
+    assert next(it).status == "fetched"
+    time.sleep(0.5)  # time enough for an unbounded pool to fetch them all
+    assert site.hits["/img/logo.png"] <= 5  # 4 ahead + the one taken
+    assert [r.status for r in it] == ["fetched"] * 39
