@@ -89,6 +89,7 @@ class Http(Section):
     max_redirects: int = Field(5, ge=0)
     obey_robots: bool = True
     max_download_s: float = Field(60.0, gt=0)  # one download's whole time, trickles included
+    allow_private: list[str] = []  # non-public hosts / networks (CIDR) it may fetch from
 
 
 class Scrape(Section):

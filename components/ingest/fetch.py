@@ -43,6 +43,8 @@ from protego import Protego
 from components.contracts import UserError, atomic_path, progress, sha256_bytes
 from components.ingest.web import (
     BodyTooLarge,
+    address_problem,
+    conditional_headers,
     decoders,
     drop_fragment,
     host_key,
@@ -61,7 +63,7 @@ ROBOTS_TOKEN = "tinyldm"  # the product token robots.txt groups are matched agai
 KINDS = ("image", "page")
 OK_STATUSES = ("fetched", "unchanged")
 FAILURES = ("timeout", "http_status", "too_large", "not_an_image", "not_html", "robots",
-            "connection", "redirects", "bad_scheme", "bad_url")
+            "connection", "redirects", "bad_scheme", "bad_url", "private_address")
 REDIRECT_CODES = (301, 302, 303, 307, 308)
 ROBOTS_MAX_BYTES = 512_000  # RFC 9309 asks crawlers to read at least 500 KiB
 CACHE_VERSION = 1
@@ -160,17 +162,6 @@ def _load_cache(path: Path | None) -> dict[str, dict[str, str]]:
         return {}
 
 
-def _conditional_headers(entry: dict[str, str] | None) -> dict[str, str]:
-    if not entry:
-        return {}
-    out = {}
-    if entry.get("etag"):
-        out["If-None-Match"] = entry["etag"]
-    if entry.get("last_modified"):
-        out["If-Modified-Since"] = entry["last_modified"]
-    return out
-
-
 def _positive(name: str, value: float, minimum: float = 0.0, strict: bool = True) -> None:
     if value < minimum or (strict and value == minimum):
         op = ">" if strict else ">="
@@ -188,7 +179,7 @@ class Fetcher:
                  max_retry_after_s: float = 30.0, max_redirects: int = 5,
                  cache_file: Path | None = None, obey_robots: bool = True,
                  max_download_s: float | None = None, save_every_s: float = 30.0,
-                 max_pixels: int | None = None) -> None:
+                 max_pixels: int | None = None, allow_private: list[str] = ()) -> None:
         if ROBOTS_TOKEN not in user_agent.lower() or not any(
                 m in user_agent for m in ("http://", "https://", "@")):
             raise UserError(f"scrape.http.user_agent: {user_agent!r} must name tinyldm and a "
@@ -205,6 +196,7 @@ class Fetcher:
         self.timeout_s = timeout_s
         self.max_bytes = int(max_bytes)
         self.max_pixels = max_pixels  # a larger declared image is never decoded
+        self.allow_private = list(allow_private)  # non-public hosts/networks it may fetch
         self.per_host_delay_s = per_host_delay_s
         self.per_host_concurrency = int(per_host_concurrency)
         self.retries = int(retries)
@@ -265,7 +257,7 @@ class Fetcher:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
         entry = self._cached(url) if kind == "image" and conditional else None
-        reply = self._follow(url, _conditional_headers(entry), self.max_bytes)
+        reply = self._follow(url, conditional_headers(entry), self.max_bytes)
         if reply.failure:
             return FetchResult(url, reply.url, reply.failure, http_status=reply.code,
                                detail=reply.detail, attempts=reply.attempts)
@@ -325,7 +317,7 @@ class Fetcher:
         seen: set[str] = set()
         current = url
         for _hop in range(self.max_redirects + 1):
-            problem = url_problem(current)
+            problem = url_problem(current) or address_problem(current, self.allow_private)
             if problem:
                 return _Reply(current, failure=problem[0], detail=problem[1])
             current = drop_fragment(current)

@@ -178,7 +178,8 @@ def _web(i: int, src: UrlsSource | SiteSource, params: Params, counts: Counter):
                  backoff_s=cfg.backoff_s, max_retry_after_s=cfg.max_retry_after_s,
                  max_redirects=cfg.max_redirects, cache_file=HTTP_CACHE,
                  obey_robots=cfg.obey_robots, max_download_s=cfg.max_download_s,
-                 max_pixels=params.validate_.max_pixels) as fetcher:
+                 max_pixels=params.validate_.max_pixels,
+                 allow_private=cfg.allow_private) as fetcher:
         if isinstance(src, UrlsSource):
             refs = [{**r, "page_url": ""} for r in _url_list(i, src)]
             source = f"urls:{src.path}"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime as dt
 import email.utils
 import io
+import ipaddress
+import socket
 import zlib
 
 import httpx
@@ -137,3 +139,44 @@ def inflate(chain: list, data: bytes, room: int) -> bytes:
     if len(data) > room:  # identity: the raw bytes themselves
         raise BodyTooLarge
     return data
+
+
+def conditional_headers(entry: dict[str, str] | None) -> dict[str, str]:
+    """If-None-Match / If-Modified-Since from a cached response's validators."""
+    out = {}
+    if entry and entry.get("etag"):
+        out["If-None-Match"] = entry["etag"]
+    if entry and entry.get("last_modified"):
+        out["If-Modified-Since"] = entry["last_modified"]
+    return out
+
+
+def _allowed(host: str, ip: ipaddress._BaseAddress, allow: list[str]) -> bool:
+    for entry in allow:
+        try:
+            if ip in ipaddress.ip_network(entry, strict=False):
+                return True
+        except ValueError:  # a host name
+            if host.lower() == entry.lower():
+                return True
+    return False
+
+
+def address_problem(url: str, allow: list[str]) -> tuple[str, str] | None:
+    """("private_address", detail) when the URL's host resolves to an address that is not
+    public (loopback, private, link-local such as cloud metadata, ...) and neither the host
+    nor a network holding the address is in `allow` (scrape.http.allow_private). Checked
+    before every request and redirect hop; a host that does not resolve is left to fail
+    as a connection error. (The connection resolves the name again: a DNS answer that
+    changes between the two is not caught.)"""
+    host = httpx.URL(url).host
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError, OSError):
+        return None
+    for info in infos:
+        ip = ipaddress.ip_address(str(info[4][0]).split("%")[0])
+        if not ip.is_global and not _allowed(host, ip, allow):
+            return ("private_address", f"{host} resolves to {ip}, not a public address; "
+                    "list it in scrape.http.allow_private to fetch from it")
+    return None

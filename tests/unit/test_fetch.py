@@ -173,6 +173,9 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(302, headers={"Location": f"/chain/{int(path[7:]) + 1}"})
         if path == "/to-private":
             return self._send(302, headers={"Location": "/private/x.png"})
+        if path == "/to-127":  # a hop from the name to the loopback address itself
+            port = self.server.server_address[1]
+            return self._send(302, headers={"Location": f"http://127.0.0.1:{port}/img/l.png"})
         if path == "/to-ftp":
             return self._send(302, headers={"Location": "ftp://127.0.0.1/x.png"})
         if path == "/big.png":
@@ -254,7 +257,7 @@ def make_fetcher(tmp_path) -> Iterator[Callable[..., Fetcher]]:
     def make(**kw) -> Fetcher:
         settings = {"timeout_s": 0.5, "retries": 2, "backoff_s": 0.05, "max_bytes": CAP,
                     "per_host_delay_s": 0.0, "per_host_concurrency": 4, "max_redirects": 4,
-                    "max_retry_after_s": 5.0, **kw}
+                    "max_retry_after_s": 5.0, "allow_private": ["127.0.0.1"], **kw}
         made.append(Fetcher(**settings))
         return made[-1]
 
@@ -489,7 +492,7 @@ def test_scrape_collects_a_site_and_a_url_list_and_reruns_incrementally(site, wo
         f"scrape.sources=[{{kind: site, start_urls: ['{site.base}/index.html'], max_pages: 10,"
         f" max_depth: 2}}, {{kind: urls, path: list.csv}}]",
         "scrape.http.per_host_delay_s=0", "scrape.http.timeout_s=2", "scrape.http.retries=1",
-        "scrape.http.backoff_s=0.05"])
+        "scrape.http.backoff_s=0.05", "scrape.http.allow_private=[127.0.0.1]"])
     m = scrape(params)
     raw = read_table(RAW_MANIFEST, "raw_manifest")
     by_url = raw.set_index("source_url")
@@ -551,3 +554,25 @@ def test_downloads_run_a_bounded_window_ahead_of_the_consumer(site: Site,
     time.sleep(0.5)  # time enough for an unbounded pool to fetch them all
     assert site.hits["/img/logo.png"] <= 5  # 4 ahead + the one taken
     assert [r.status for r in it] == ["fetched"] * 39
+
+
+def test_non_public_addresses_are_refused_unless_allowed(site: Site, make_fetcher) -> None:
+    """Loopback (in any spelling), link-local cloud metadata and the like are refused
+    before any request, on every redirect hop too, unless scrape.http.allow_private
+    lists the host or a network holding its address."""
+    port = site.base.rsplit(":", 1)[1]
+    closed = make_fetcher(allow_private=[], retries=0)
+    for url in [f"{site.base}/img/logo.png", f"http://0x7f000001:{port}/img/logo.png",
+                f"http://[::1]:{port}/img/logo.png", "http://169.254.169.254/latest/meta-data",
+                "http://10.1.2.3/x.png"]:
+        r = closed.fetch(url)
+        assert r.status == "private_address", (url, r.status)
+        assert "scrape.http.allow_private" in r.detail
+    hits = sum(site.hits.values())
+    assert hits == 0  # nothing was asked of the local server, not even robots.txt
+    by_net = make_fetcher(allow_private=["127.0.0.0/8"])
+    assert by_net.fetch(f"{site.base}/img/logo.png").status == "fetched"
+    by_name = make_fetcher(allow_private=["localhost"], obey_robots=False)
+    assert by_name.fetch(f"http://localhost:{port}/img/logo.png").status == "fetched"
+    hop = by_name.fetch(f"http://localhost:{port}/to-127")
+    assert hop.status == "private_address" and "127.0.0.1 resolves to 127.0.0.1" in hop.detail
