@@ -233,7 +233,7 @@ def evaluate(params: Params) -> dict:
                                        "captions")}
     if ev.text_grid is not None:
         grids["text.png"] = (ev.text_grid, "held-out text prompts: the requested text under "
-                             "each image (left to right: seen words, unseen words)")
+                             "each image (training words and unseen words alternate)")
     for i, (prompt, row) in enumerate(zip(cfg.prompts, ev.prompt_rows, strict=True), 1):
         grids[f"prompt_{i:02d}.png"] = (image_grid([row], cell=192), prompt)
     curves = training_curves()

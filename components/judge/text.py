@@ -100,8 +100,7 @@ def labelled_grid(images: list[Image.Image], labels: list[str], cell: int = 128,
 def text_metrics(gen: Generator, params: Params, train: pd.DataFrame, val: pd.DataFrame
                  ) -> tuple[dict, Image.Image | None]:
     """The text metrics of `gen` (names text_*) and a grid of its text prompts' images
-    with the requested text under each; ({}, None) when evaluate.text_images is 0 or the
-    model has no glyph input and the data no text."""
+    with the requested text under each; ({}, None) when evaluate.text_images is 0."""
     n = params.evaluate.text_images
     if n == 0:
         return {}, None
