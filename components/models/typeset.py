@@ -54,23 +54,32 @@ def _ink(region: np.ndarray, paper: np.ndarray) -> np.ndarray:
 
 def typeset(image: Image.Image, lines: list[dict], font_path: str) -> Image.Image:
     """`image` with each line of `lines` (text_boxes format, units of the image side)
-    redrawn: the box (grown by MARGIN) filled with its rows' paper colour, then the text
-    fitted into its box in the ink colour the model used there."""
+    redrawn: the box filled with its rows' paper colour (fading out over a margin of MARGIN
+    x the line height), then the text fitted into its box in the ink colour the model used
+    there."""
     if not lines:
         return image
     w, h = image.size
-    out = np.asarray(image.convert("RGB")).astype(np.float64)
+    before = np.asarray(image.convert("RGB")).astype(np.float64)
+    out, weight = before.copy(), np.zeros((h, w))
     inks = []
     for line in lines:
         x0, y0, x1, y1 = line["box"]
-        grow = (y1 - y0) * MARGIN
-        a0, b0 = max(0, int((x0 - grow) * w)), max(0, int((y0 - grow) * h))
-        a1, b1 = min(w, int(np.ceil((x1 + grow) * w))), min(h, int(np.ceil((y1 + grow) * h)))
+        grow = (y1 - y0) * h * MARGIN  # pixels, the same on both axes
+        a0, b0 = max(0, int(x0 * w - grow)), max(0, int(y0 * h - grow))
+        a1, b1 = min(w, int(np.ceil(x1 * w + grow))), min(h, int(np.ceil(y1 * h + grow)))
         region = out[b0:b1, a0:a1]
-        paper = _paper(region, max(1, int(grow * w)))
+        paper = _paper(region, max(1, int(grow)))
         inks.append(_ink(out[int(y0 * h):int(np.ceil(y1 * h)), int(x0 * w):int(np.ceil(x1 * w))],
                          paper[int(y0 * h) - b0:int(np.ceil(y1 * h)) - b0]))
         region[:] = paper[:, None, :]
+        # full strength over the box, fading to nothing across the margin: no visible edge
+        ys, xs = np.arange(b0, b1)[:, None], np.arange(a0, a1)[None, :]
+        inside = np.minimum(np.minimum(xs - x0 * w, x1 * w - xs), np.minimum(ys - y0 * h,
+                                                                           y1 * h - ys))
+        ramp = np.clip(1 + inside / max(grow, 1.0), 0, 1)
+        weight[b0:b1, a0:a1] = np.maximum(weight[b0:b1, a0:a1], ramp)
+    out = before + (out - before) * weight[..., None]
     result = Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
     for line, ink in zip(lines, inks, strict=True):
         alpha = glyph_map([line], w, h, font_path)  # exactly the glyph renderer's letters
