@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import json
 import os
 import re
 from typing import Any
@@ -128,12 +129,10 @@ def guarded(app: Any, cfg: Any, token: str) -> Any:
     token when `token` is set (401), a declared body size (411 without one, 413 over
     serve.max_body_bytes) and at most serve.max_concurrent requests at once (429 with
     Retry-After); /ping and /health stay open."""
-    import json as _json
-
     busy = 0
 
     async def reply(send, status: int, message: str, headers=()) -> None:
-        body = _json.dumps({"error_code": status, "message": message}).encode()
+        body = json.dumps({"error_code": status, "message": message}).encode()
         await send({"type": "http.response.start", "status": status, "headers": [
             (b"content-type", b"application/json"), *headers]})
         await send({"type": "http.response.body", "body": body})
