@@ -103,10 +103,13 @@ class Generator:
         its noise uses. UserError naming the prompt when its text cannot be placed."""
         if self.layout_stats is None or self.font_path is None:
             return [[] for _ in prompts]
+        # a prompt naming no layout gets the one the training text takes most often
+        blocks = self.layout_stats["blocks"]
+        usual = max(blocks, key=lambda k: sum(map(len, blocks[k].values())), default="centre")
         out = []
         for i, p in enumerate(prompts):
             try:
-                out.append(plan(quoted_text(p), layout_of(p), self.layout_stats,
+                out.append(plan(quoted_text(p), layout_of(p, usual), self.layout_stats,
                                 self.font_path, prompt_seed(seed, i), self.native_size,
                                 self.native_size, text_box))
             except UserError as e:

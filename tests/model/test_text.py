@@ -84,3 +84,21 @@ def test_text_cases_split_seen_and_unseen_words(params) -> None:
     assert not any(set(c["text"].split()) & {"SALE", "OPEN", "SUMMER"} for c in unseen)
     assert all(f'reading "{c["text"]}"' in c["prompt"] for c in cases)
     assert cases == text_cases(params, {"SALE", "OPEN", "SUMMER"})  # deterministic
+
+
+def test_a_prompt_without_a_layout_word_takes_the_trainings_usual_one() -> None:
+    """A collection whose text is always at the top: "a poster reading SALE" is planned
+    there, not at a centre the model never saw; a layout word still wins."""
+    from types import SimpleNamespace
+
+    from components.models.generator import Generator
+    from components.models.layout import fit_layouts
+
+    top = [{"text": "SALE", "box": [0.2, 0.05, 0.8, 0.2], "words": []}]
+    bottom = [{"text": "SALE", "box": [0.2, 0.8, 0.8, 0.95], "words": []}]
+    gen = Generator.__new__(Generator)
+    gen.layout_stats = fit_layouts([("top", top), ("top", top), ("bottom", bottom)])
+    gen.font_path, gen.latent_shape, gen.vae = FONT, (4, 16, 16), SimpleNamespace(down_factor=4)
+    plain, asked = gen.text_layouts(['a poster reading "SALE"',
+                                     'a poster, text at the bottom, reading "SALE"'])
+    assert plain[0]["box"][3] <= 0.5 and asked[0]["box"][1] >= 0.5
