@@ -122,8 +122,7 @@ class Generator:
         if not self.unet.glyph_channels:
             return None
         s = self.native_size
-        maps = [np.asarray(glyph_map(lines, s, s, self.font_path)) if lines else
-                np.zeros((s, s), np.uint8) for lines in layouts]
+        maps = [np.asarray(glyph_map(lines, s, s, self.font_path)) for lines in layouts]
         return torch.from_numpy(np.stack(maps)).unsqueeze(1).float().div_(255)
 
     @torch.no_grad()

@@ -157,11 +157,8 @@ def glyph_maps(caps: pd.DataFrame, size: int, font_path: str) -> np.ndarray:
     font(font_path, REFERENCE_PX)  # a missing font: one line naming brand.font
     out = np.zeros((len(caps), size, size), np.uint8)
     for i, (boxes, flip) in enumerate(zip(caps["text_boxes"], caps["flip"], strict=True)):
-        lines = text_boxes.loads(boxes)
-        if lines:
-            out[i] = np.asarray(glyph_map(lines, size, size, font_path))
-            if flip:
-                out[i] = out[i, :, ::-1]
+        drawn = np.asarray(glyph_map(text_boxes.loads(boxes), size, size, font_path))
+        out[i] = drawn[:, ::-1] if flip else drawn  # no text: all black
     return out
 
 
