@@ -71,6 +71,7 @@ class SiteSource(Section):
     allowed_domains: list[str] = []  # default: the hosts of start_urls (and subdomains)
     max_pages: int = Field(50, ge=1, le=100_000)
     max_depth: int = Field(2, ge=0, le=20)
+    max_images_per_page: int = Field(200, ge=1)  # more on one page are dropped (counted)
 
 
 Source = Annotated[SyntheticSource | FolderSource | UrlsSource | SiteSource,
@@ -89,6 +90,8 @@ class Http(Section):
     max_redirects: int = Field(5, ge=0)
     obey_robots: bool = True
     max_download_s: float = Field(60.0, gt=0)  # one download's whole time, trickles included
+    max_stage_s: float = Field(7200.0, gt=0)  # all downloads of one scrape; then stop, keep
+    max_page_bytes: int = Field(5_000_000, ge=10_000)  # an HTML page's cap (decoded)
     allow_private: list[str] = []  # non-public hosts / networks (CIDR) it may fetch from
 
 

@@ -44,6 +44,7 @@ class CrawlResult:
     images: list[ImageRef] = field(default_factory=list)  # deduped by URL, first page wins
     pages: dict[str, str] = field(default_factory=dict)  # page URL -> fetch status
     reasons: Counter[str] = field(default_factory=Counter)  # status -> pages
+    images_over_cap: int = 0  # references past max_images_per_page, dropped
 
     @property
     def pages_fetched(self) -> int:
@@ -212,11 +213,13 @@ def _domains(start_urls: list[str], allowed_domains: list[str]) -> list[str]:
 
 
 def crawl(fetcher: Fetcher, start_urls: list[str], allowed_domains: list[str],
-          max_pages: int, max_depth: int, workers: int = 4) -> CrawlResult:
+          max_pages: int, max_depth: int, workers: int = 4,
+          max_images_per_page: int = 200) -> CrawlResult:
     """Breadth-first over in-domain HTML links. `max_pages` caps page fetch attempts
-    (robots refusals included, so a crawl's size is known up front); `max_depth` 0 means
-    the start pages only. No page URL is fetched twice; a redirect target counts as seen
-    from the next level on."""
+    (robots refusals included, so a crawl's size is known up front) and
+    `max_images_per_page` the references taken from one page (the first ones, in page
+    order); `max_depth` 0 means the start pages only. No page URL is fetched twice; a
+    redirect target counts as seen from the next level on."""
     domains = _domains(start_urls, allowed_domains)
     result = CrawlResult()
     seen_pages: set[str] = set()
@@ -235,7 +238,8 @@ def crawl(fetcher: Fetcher, start_urls: list[str], allowed_domains: list[str],
             if res.status != "fetched" or res.data is None:
                 continue
             images, links = parse_page(res.data, res.final_url)
-            for ref in images:
+            result.images_over_cap += max(0, len(images) - max_images_per_page)
+            for ref in images[:max_images_per_page]:
                 if ref.url not in seen_images:
                     seen_images.add(ref.url)
                     result.images.append(ref)

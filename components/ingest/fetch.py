@@ -13,20 +13,19 @@ robots.txt policy (RFC 9309, conservative where the RFC lets us choose):
 - 429, 5xx, timeout, connection failure, redirect trouble or an oversized file: the whole
   host is disallowed for the rest of this run: we cannot know what the owner asked for.
 
-Conditional GET (images only: a page answered 304 would leave the crawler without links):
-the cache file is JSON, {"version": 1, "entries": {url: {"etag", "last_modified",
-"sha256"}}}, keyed by the requested URL, loaded on open and written atomically on close.
+Conditional GET (images only: a page answered 304 would leave the crawler without links)
+through `Validators` (validators.py). Every connection goes only to an address checked
+as it opens (web.PinnedTransport); nothing new starts after `stop_at` (the stage's
+deadline) and no body is read past it or past `max_download_s`.
 
 Over 400 lines on purpose: `Fetcher` holds the per-host politeness state (gates, robots
-rules, the conditional cache) that every request path shares; its checks of URLs and
-bodies live apart, in web.py.
+rules) that every request path shares; its checks of URLs, addresses and bodies live
+apart, in web.py.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
-import logging
 import threading
 import time
 import zlib
@@ -40,9 +39,12 @@ from pathlib import Path
 import httpx
 from protego import Protego
 
-from components.contracts import UserError, atomic_path, progress, sha256_bytes
+from components.contracts import UserError, progress, sha256_bytes
+from components.ingest.validators import Validators
 from components.ingest.web import (
     BodyTooLarge,
+    PinnedTransport,
+    PrivateAddress,
     address_problem,
     conditional_headers,
     decoders,
@@ -56,17 +58,15 @@ from components.ingest.web import (
     url_problem,
 )
 
-log = logging.getLogger(__name__)
-
 DEFAULT_USER_AGENT = "tinyldm/0.1 (brand-image collector; +https://github.com/tinyldm)"
 ROBOTS_TOKEN = "tinyldm"  # the product token robots.txt groups are matched against
 KINDS = ("image", "page")
 OK_STATUSES = ("fetched", "unchanged")
 FAILURES = ("timeout", "http_status", "too_large", "not_an_image", "not_html", "robots",
-            "connection", "redirects", "bad_scheme", "bad_url", "private_address")
+            "connection", "redirects", "bad_scheme", "bad_url", "private_address",
+            "download_deadline", "stage_deadline")
 REDIRECT_CODES = (301, 302, 303, 307, 308)
 ROBOTS_MAX_BYTES = 512_000  # RFC 9309 asks crawlers to read at least 500 KiB
-CACHE_VERSION = 1
 CHUNK = 64 * 1024
 
 
@@ -148,20 +148,6 @@ class _Reply:
     attempts: int = 0
 
 
-def _load_cache(path: Path | None) -> dict[str, dict[str, str]]:
-    """A missing or unreadable cache only costs a full download, so it never fails a run."""
-    if path is None or not Path(path).exists():
-        return {}
-    try:
-        raw = json.loads(Path(path).read_text())
-        entries = raw["entries"] if raw.get("version") == CACHE_VERSION else {}
-        return {str(u): {k: str(e.get(k) or "") for k in ("etag", "last_modified", "sha256")}
-                for u, e in entries.items() if isinstance(e, dict) and e.get("sha256")}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        log.warning("%s: unreadable HTTP cache (%s); downloading everything again", path, e)
-        return {}
-
-
 def _positive(name: str, value: float, minimum: float = 0.0, strict: bool = True) -> None:
     if value < minimum or (strict and value == minimum):
         op = ">" if strict else ">="
@@ -179,7 +165,8 @@ class Fetcher:
                  max_retry_after_s: float = 30.0, max_redirects: int = 5,
                  cache_file: Path | None = None, obey_robots: bool = True,
                  max_download_s: float | None = None, save_every_s: float = 30.0,
-                 max_pixels: int | None = None, allow_private: list[str] = ()) -> None:
+                 max_pixels: int | None = None, allow_private: list[str] = (),
+                 max_page_bytes: int | None = None, stop_at: float | None = None) -> None:
         if ROBOTS_TOKEN not in user_agent.lower() or not any(
                 m in user_agent for m in ("http://", "https://", "@")):
             raise UserError(f"scrape.http.user_agent: {user_agent!r} must name tinyldm and a "
@@ -195,6 +182,8 @@ class Fetcher:
         self.user_agent = user_agent
         self.timeout_s = timeout_s
         self.max_bytes = int(max_bytes)
+        self.max_page_bytes = int(max_page_bytes or max_bytes)  # an HTML page's cap
+        self.stop_at = stop_at  # time.monotonic() after which nothing new starts
         self.max_pixels = max_pixels  # a larger declared image is never decoded
         self.allow_private = list(allow_private)  # non-public hosts/networks it may fetch
         self.per_host_delay_s = per_host_delay_s
@@ -207,19 +196,17 @@ class Fetcher:
         # a server trickling bytes defeats the per-read timeout; this bounds one attempt
         self.max_download_s = max_download_s or max(60.0, 6 * timeout_s)
         # (checked as bytes arrive: a download overruns it by at most one read, timeout_s)
-        self.cache_file = Path(cache_file) if cache_file is not None else None
-        self._cache = _load_cache(self.cache_file)
-        self._cache_dirty = False
-        self.save_every_s = save_every_s  # a killed long crawl keeps most of its validators
-        self._saved_at = time.monotonic()
-        self._lock = threading.Lock()  # guards the dicts below and the cache
+        # a killed long crawl keeps most of its validators
+        self.validators = Validators(cache_file, save_every_s)
+        self._lock = threading.Lock()  # guards the dicts below
         self._gates: dict[str, _HostGate] = {}
         self._robots: dict[str, _Robots] = {}
         self._robots_locks: dict[str, threading.Lock] = {}
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=16)
         self._client = httpx.Client(
             timeout=httpx.Timeout(timeout_s), follow_redirects=False,
             headers={"User-Agent": user_agent, "Accept-Encoding": "identity"},
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16))
+            transport=PinnedTransport(self.allow_private, limits))
 
     # -------------------------------------------------------------- lifecycle
     def __enter__(self) -> Fetcher:
@@ -230,25 +217,9 @@ class Fetcher:
 
     def close(self) -> None:
         try:
-            self.save_cache()
+            self.validators.save()
         finally:
             self._client.close()
-
-    def save_cache(self) -> None:
-        """Written atomically every `save_every_s` while fetching and at the end: a killed
-        run loses at most that much revalidation. An entry may name an image the caller
-        has not stored yet; `fetch(..., conditional=False)` is the way back from that."""
-        if self.cache_file is None:
-            return
-        with self._lock:
-            if not self._cache_dirty:
-                return
-            text = json.dumps({"version": CACHE_VERSION, "entries": self._cache},
-                              indent=1, sort_keys=True)
-            with atomic_path(self.cache_file) as tmp:
-                tmp.write_text(text + "\n")
-            self._cache_dirty = False
-            self._saved_at = time.monotonic()
 
     # -------------------------------------------------------------- public API
     def fetch(self, url: str, kind: str = "image", conditional: bool = True) -> FetchResult:
@@ -256,8 +227,12 @@ class Fetcher:
         `conditional=False` downloads even when the cache holds validators for it."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
-        entry = self._cached(url) if kind == "image" and conditional else None
-        reply = self._follow(url, conditional_headers(entry), self.max_bytes)
+        if self._stage_over():
+            return FetchResult(url, url, "stage_deadline", detail="not tried: the "
+                               "stage's deadline (scrape.http.max_stage_s) had passed")
+        entry = self.validators.get(url) if kind == "image" and conditional else None
+        cap = self.max_bytes if kind == "image" else self.max_page_bytes
+        reply = self._follow(url, conditional_headers(entry), cap)
         if reply.failure:
             return FetchResult(url, reply.url, reply.failure, http_status=reply.code,
                                detail=reply.detail, attempts=reply.attempts)
@@ -265,7 +240,7 @@ class Fetcher:
                 "content_type": reply.headers.get("content-type", ""),
                 "attempts": reply.attempts}
         if reply.code == 304 and entry:
-            self._remember(url, reply.headers, entry["sha256"], revalidated=True)
+            self.validators.remember(url, reply.headers, entry["sha256"], revalidated=True)
             return FetchResult(status="unchanged", sha256=entry["sha256"],
                                detail="not modified since the last run", **base)
         if reply.code is None or not 200 <= reply.code < 300 or reply.body is None:
@@ -280,7 +255,7 @@ class Fetcher:
                                f"{base['content_type'] or '(none)'} and no HTML markup", **base)
         digest = sha256_bytes(data)
         if kind == "image":
-            self._remember(url, reply.headers, digest)
+            self.validators.remember(url, reply.headers, digest)
         return FetchResult(status="fetched", data=data, sha256=digest,
                            detail=f"{len(data)} bytes", **base)
 
@@ -357,7 +332,7 @@ class Fetcher:
             retryable = reply.failure in ("timeout", "connection") or (
                 not reply.failure and reply.code is not None
                 and (reply.code == 429 or reply.code >= 500))
-            if not retryable or attempt == self.retries:
+            if not retryable or attempt == self.retries or self._stage_over():
                 break
             wait = retry_after_s(reply.headers.get("retry-after"), self.max_retry_after_s)
             time.sleep(wait if wait is not None else self.backoff_s * 2 ** attempt)
@@ -385,6 +360,11 @@ class Fetcher:
             return _Reply(url, failure="connection", detail=f"{type(e).__name__}: {e}"[:200])
         except httpx.InvalidURL as e:
             return _Reply(url, failure="bad_url", detail=str(e)[:200])
+        except PrivateAddress as e:  # the address checked as the connection opened
+            return _Reply(url, failure="private_address", detail=str(e))
+
+    def _stage_over(self) -> bool:
+        return self.stop_at is not None and time.monotonic() > self.stop_at
 
     def _read_body(self, resp: httpx.Response, reply: _Reply, max_bytes: int) -> _Reply:
         """Stream at most `max_bytes`; leaving the `with` early drops the connection, so
@@ -401,6 +381,8 @@ class Fetcher:
             return reply
         buf = bytearray()
         deadline = time.monotonic() + self.max_download_s
+        if self.stop_at is not None:
+            deadline = min(deadline, self.stop_at)
         # as the network delivers it (a chunk size would wait for that many bytes, so a
         # trickle never reached the deadline check), decoded here, bounded (httpx is not)
         for raw in resp.iter_raw():
@@ -415,8 +397,13 @@ class Fetcher:
                 reply.detail = f"bad {resp.headers['content-encoding']} body: {e}"[:200]
                 return reply
             if time.monotonic() > deadline:
-                reply.failure = "timeout"
-                reply.detail = f"body still arriving after {self.max_download_s:g} s"
+                if self._stage_over():
+                    reply.failure = "stage_deadline"
+                    reply.detail = "cut off by the stage's deadline (scrape.http.max_stage_s)"
+                else:
+                    reply.failure = "download_deadline"
+                    reply.detail = (f"body still arriving after {self.max_download_s:g} s "
+                                    "(scrape.http.max_download_s)")
                 return reply
         reply.body = bytes(buf)
         return reply
@@ -460,33 +447,3 @@ class Fetcher:
         why = reply.detail or f"HTTP {reply.code}"
         return _Robots(None, allow_all=False,
                        detail=f"robots.txt unavailable ({why}); host skipped this run")
-
-    # -------------------------------------------------------------- cache
-    def _cached(self, url: str) -> dict[str, str] | None:
-        with self._lock:
-            entry = self._cache.get(url)
-            return dict(entry) if entry else None
-
-    def _remember(self, url: str, headers: httpx.Headers, digest: str,
-                  revalidated: bool = False) -> None:
-        """Keep validators only when the server gave some. A 304 may omit them, so then
-        the old ones stay; a 200 without them makes the URL uncacheable."""
-        etag = headers.get("etag", "")
-        modified = headers.get("last-modified", "")
-        with self._lock:
-            old = self._cache.get(url)
-            if revalidated and old:
-                etag, modified = etag or old["etag"], modified or old["last_modified"]
-            new = {"etag": etag, "last_modified": modified, "sha256": digest}
-            if not (etag or modified):
-                if old is None:
-                    return
-                self._cache.pop(url)
-            elif new == old:
-                return
-            else:
-                self._cache[url] = new
-            self._cache_dirty = True
-            due = time.monotonic() - self._saved_at >= self.save_every_s
-        if due:
-            self.save_cache()

@@ -12,6 +12,7 @@ import datetime as dt
 import fnmatch
 import io
 import os
+import time
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -162,10 +163,12 @@ def _url_list(i: int, src: UrlsSource) -> list[dict]:
             if line.strip() and not line.lstrip().startswith("#")]
 
 
-def _web(i: int, src: UrlsSource | SiteSource, params: Params, counts: Counter):
+def _web(i: int, src: UrlsSource | SiteSource, params: Params, counts: Counter,
+         stop_at: float):
     """Download a URL list or a crawled site's images, politely (components/ingest/fetch.py);
     every URL ends fetched, unchanged (conditional GET: the stored copy is reused) or
-    counted under its failure reason."""
+    counted under its failure reason. Nothing starts after `stop_at` (monotonic time:
+    the stage's scrape.http.max_stage_s); what came before it is kept."""
     from components.ingest.crawl import crawl
     from components.ingest.fetch import Fetcher
 
@@ -178,17 +181,19 @@ def _web(i: int, src: UrlsSource | SiteSource, params: Params, counts: Counter):
                  backoff_s=cfg.backoff_s, max_retry_after_s=cfg.max_retry_after_s,
                  max_redirects=cfg.max_redirects, cache_file=HTTP_CACHE,
                  obey_robots=cfg.obey_robots, max_download_s=cfg.max_download_s,
-                 max_pixels=params.validate_.max_pixels,
-                 allow_private=cfg.allow_private) as fetcher:
+                 max_pixels=params.validate_.max_pixels, allow_private=cfg.allow_private,
+                 max_page_bytes=cfg.max_page_bytes, stop_at=stop_at) as fetcher:
         if isinstance(src, UrlsSource):
             refs = [{**r, "page_url": ""} for r in _url_list(i, src)]
             source = f"urls:{src.path}"
         else:
             domains = src.allowed_domains  # [] -> the start URLs' hosts
             found = crawl(fetcher, src.start_urls, domains, src.max_pages, src.max_depth,
-                          workers=cfg.workers)
+                          workers=cfg.workers, max_images_per_page=src.max_images_per_page)
             for reason, n in found.reasons.items():
                 counts[f"{tag}.pages.{reason}"] += n
+            if found.images_over_cap:
+                counts[f"{tag}.images_over_page_cap"] += found.images_over_cap
             refs = [{"url": r.url, "page_url": r.page_url,
                      "alt": " | ".join(x for x in (r.alt, r.title, r.caption) if x)}
                     for r in found.images]
@@ -207,7 +212,8 @@ def _web(i: int, src: UrlsSource | SiteSource, params: Params, counts: Counter):
                     data = res.data
             if data is None:
                 counts[f"{tag}.{res.status}"] += 1
-                print(f"scrape: {ref['url']}: {res.status} {res.detail}".rstrip())
+                if res.status != "stage_deadline":  # those are summed up once, at the end
+                    print(f"scrape: {ref['url']}: {res.status} {res.detail}".rstrip())
                 continue
             counts[f"{tag}.{res.status}"] += 1
             yield _item(data, source, res.final_url or ref["url"], now,
@@ -311,6 +317,7 @@ def scrape(params: Params) -> dict:
     seen: set[str] = set()
     counts: Counter = Counter()
     before = _last_manifest()
+    stop_at = time.monotonic() + cfg.http.max_stage_s
     last = {} if before is None else {r["source_url"]: r for r in before.to_dict("records")}
     for i, src in enumerate(cfg.sources):
         skipped: Counter = Counter()
@@ -319,7 +326,7 @@ def scrape(params: Params) -> dict:
         elif isinstance(src, FolderSource):
             items = _folder(i, src, cfg.max_image_bytes, skipped, last)
         else:
-            items = _web(i, src, params, counts)
+            items = _web(i, src, params, counts, stop_at)
         for item in items:
             if "row" in item:
                 row = {**item["row"], "near_duplicate_of": ""}
@@ -339,6 +346,11 @@ def scrape(params: Params) -> dict:
             counts[f"fetched.{item['source'].split(':')[0]}"] += 1
         for reason, n in skipped.items():
             counts[f"skipped.{reason}"] += n
+    late = sum(n for k, n in counts.items() if k.endswith(".stage_deadline"))
+    if late:
+        print(f"scrape: scrape.http.max_stage_s ({cfg.http.max_stage_s:g} s) ran out: {late} "
+              "URLs not downloaded (stage_deadline); what came is kept. Run scrape again "
+              "(unchanged images cost a 304) or raise max_stage_s")
     if before is not None:  # what a re-run found against the last one, per location
         counts.update(changes(dict(zip(before["source_url"], before["id"], strict=True)),
                               {r["source_url"]: r["id"] for r in rows}))

@@ -10,6 +10,7 @@ import ipaddress
 import socket
 import zlib
 
+import httpcore
 import httpx
 from PIL import Image
 
@@ -162,21 +163,71 @@ def _allowed(host: str, ip: ipaddress._BaseAddress, allow: list[str]) -> bool:
     return False
 
 
+class PrivateAddress(Exception):
+    """A host resolved to an address that is not public and not allowed."""
+
+
+def checked_addresses(host: str, allow: list[str]) -> list[str]:
+    """Every address `host` resolves to, in resolver order, once each; PrivateAddress
+    when one is not public (loopback, private, link-local such as cloud metadata, ...)
+    and neither the host nor a network holding it is in `allow`
+    (scrape.http.allow_private). socket.gaierror when the name does not resolve."""
+    out: list[str] = []
+    for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP):
+        addr = str(info[4][0])
+        ip = ipaddress.ip_address(addr.split("%")[0])
+        if not ip.is_global and not _allowed(host, ip, allow):
+            raise PrivateAddress(f"{host} resolves to {ip}, not a public address; "
+                                 "list it in scrape.http.allow_private to fetch from it")
+        if addr not in out:
+            out.append(addr)
+    return out
+
+
 def address_problem(url: str, allow: list[str]) -> tuple[str, str] | None:
-    """("private_address", detail) when the URL's host resolves to an address that is not
-    public (loopback, private, link-local such as cloud metadata, ...) and neither the host
-    nor a network holding the address is in `allow` (scrape.http.allow_private). Checked
-    before every request and redirect hop; a host that does not resolve is left to fail
-    as a connection error. (The connection resolves the name again: a DNS answer that
-    changes between the two is not caught.)"""
-    host = httpx.URL(url).host
+    """("private_address", detail) for a URL whose host `checked_addresses` refuses,
+    checked before every request and redirect hop so the refusal has its own status; a
+    host that does not resolve is left to fail as a connection error. The connection
+    itself goes only to addresses checked again as it opens (`PinnedTransport`)."""
     try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+        checked_addresses(httpx.URL(url).host, allow)
+    except PrivateAddress as e:
+        return "private_address", str(e)
     except (socket.gaierror, UnicodeError, OSError):
         return None
-    for info in infos:
-        ip = ipaddress.ip_address(str(info[4][0]).split("%")[0])
-        if not ip.is_global and not _allowed(host, ip, allow):
-            return ("private_address", f"{host} resolves to {ip}, not a public address; "
-                    "list it in scrape.http.allow_private to fetch from it")
     return None
+
+
+class _PinnedBackend(httpcore.SyncBackend):
+    """Resolves a host once per connection, checks every address, and connects to a
+    checked one: a DNS answer that changes after the check (rebinding) cannot turn the
+    connection inward. TLS still verifies the host name (httpcore passes it as SNI)."""
+
+    def __init__(self, allow: list[str]) -> None:
+        self.allow = list(allow)
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                    local_address: str | None = None,
+                    socket_options=None) -> httpcore.NetworkStream:
+        try:
+            addresses = checked_addresses(host, self.allow)
+        except (socket.gaierror, UnicodeError) as e:
+            raise httpcore.ConnectError(f"{host}: {e}") from e
+        error: Exception = httpcore.ConnectError(f"{host} resolves to no address")
+        for addr in addresses:
+            try:
+                return super().connect_tcp(addr, port, timeout, local_address, socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as e:
+                error = e
+        raise error
+
+
+class PinnedTransport(httpx.HTTPTransport):
+    """httpx's transport with `_PinnedBackend` under its connection pool (no proxy: a
+    proxy would resolve the names itself, unchecked)."""
+
+    def __init__(self, allow: list[str], limits: httpx.Limits) -> None:  # noqa: D107
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=httpx.create_ssl_context(), max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry, network_backend=_PinnedBackend(allow))

@@ -77,6 +77,9 @@ PAGES = {
 </body></html>""",
     "/deep.html": """<html><body><img src="/img/deep.png" alt="deep"></body></html>""",
     "/private/secret.html": "<html><body>never to be seen</body></html>",
+    "/many.html": "<html><body>" + "".join(f'<img src="/img/n{i}.png">' for i in range(9))
+                  + "</body></html>",
+    "/huge.html": "<html><body>" + "<p>filler</p>" * 4000 + "</body></html>",  # 52 kB
 }
 
 
@@ -526,9 +529,82 @@ def test_a_body_that_never_ends_stops_at_the_deadline(site: Site, make_fetcher) 
     f = make_fetcher(max_download_s=1.5, retries=0)
     t0 = time.monotonic()
     r = f.fetch(f"{site.base}/trickle.png")
-    assert r.status == "timeout" and "still arriving after 1.5 s" in r.detail
-    assert time.monotonic() - t0 < 5
+    assert r.status == "download_deadline" and "still arriving after 1.5 s" in r.detail
+    assert r.attempts == 1  # not retried: the same server would trickle again
+    assert time.monotonic() - t0 < 4
     assert f.fetch(f"{site.base}/img/logo.png").status == "fetched"
+
+
+def test_the_stage_deadline_cuts_a_download_and_starts_nothing_after(site: Site,
+                                                                      make_fetcher) -> None:
+    """stop_at (the stage's max_stage_s) ends a body in flight, under its own reason, and
+    no URL is asked for after it."""
+    f = make_fetcher(stop_at=time.monotonic() + 1.0)
+    assert f.fetch(f"{site.base}/img/logo.png").status == "fetched"
+    r = f.fetch(f"{site.base}/trickle.png")
+    assert r.status == "stage_deadline" and "max_stage_s" in r.detail
+    asked = len(site.log)
+    late = f.fetch(f"{site.base}/img/hero.jpg")
+    assert late.status == "stage_deadline" and late.detail.startswith("not tried")
+    assert len(site.log) == asked
+
+
+def test_a_scrape_past_its_deadline_keeps_what_came(site, workdir, capsys) -> None:
+    """The scrape stage with a URL that never ends: the images before it are stored and in
+    the manifest, it and the rest are counted as stage_deadline, one line says why."""
+    from components.config import load_params
+    from components.contracts import RAW_MANIFEST, read_table
+    from components.ingest.scrape import scrape
+
+    urls = ["/img/logo.png", "/img/hero.jpg", "/trickle.png", "/img/m.png", "/img/l.png"]
+    (workdir / "list.txt").write_text("".join(f"{site.base}{u}\n" for u in urls))
+    params = load_params(overrides=[
+        "scrape.sources=[{kind: urls, path: list.txt}]", "scrape.http.workers=1",
+        "scrape.http.per_host_delay_s=0", "scrape.http.max_stage_s=1.5",
+        "scrape.http.allow_private=[127.0.0.1]"])
+    m = scrape(params)
+    assert m["urls0.fetched"] == 2 and m["urls0.stage_deadline"] == 3
+    raw = read_table(RAW_MANIFEST, "raw_manifest")
+    assert sorted(raw["source_url"]) == sorted(site.base + u for u in urls[:2])
+    assert "/img/m.png" not in site.paths()
+    said = [ln for ln in capsys.readouterr().out.splitlines() if "max_stage_s" in ln]
+    assert len(said) == 1 and "3 URLs not downloaded" in said[0]
+
+
+def test_pages_and_their_image_lists_are_bounded(site: Site, make_fetcher) -> None:
+    """An HTML page over max_page_bytes is too_large (images keep their own cap); a page's
+    image references past max_images_per_page are dropped and counted."""
+    f = make_fetcher(max_page_bytes=20_000)
+    assert f.fetch(f"{site.base}/huge.html", kind="page").status == "too_large"
+    assert make_fetcher().fetch(f"{site.base}/huge.html", kind="page").status == "fetched"
+    found = crawl(make_fetcher(), [f"{site.base}/many.html"], [], max_pages=1, max_depth=0,
+                  max_images_per_page=4)
+    assert [r.url.removeprefix(site.base) for r in found.images] == [
+        f"/img/n{i}.png" for i in range(4)]
+    assert found.images_over_cap == 5
+
+
+def test_a_name_that_turns_private_after_the_check_is_not_connected_to(
+        site: Site, make_fetcher, monkeypatch) -> None:
+    """DNS rebinding: the name answers a public address to the check before the request,
+    then the loopback address. The connection goes only to an address checked as it
+    opens, so the local server is never asked."""
+    import socket
+
+    real = socket.getaddrinfo
+    answers = iter(["93.184.215.14"])  # the first answer is public, every later one not
+
+    def rebinding(host, *args, **kw):
+        if host == "rebind.example":
+            return real(next(answers, "127.0.0.1"), *args, **kw)
+        return real(host, *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    port = site.base.rsplit(":", 1)[1]
+    r = make_fetcher(allow_private=[], obey_robots=False, retries=0).fetch(
+        f"http://rebind.example:{port}/img/logo.png")
+    assert r.status == "private_address" and "rebind.example resolves to 127.0.0.1" in r.detail
+    assert site.log == []
 
 
 def test_an_image_over_validate_max_pixels_is_never_decoded(site: Site, make_fetcher) -> None:
