@@ -12,7 +12,13 @@ import pandas as pd
 from jinja2 import Environment
 from PIL import Image
 
-from components.contracts import TRAINING_CURVE, UNET_DIR, VAE_DIR, atomic_write_text
+from components.contracts import (
+    TRAINING_CURVE,
+    UNET_DIR,
+    VAE_DIR,
+    atomic_write_text,
+    results_only,
+)
 
 # section title -> metric name prefixes, in report order; the rest go under "other"
 GROUPS = [("VAE reconstruction (val)", ("vae_",)),
@@ -37,7 +43,7 @@ figure{margin:1em 0 2em}figcaption{color:#555;margin-top:.3em}
 .note{color:#555;font-size:.9em}
 </style></head><body>
 <h1>tinyldm evaluation</h1>
-<p class="note">Generated {{ when }}. Feature space for FD/KID: <code>{{ feature_space }}</code>
+<p class="note">Feature space for FD/KID: <code>{{ feature_space }}</code>
 (lower is better; comparable only between runs with the same feature space and
 <code>evaluate.fid_images</code>). Prompt adherence: the share of generated images whose
 auto-label equals what the prompt asked.</p>
@@ -75,10 +81,12 @@ def grouped(metrics: dict) -> list[tuple[str, list[tuple[str, str]]]]:
 
 def write_report(path: Path, metrics: dict, images: list[tuple[Path, str]],
                  cases: Iterable[dict], real_captions: Iterable[str]) -> None:
+    """The report as one self-contained HTML file. It holds what a re-run reproduces (no
+    date, no timings: `dvc repro --force` writes the same bytes); the run's facts are in
+    reports/metrics/evaluate.json and MLflow."""
     html = Environment(autoescape=True).from_string(TEMPLATE).render(
-        when=pd.Timestamp.now(tz="UTC").strftime("%Y-%m-%d %H:%M UTC"),
         feature_space=metrics.get("feature_space", "?"),
-        groups=grouped(metrics),
+        groups=grouped(results_only(metrics)),
         images=[(_data_uri(p), c) for p, c in images],
         cases=[c["prompt"] for c in cases], real_captions=list(real_captions))
     atomic_write_text(path, html)

@@ -53,7 +53,8 @@ def test_quarantines_bad_images_with_reasons(repo: Path) -> None:
     _poster((64, 64), "grey").save(src / "scan.tif")
     _poster((400, 40), "pink").save(src / "banner.png")
     (src / "broken.png").write_bytes(b"\x89PNG not really an image")
-    metrics = validate(_collect(src))
+    params = _collect(src)
+    metrics = validate(params)
 
     q = read_table(QUARANTINE, "quarantine")
     raw = read_table(RAW_MANIFEST, "raw_manifest")
@@ -75,6 +76,10 @@ def test_quarantines_bad_images_with_reasons(repo: Path) -> None:
                                              "size": 1}
     assert metrics["gx_success"] is False and metrics["expectations_failed"] >= 3
     assert GX_RESULTS.exists() and GX_SUITE.exists()
+    first = GX_RESULTS.read_bytes(), GX_SUITE.read_bytes()
+    validate(params)  # the same manifest again: the same report, byte for byte
+    assert (GX_RESULTS.read_bytes(), GX_SUITE.read_bytes()) == first
+    assert b'"unexpected_count": 1' in first[0]  # the results themselves are still there
 
 
 def test_no_valid_image_is_a_user_error(repo: Path) -> None:

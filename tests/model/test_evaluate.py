@@ -107,4 +107,5 @@ def test_report_is_self_contained(tmp_path: Path, posters) -> None:
                  real_captions=["vivid red"])
     html = out.read_text()
     assert "data:image/png;base64," in html and "a &lt;caption&gt;" in html
+    assert "sample_images_per_s" not in html  # a timing: the report reproduces exactly
     assert not re.search(r"(src|href)=\"https?:", html)  # nothing fetched when opened
