@@ -33,11 +33,12 @@ from components.contracts import (
     VAE_DIR,
     UserError,
     atomic_dir,
+    open_rgb,
     progress,
     read_table,
     settings_hash,
 )
-from components.judge.fidelity import distances, feature_extractor, to_tensor
+from components.judge.fidelity import detail_ratio, distances, feature_extractor, to_tensor
 from components.judge.report import training_curves, write_report
 from components.judge.text import text_metrics
 from components.labelling.captions import caption
@@ -199,6 +200,7 @@ def measure(params: Params, vae_dir: Path = VAE_DIR, unet_dir: Path = UNET_DIR,
     metrics["sample_images_per_s"] = round(len(fake) / (time.monotonic() - t0), 3)
     metrics |= {k: round(v, 5) for k, v in distances(real, fake, extractor, cfg.seed).items()}
     metrics["fid_images"] = len(fake)
+    metrics |= detail(gen, fake, pairs["path"].tolist())
     bar.update()
     bar.set_postfix_str("text")
     text, text_grid = text_metrics(gen, params, caps[caps["split"] == "train"], val)
@@ -219,6 +221,18 @@ def measure(params: Params, vae_dir: Path = VAE_DIR, unet_dir: Path = UNET_DIR,
     bar.close()
     return Evaluation(metrics, real, fake, pairs["caption"].tolist(), prompt_rows, colour_rows,
                       text_grid)
+
+
+def detail(gen: Generator, fake: list[Image.Image], real_paths: list[str],
+           n: int = 16, side: int = 800) -> dict:
+    """Detail ratio (fidelity.detail_ratio) of generated images as `generate` delivers them
+    at side x side, and of real val images from their stored files resized the same way
+    (what the collection has): means over `n` of each."""
+    real = [open_rgb(p).resize((side, side), Image.Resampling.LANCZOS) for p in real_paths[:n]]
+    return {f"detail_ratio_{side}": round(float(np.mean(
+                [detail_ratio(im) for im in gen.to_size(fake[:n], side, side)])), 3),
+            f"detail_ratio_{side}_real": round(float(np.mean(
+                [detail_ratio(im) for im in real])), 3)}
 
 
 def evaluate(params: Params) -> dict:

@@ -32,6 +32,28 @@ from torch import nn
 from components.config import Evaluate
 from components.contracts import UserError, sha256_file
 
+DETAIL_BASE = 64  # the side detail_ratio compares against (the first default's native size)
+
+
+def detail_ratio(image: Image.Image, base: int = DETAIL_BASE) -> float:
+    """How much detail an image has beyond `base` px: the variance of its Laplacian over
+    that of the image squeezed to `base` px on its short side and resized back (LANCZOS
+    both ways). 1.0: nothing finer than `base` px (an upscaled small image); a sharp
+    poster at 256 px and above: tens."""
+    import cv2
+
+    w, h = image.size
+    k = base / min(w, h)
+    small = image.resize((max(1, round(w * k)), max(1, round(h * k))), Image.Resampling.LANCZOS)
+    back = small.resize((w, h), Image.Resampling.LANCZOS)
+
+    def lap_var(im: Image.Image) -> float:
+        grey = np.asarray(im.convert("L"), dtype=np.float32)
+        return float(cv2.Laplacian(grey, cv2.CV_32F).var())
+
+    return lap_var(image) / max(lap_var(back), 1e-6)
+
+
 BUILTIN = "builtin"
 BUILTIN_ID = "builtin:brand-features-v1"  # bump when BrandFeatures changes: FDs stop comparing
 

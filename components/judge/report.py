@@ -23,7 +23,7 @@ from components.contracts import (
 # section title -> metric name prefixes, in report order; the rest go under "other"
 GROUPS = [("VAE reconstruction (val)", ("vae_",)),
           ("Fidelity: generated vs real val images",
-           ("fd", "kid", "diversity", "fid_", "feature_space")),
+           ("fd", "kid", "diversity", "fid_", "feature_space", "detail_ratio")),
           ("Prompt adherence (held-out prompts)", ("prompt_adherence_",)),
           ("Labeller agreement at the model's size (real val images)",
            ("labeller_agreement_",)),

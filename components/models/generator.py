@@ -129,6 +129,15 @@ class Generator:
     def decode_latents(self, z: torch.Tensor) -> list[Image.Image]:
         return to_pil(self.vae.decode(z / self.scale_factor))
 
+    def to_size(self, images: list[Image.Image], width: int | None = None,
+                height: int | None = None) -> list[Image.Image]:
+        """Native-size samples at width x height (either may be None: the native size),
+        the way generate delivers them (LANCZOS)."""
+        if width is None and height is None:
+            return images
+        size = (int(width or self.native_size), int(height or self.native_size))
+        return [im.resize(size, Image.Resampling.LANCZOS) for im in images]
+
     @torch.no_grad()
     def generate(self, prompts: list[str], seed: int = 0, steps: int | None = None,
                  guidance: float | None = None, width: int | None = None,
@@ -158,10 +167,7 @@ class Generator:
         sampler = make_sampler(cfg, self.schedule)
         z = sample(self.unet, self.schedule, sampler, context, self.latent_shape, g, gens,
                    self.glyph_maps(layouts))
-        images = self.decode_latents(z)
-        if width is not None or height is not None:
-            size = (int(width or self.native_size), int(height or self.native_size))
-            images = [im.resize(size, Image.Resampling.LANCZOS) for im in images]
+        images = self.to_size(self.decode_latents(z), width, height)
         if typeset:
             if self.font_path is None:
                 raise UserError("typeset: this model was trained without glyph maps (no "

@@ -16,7 +16,13 @@ from components.config import Evaluate, load_params
 from components.contracts import UserError
 from components.ingest.synthetic import render
 from components.judge.evaluate import diversity
-from components.judge.fidelity import BUILTIN_ID, BrandFeatures, distances, feature_extractor
+from components.judge.fidelity import (
+    BUILTIN_ID,
+    BrandFeatures,
+    detail_ratio,
+    distances,
+    feature_extractor,
+)
 from components.judge.report import grouped, write_report
 
 PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
@@ -93,6 +99,22 @@ def test_fd_needs_two_images_each(posters) -> None:
 def test_diversity_is_zero_for_identical_seeds(posters) -> None:
     assert diversity([[posters[0]] * 3, [posters[1]] * 3]) == 0.0
     assert diversity([posters[:4]]) > 0.05
+
+
+def test_detail_ratio_tells_generated_detail_from_an_upscale() -> None:
+    """Known answers: a 64 px image resized to 800 has nothing finer than 64 px (about
+    1.0); the same poster drawn at 256 px and resized has several times that; the
+    squeeze follows the short side, so a banner is judged like a square."""
+    p = load_params(PARAMS)
+    poster = Image.open(io.BytesIO(render(3, 5, 256, p.brand, p.synthetic, p.labels)[0]))
+    sharp = poster.convert("RGB").resize((800, 800), Image.Resampling.LANCZOS)
+    upscaled = sharp.resize((64, 64), Image.Resampling.LANCZOS).resize(
+        (800, 800), Image.Resampling.LANCZOS)
+    assert detail_ratio(upscaled) == pytest.approx(1.0, abs=0.15)
+    assert detail_ratio(sharp) > 4 * detail_ratio(upscaled)
+    banner = sharp.resize((128, 64), Image.Resampling.LANCZOS).resize(
+        (800, 400), Image.Resampling.LANCZOS)
+    assert detail_ratio(banner) < 1.6  # twice 64 px across, 64 px down: little above 1
 
 
 def test_report_is_self_contained(tmp_path: Path, posters) -> None:
