@@ -1,15 +1,38 @@
-"""`tinyldm run --set KEY=VALUE`: the values written into params.yaml (so DVC records
-exactly what ran), keeping the file's comments and the text of every section no override
-touches."""
+"""`tinyldm run --set KEY=VALUE` and `--profile NAME`: the values written into params.yaml
+(so DVC records exactly what ran), keeping the file's comments and the text of every
+section no override touches. A profile (profiles/NAME.yaml) is a named set of them."""
 
 from __future__ import annotations
 
 import io
+import json
 import re
 from pathlib import Path
 
 from components.config import load_params, parse_set
-from components.contracts import atomic_write_text
+from components.contracts import UserError, atomic_write_text
+
+PROFILES = Path("profiles")
+
+
+def profile_sets(names: list[str] | None, folder: Path = PROFILES) -> list[str]:
+    """The --set values of each named profile, in order: profiles/NAME.yaml maps dotted
+    keys to YAML values (`vae.image_size: 128`)."""
+    import yaml
+
+    out: list[str] = []
+    for name in names or []:
+        path = folder / f"{name}.yaml"
+        if not path.is_file():
+            have = sorted(f.stem for f in folder.glob("*.yaml")) if folder.is_dir() else []
+            raise UserError(f"profile {name!r}: no {path}; profiles here: "
+                            f"{', '.join(have) or 'none'}")
+        sets = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(sets, dict):
+            raise UserError(f"{path}: write it as dotted keys and values, "
+                            "e.g. 'vae.image_size: 128'")
+        out += [f"{k}={json.dumps(v)}" for k, v in sets.items()]  # JSON is YAML
+    return out
 
 
 def write_overrides(path: Path | str, overrides: list[str]) -> None:

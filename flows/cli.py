@@ -17,6 +17,7 @@ import typer
 from typer.core import TyperGroup
 
 from components.contracts import UserError
+from components.overrides import profile_sets
 from components.stages import ENTRIES
 from flows.env import set_defaults
 
@@ -39,6 +40,10 @@ Overrides = Annotated[list[str] | None, typer.Option(
     help="Override a params key for this command: dotted key, YAML value, "
          "e.g. --set unet.steps=2000. Repeatable.")]
 ParamsFile = Annotated[Path, typer.Option("--params", help="The params file to read.")]
+Profiles = Annotated[list[str] | None, typer.Option(
+    "--profile", metavar="NAME", show_default=False,
+    help="Apply profiles/NAME.yaml (a named set of --set values, applied before --set), "
+         "e.g. --profile text128. Repeatable.")]
 ModelUri = Annotated[str | None, typer.Option(
     "--model", show_default=False,
     help="Model URI. Default: the champion, models:/<register.model_name>@champion.")]
@@ -115,14 +120,16 @@ def _params_recorded(params_file: Path, overrides: list[str] | None) -> Params:
 def run(
     force: Annotated[bool, typer.Option(
         "--force", help="Re-run every stage, also those that are up to date.")] = False,
+    profile: Profiles = None,
     overrides: Overrides = None,
     params_file: ParamsFile = PARAMS_FILE,
 ) -> None:
     """Run the whole pipeline: a Prefect flow over the dvc.yaml stages.
 
-    Stages whose inputs did not change are skipped. --set values are written to the
-    params file first, so that dvc.lock records what ran.
+    Stages whose inputs did not change are skipped. --profile and --set values are
+    written to the params file first, so that dvc.lock records what ran.
     """
+    overrides = profile_sets(profile) + (overrides or [])
     params = _params(params_file, overrides)  # validated now, written once the run holds
     from flows.pipeline import run_pipeline  # the workspace (no other run changes under it)
 
@@ -178,12 +185,15 @@ def stage_(
 
 
 @app.command("params", rich_help_panel=PIPELINE)
-def params_(overrides: Overrides = None, params_file: ParamsFile = PARAMS_FILE) -> None:
-    """Print the validated parameters, --set values applied (the file is not changed)."""
+def params_(profile: Profiles = None, overrides: Overrides = None,
+            params_file: ParamsFile = PARAMS_FILE) -> None:
+    """Print the validated parameters, --profile and --set values applied (the file is
+    not changed)."""
     import yaml
 
-    print(yaml.safe_dump(_params(params_file, overrides).model_dump(mode="json", by_alias=True),
-                         sort_keys=False), end="")
+    params = _params(params_file, profile_sets(profile) + (overrides or []))
+    print(yaml.safe_dump(params.model_dump(mode="json", by_alias=True), sort_keys=False),
+          end="")
 
 
 # ---------------------------------------------------------------- labels
