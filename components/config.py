@@ -363,6 +363,21 @@ class Retrain(Section):
         return self
 
 
+class Upscaler(Section):
+    """The learned upscaler: native-size samples to `factor` x their size, trained on the
+    collection's own images (VAE reconstructions in, the stored images out)."""
+    factor: Literal[2, 4] = 4
+    width: int = Field(48, ge=8, le=512)
+    depth: int = Field(4, ge=1, le=16)  # 3x3 convolutions at the input size
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(32, ge=1)
+    crop: int = Field(16, ge=4)  # input crop side (native pixels)
+    lr: float = Field(0.002, gt=0)
+    bf16: bool | Literal["auto"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+
+
 class Params(Section):
     scrape: Scrape
     brand: Brand
@@ -373,6 +388,7 @@ class Params(Section):
     labels: Labels
     text_encoder: TextEncoder = TextEncoder()
     vae: Vae = Vae()
+    upscaler: Upscaler = Upscaler()
     latents: Latents = Latents()
     diffusion: Diffusion = Diffusion()
     sampler: Sampler = Sampler()

@@ -48,6 +48,7 @@ LATENTS = DATA / "latents"
 MODELS = Path("models")
 VAE_DIR = MODELS / "vae"
 UNET_DIR = MODELS / "unet"
+UPSCALER_DIR = MODELS / "upscaler"
 REPORTS = Path("reports")
 VALIDATION_REPORT = REPORTS / "validation"
 EVAL_DIR = REPORTS / "eval"

@@ -23,6 +23,7 @@ ENTRIES = {
     "validate": "components.ingest.validate:validate",
     "labels": "components.labelling.labels:labels",
     "vae": "components.training.vae:vae",
+    "upscaler": "components.training.upscaler:upscaler",
     "latents": "components.training.latents:latents",
     "unet": "components.training.unet:unet",
     "evaluate": "components.judge.evaluate:evaluate",

@@ -30,6 +30,7 @@ from components.contracts import (
     EVAL_GRIDS,
     EVAL_REPORT,
     UNET_DIR,
+    UPSCALER_DIR,
     VAE_DIR,
     UserError,
     atomic_dir,
@@ -174,9 +175,10 @@ def eval_set(params: Params, val: pd.DataFrame, feature_space: str) -> str:
 
 
 def measure(params: Params, vae_dir: Path = VAE_DIR, unet_dir: Path = UNET_DIR,
-            sampler: SamplerCfg | None = None, what: str = "evaluate") -> Evaluation:
-    """Every metric of one generator (its VAE and U-Net folders) on the current val data;
-    register also calls this to re-measure the champion when the data changed."""
+            sampler: SamplerCfg | None = None, what: str = "evaluate",
+            upscaler_dir: Path = UPSCALER_DIR) -> Evaluation:
+    """Every metric of one generator (its VAE, U-Net and upscaler folders) on the current
+    val data; register also calls this to re-measure the champion when the data changed."""
     cfg = params.evaluate
     bar = progress(total=5, desc=what, unit="part")
     caps = read_table(CAPTIONS, "captions")
@@ -187,7 +189,8 @@ def measure(params: Params, vae_dir: Path = VAE_DIR, unet_dir: Path = UNET_DIR,
     bar.set_postfix_str("VAE reconstruction")
     metrics: dict = vae_quality(vae_dir, val.head(64), params)
     bar.update()
-    gen = Generator.load(vae_dir, unet_dir, sampler or params.sampler)
+    gen = Generator.load(vae_dir, unet_dir, sampler or params.sampler,
+                         upscaler_dir=upscaler_dir)
     extractor, feature_space = feature_extractor(cfg)
 
     # real val images vs images generated from their captions: fidelity, speed, text

@@ -27,6 +27,7 @@ from components.models.images import to_pil
 from components.models.layout import layout_of, plan, quoted_text
 from components.models.typeset import typeset as text_typeset
 from components.models.unet import ContextUnet, load_unet, read_unet_config
+from components.models.upscaler import Upscaler, load_upscaler
 from components.models.vae import VAE, load_vae
 
 MIN_SIDE, MAX_SIDE = 8, 800  # output width/height limits of generate and the served model
@@ -46,8 +47,9 @@ def prompt_seed(seed: int, i: int) -> int:
 class Generator:
     def __init__(self, vae: VAE, unet: ContextUnet, unet_config: dict, text_encoder: Any,
                  sampler: SamplerCfg, layout_stats: dict | None = None,
-                 font_path: str | None = None):
+                 font_path: str | None = None, upscaler: Upscaler | None = None):
         self.vae, self.unet, self.config = vae.eval(), unet.eval(), unet_config
+        self.upscaler = upscaler  # native size -> factor x it, for larger outputs
         self.text_encoder = text_encoder
         # what draws a prompt's glyph map: the training data's layout statistics and font
         self.layout_stats, self.font_path = layout_stats, font_path
@@ -58,11 +60,12 @@ class Generator:
 
     @classmethod
     def load(cls, vae_dir: Path | str, unet_dir: Path | str, sampler: SamplerCfg,
-             text_encoder: Any = None) -> Generator:
+             text_encoder: Any = None, upscaler_dir: Path | str | None = None) -> Generator:
         """`text_encoder` is anything with `.encode(list[str]).vectors` (and `.tokens`, the
         token states, for a U-Net with cross-attention); by default the
         encoder the U-Net was trained with (its config.json names it; a fitted one, tfidf,
-        is saved in the U-Net's text_encoder/ folder)."""
+        is saved in the U-Net's text_encoder/ folder). `upscaler_dir`: a trained upscaler
+        for outputs larger than the native size (none there: Lanczos alone)."""
         config = read_unet_config(Path(unet_dir))
         if text_encoder is None:
             from components.models.text_encoders import get_encoder
@@ -71,10 +74,12 @@ class Generator:
                                        saved=Path(unet_dir) / "text_encoder")
         unet_dir = Path(unet_dir)
         layout, font = unet_dir / "layout.json", unet_dir / "font.ttf"
+        up = Path(upscaler_dir) if upscaler_dir is not None else None
         return cls(load_vae(Path(vae_dir)), load_unet(unet_dir, ema=True), config,
                    text_encoder, sampler,
                    json.loads(layout.read_text()) if layout.exists() else None,
-                   str(font) if font.exists() else None)
+                   str(font) if font.exists() else None,
+                   load_upscaler(up) if up is not None and up.exists() else None)
 
     @property
     def native_size(self) -> int:
@@ -132,11 +137,15 @@ class Generator:
     def to_size(self, images: list[Image.Image], width: int | None = None,
                 height: int | None = None) -> list[Image.Image]:
         """Native-size samples at width x height (either may be None: the native size),
-        the way generate delivers them (LANCZOS)."""
+        the way generate delivers them: larger than the native size through the upscaler
+        when there is one, then LANCZOS for the remainder."""
         if width is None and height is None:
             return images
         size = (int(width or self.native_size), int(height or self.native_size))
-        return [im.resize(size, Image.Resampling.LANCZOS) for im in images]
+        if self.upscaler is not None and max(size) > self.native_size:
+            images = self.upscaler.upscale(images)
+        return [im if im.size == size else im.resize(size, Image.Resampling.LANCZOS)
+                for im in images]
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seed: int = 0, steps: int | None = None,

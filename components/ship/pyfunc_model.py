@@ -40,9 +40,10 @@ class GeneratorModel(PythonModel):
         if not sampler:
             raise UserError("this model was logged without its sampler settings (model_config "
                             "'sampler'); register it again with `tinyldm stage register`")
+        up = context.artifacts.get("upscaler")  # a model logged before it had none
         self.generator = Generator.load(Path(context.artifacts["vae"]),
                                         Path(context.artifacts["unet"]),
-                                        Sampler(**sampler))
+                                        Sampler(**sampler), upscaler_dir=up and Path(up))
 
     def predict(self, context: PythonModelContext, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:

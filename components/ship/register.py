@@ -197,6 +197,7 @@ def log_generator(params: Params, root: Path) -> Any:
     import mlflow
 
     vae, unet = root / contracts.VAE_DIR, root / contracts.UNET_DIR
+    upscaler = root / contracts.UPSCALER_DIR
     for d, stage in [(vae, "vae"), (unet, "unet")]:
         if not (d / "weights.safetensors").exists():
             raise UserError(f"{d}: no trained weights; run the {stage} stage first "
@@ -206,7 +207,8 @@ def log_generator(params: Params, root: Path) -> Any:
     return mlflow.pyfunc.log_model(
         name=MODEL_ARTIFACT,
         python_model=str(here / "pyfunc_model.py"),
-        artifacts={"vae": str(vae.resolve()), "unet": str(unet.resolve())},
+        artifacts={"vae": str(vae.resolve()), "unet": str(unet.resolve())}
+        | ({"upscaler": str(upscaler.resolve())} if upscaler.exists() else {}),
         code_paths=[str(here.parent)],  # the whole components package
         model_config={"sampler": params.sampler.model_dump(mode="json")},
         signature=signature(params),

@@ -64,7 +64,8 @@ def remeasure(client: Any, name: str, mv: Any, params: Params) -> dict[str, floa
         sampler = (flavor.get("config") or {}).get("sampler")  # the logged model_config
         ev = measure(params, path / "artifacts" / "vae", path / "artifacts" / "unet",
                      Sampler(**sampler) if sampler else None,
-                     what=f"re-measuring champion v{mv.version}")
+                     what=f"re-measuring champion v{mv.version}",
+                     upscaler_dir=path / "artifacts" / "upscaler")  # none: Lanczos
     return numeric(ev.metrics)
 
 

@@ -19,7 +19,7 @@ BIN = Path(sys.executable).parent
 TINY = [
     "register.model_name=tinyldm-e2e", "register.experiment=tinyldm-e2e",
     "scrape.sources=[{kind: synthetic, n: 48, seed: 3, size: 128}]",
-    "vae.epochs=2", "vae.batch_size=16",
+    "vae.epochs=2", "vae.batch_size=16", "upscaler.steps=20", "upscaler.width=16",
     "unet.steps=40", "unet.batch_size=16", "unet.n_feat=32", "unet.log_every=10",
     "unet.sample_every=20",
     "sampler.steps=4", "evaluate.adherence_seeds=1",

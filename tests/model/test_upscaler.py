@@ -1,0 +1,103 @@
+"""The learned upscaler: what it starts as, that training on a collection beats an
+interpolating resize on held-out images of it, the stage's files, and generate using it."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from components.config import Upscaler as UpscalerCfg
+from components.config import Vae, load_params
+from components.ingest.synthetic import render
+from components.judge.fidelity import detail_ratio
+from components.models.images import load_image_tensor, to_pil
+from components.models.upscaler import Upscaler, load_upscaler
+from components.models.vae import VAE, save_vae
+from components.training.runtime import runtime
+from components.training.upscaler import fit, lanczos, psnr, train_upscaler
+
+PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
+
+
+@pytest.fixture(scope="module")
+def posters(tmp_path_factory) -> list[Path]:
+    """24 built-in posters at 128 px, as files."""
+    p = load_params(PARAMS)
+    root = tmp_path_factory.mktemp("posters")
+    out = []
+    for i in range(24):
+        path = root / f"{i}.png"
+        Image.open(io.BytesIO(render(i, 11, 128, p.brand, p.synthetic, p.labels)[0])).save(path)
+        out.append(path)
+    return out
+
+
+def test_an_untrained_upscaler_is_bilinear_at_factor_times_the_size() -> None:
+    x = torch.rand(2, 3, 8, 12) * 2 - 1
+    up = Upscaler(factor=4, width=8, depth=2)
+    assert torch.equal(up(x), F.interpolate(x, scale_factor=4, mode="bilinear",
+                                            align_corners=False))
+    assert [im.size for im in up.upscale(to_pil(x))] == [(48, 32)] * 2
+
+
+def test_trained_on_a_collection_it_beats_lanczos_on_held_out_images(posters) -> None:
+    """Known answer: inputs are the posters at 64 px, targets the same at 128 px; on
+    posters it never saw, the trained upscaler is closer to the truth than Lanczos (by
+    2.1 dB here) and has more detail beyond 64 px (3.9 vs 1.5)."""
+    def at(paths, side):
+        return torch.stack([load_image_tensor(p, side) for p in paths])
+
+    train, held = posters[:20], posters[20:]
+    y = ((at(train, 128) + 1) * 127.5).round().to(torch.uint8)
+    cfg = UpscalerCfg(factor=2, width=32, depth=4, steps=800, batch_size=8, crop=16,
+                      bf16=False, device="cpu")
+    model, _loss = fit(cfg, runtime("cpu", False), at(train, 64), y)
+    vx, truth = at(held, 64), at(held, 128)
+    with torch.no_grad():
+        up = model(vx).clamp(-1, 1)
+    base = lanczos(vx, 128)
+    assert psnr(up, truth) > psnr(base, truth) + 1.0
+    ratio = [detail_ratio(im, base=64) for im in to_pil(up)]
+    assert np.mean(ratio) > 1.5 * np.mean([detail_ratio(im, base=64) for im in to_pil(base)])
+
+
+def test_the_stage_writes_a_model_that_loads(tmp_path: Path, posters) -> None:
+    vae = VAE(Vae(image_size=32, base_channels=8, channel_mult=[1, 2, 2]))
+    save_vae(vae, vae.cfg, tmp_path / "vae")
+    cfg = UpscalerCfg(factor=2, width=8, depth=2, steps=5, batch_size=4, bf16=False)
+    m = train_upscaler(cfg, tmp_path / "vae", [str(p) for p in posters[:8]],
+                       [str(p) for p in posters[8:12]], tmp_path / "upscaler")
+    assert m["output_size"] == 64 and m["train_images"] == 8 and "val_psnr_lanczos" in m
+    again = load_upscaler(tmp_path / "upscaler")
+    assert again.factor == 2
+    assert (tmp_path / "upscaler" / "metrics.json").exists()
+    assert "seconds" not in (tmp_path / "upscaler" / "metrics.json").read_text()
+
+
+def test_generate_sizes_go_through_the_upscaler_only_when_larger(monkeypatch) -> None:
+    """Generator.to_size: above the native size the upscaler runs first, then Lanczos to
+    exactly the size asked (odd ones too); at or below it, Lanczos alone."""
+    from components.models.generator import Generator
+
+    gen = Generator.__new__(Generator)
+    gen.config = {"latent_shape": [4, 8, 8]}
+    monkeypatch.setattr(Generator, "native_size", property(lambda self: 32))
+    calls = []
+
+    class Spy(Upscaler):
+        def upscale(self, images):
+            calls.append(images[0].size)
+            return super().upscale(images)
+
+    gen.upscaler = Spy(factor=4, width=4, depth=1)
+    ims = [Image.new("RGB", (32, 32), "red")]
+    assert gen.to_size(ims, 201, 77)[0].size == (201, 77) and calls == [(32, 32)]
+    assert gen.to_size(ims, 24, 32)[0].size == (24, 32) and len(calls) == 1
+    gen.upscaler = None
+    assert gen.to_size(ims, 201, 77)[0].size == (201, 77)
