@@ -178,7 +178,9 @@ def _tiny_models(root: Path) -> None:
     import torch
 
     from components.config import Diffusion, Vae
+    from components.config import Upscaler as UpscalerCfg
     from components.models.unet import ContextUnet, save_unet
+    from components.models.upscaler import Upscaler, save_upscaler
     from components.models.vae import VAE, save_vae
 
     torch.manual_seed(0)
@@ -193,6 +195,8 @@ def _tiny_models(root: Path) -> None:
     config = {"diffusion": Diffusion(timesteps=10).model_dump(mode="json"),
               "scale_factor": 1.0, "latent_shape": shape, "text_encoder": "minilm"}
     save_unet(unet, copy.deepcopy(unet), config, root / "models/unet")
+    save_upscaler(Upscaler(factor=2, width=8, depth=1), UpscalerCfg(factor=2, width=8, depth=1),
+                  root / "models/upscaler")
     Image.new("RGB", (8, 8)).save(root / "models/vae/recon.png")
     Image.new("RGB", (8, 8)).save(root / "models/unet/samples.png")
     (root / "models/unet/loss.csv").write_text("step,loss\n50,0.9\n100,0.5\n150,0.4\n")
@@ -402,10 +406,11 @@ def test_champion_is_measured_again_when_the_val_data_changed(
 
     seen = {}
 
-    def fake_measure(p, vae_dir, unet_dir, sampler, what):
+    def fake_measure(p, vae_dir, unet_dir, sampler, what, upscaler_dir):
         seen.update(vae=(vae_dir / "weights.safetensors").exists(),
-                    unet=(unet_dir / "weights.safetensors").exists(), steps=sampler.steps,
-                    what=what)
+                    unet=(unet_dir / "weights.safetensors").exists(),
+                    upscaler=(upscaler_dir / "weights.safetensors").exists(),
+                    steps=sampler.steps, what=what)
         return evaluate.Evaluation({"prompt_adherence_background": 0.25, "eval_set": "x"},
                                    [], [], [], [], [])
 
@@ -413,7 +418,7 @@ def test_champion_is_measured_again_when_the_val_data_changed(
     _write_metrics(store, {"prompt_adherence_background": 0.4, "eval_set": "new-data"})
     r = register.register(params)
     tags = MlflowClient().get_model_version(name, str(r["version"])).tags
-    assert seen == {"vae": True, "unet": True, "steps": 2,
+    assert seen == {"vae": True, "unet": True, "upscaler": True, "steps": 2,
                     "what": f"re-measuring champion v{v1}"}
     assert r["alias"] == "champion"  # 0.4 beats the champion's 0.25 on the new data
     tags = MlflowClient().get_model_version(name, str(r["version"])).tags
