@@ -125,6 +125,31 @@ def prompt_adherence(gen: Generator, params: Params, train: pd.DataFrame
     return metrics, rows
 
 
+FORMATS = {"banner": (800, 400), "story": (450, 800)}  # output sizes measured besides square
+
+
+def format_adherence(gen: Generator, params: Params) -> tuple[dict, list[list[Image.Image]]]:
+    """The held-out adherence prompts (one seed each) as banners and stories, delivered at
+    that size: background and layout adherence (labelled at the size they were sampled
+    at, as square outputs are at the native size) and detail ratio; 8 of each for the
+    report."""
+    cases = adherence_cases(params)
+    metrics, rows = {}, []
+    for name, (w, h) in FORMATS.items():
+        ims = gen.generate([c["prompt"] for c in cases], seed=params.evaluate.seed,
+                           width=w, height=h)
+        small = gen.sample_size(w, h)
+        got = [auto_labels(im.resize(small, Image.Resampling.LANCZOS), [], params.brand,
+                           params.labels) for im in ims]
+        for f in ("background", "layout"):
+            metrics[f"format_{name}_{f}"] = round(float(np.mean(
+                [g[f] == c[f] for g, c in zip(got, cases, strict=True)])), 4)
+        metrics[f"format_{name}_detail_ratio"] = round(float(np.mean(
+            [detail_ratio(im) for im in ims])), 3)
+        rows.append(ims[:8])
+    return metrics, rows
+
+
 def labeller_agreement(real: list[Image.Image], rows: pd.DataFrame, params: Params) -> dict:
     """How far the adherence numbers can be trusted: the share of real val images, shrunk
     to the model's size, whose auto-label still equals their caption's label. A field the
@@ -160,6 +185,7 @@ class Evaluation:
     prompt_rows: list[list[Image.Image]]
     colour_rows: list[list[Image.Image]]
     text_grid: Image.Image | None = None
+    format_rows: list[list[Image.Image]] | None = None
 
 
 def eval_set(params: Params, val: pd.DataFrame, feature_space: str) -> str:
@@ -212,7 +238,8 @@ def measure(params: Params, vae_dir: Path = VAE_DIR, unet_dir: Path = UNET_DIR,
     bar.update()
     bar.set_postfix_str("prompt adherence")
     adherence, colour_rows = prompt_adherence(gen, params, caps[caps["split"] == "train"])
-    metrics |= adherence | labeller_agreement(real, pairs, params)
+    formats, format_rows = format_adherence(gen, params)
+    metrics |= adherence | formats | labeller_agreement(real, pairs, params)
     bar.update()
     bar.set_postfix_str("sample grids")
     prompt_rows = [gen.generate([prompt] * cfg.prompt_seeds, seed=cfg.seed)
@@ -223,7 +250,7 @@ def measure(params: Params, vae_dir: Path = VAE_DIR, unet_dir: Path = UNET_DIR,
     bar.update()
     bar.close()
     return Evaluation(metrics, real, fake, pairs["caption"].tolist(), prompt_rows, colour_rows,
-                      text_grid)
+                      text_grid, format_rows)
 
 
 def detail(gen: Generator, fake: list[Image.Image], real_paths: list[str],
@@ -248,6 +275,10 @@ def evaluate(params: Params) -> dict:
              "real_vs_generated.png": (image_grid([ev.real[:n_show], ev.fake[:n_show]]),
                                        "top: real val images; bottom: generated from their "
                                        "captions")}
+    if ev.format_rows:
+        grids["formats.png"] = (image_grid(ev.format_rows, cell=192), "the first 8 held-out "
+                                "adherence prompts as banners (800 x 400, top) and stories "
+                                "(450 x 800), sampled in that aspect")
     if ev.text_grid is not None:
         grids["text.png"] = (ev.text_grid, "held-out text prompts: the requested text under "
                              "each image (training words and unseen words alternate)")

@@ -124,7 +124,7 @@ def label_background(img: Image.Image, brand: Brand, cfg: Labels) -> dict:
 
 @dataclass
 class Segmentation:
-    """An image at WORK x WORK split into background (a top-to-bottom linear model from the
+    """An image at its work_size split into background (a top-to-bottom linear model from the
     edge bands), ink (text and marks: far from the background, toward white or black) and
     the rest."""
     rgb: np.ndarray
@@ -133,12 +133,19 @@ class Segmentation:
     lighter: np.ndarray  # luminance minus the background model's (signed)
 
 
+def work_size(img: Image.Image) -> tuple[int, int]:
+    """The size the shape labellers look at: the image's aspect, short side WORK (shares
+    of "the side" below are of the short side; a banner's round logo stays round)."""
+    k = WORK / min(img.size)
+    return max(1, round(img.width * k)), max(1, round(img.height * k))
+
+
 def segment(img: Image.Image) -> Segmentation:
-    a = np.asarray(img.convert("RGB").resize((WORK, WORK), Image.Resampling.BILINEAR),
+    a = np.asarray(img.convert("RGB").resize(work_size(img), Image.Resampling.BILINEAR),
                    dtype=np.float32)
     band = max(1, round(0.03 * WORK))
     top, bottom = np.median(a[:band].reshape(-1, 3), 0), np.median(a[-band:].reshape(-1, 3), 0)
-    t = np.linspace(0.0, 1.0, WORK, dtype=np.float32)[:, None, None]
+    t = np.linspace(0.0, 1.0, a.shape[0], dtype=np.float32)[:, None, None]
     bg = top * (1 - t) + bottom * t
     diff = a - bg
     residual = np.sqrt((diff ** 2).sum(2))
@@ -266,8 +273,9 @@ def label_layout(seg: Segmentation, logo_box: tuple[int, int, int] | None,
         n, lab, stats, _ = cv2.connectedComponentsWithStats(merged, connectivity=8)
         k = 1 + int(np.argmax([(text & (lab == i)).sum() for i in range(1, n)]))
         ys, xs = np.nonzero(text & (lab == k))
-        return layout_from_box(xs.min() / WORK, ys.min() / WORK, (xs.max() + 1) / WORK,
-                               (ys.max() + 1) / WORK)
+        h, w = text.shape
+        return layout_from_box(xs.min() / w, ys.min() / h, (xs.max() + 1) / w,
+                               (ys.max() + 1) / h)
     # one-character "words" are mostly shapes read as letters (a triangle as "A")
     words = [w for w in words if len(w["text"].strip()) > 1] or words
     if not words or width <= 0 or height <= 0:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -101,33 +103,54 @@ class Generator:
                     raise UserError(f"prompt {p[:40]!r}...: {n} tokens, over the text "
                                     f"encoder's {limit}-token limit; shorten it")
 
+    def sample_size(self, width: int | None = None, height: int | None = None
+                    ) -> tuple[int, int]:
+        """The size (w, h) a width x height output is sampled at: the native square when
+        both sides are not given or they are equal; else the aspect W:H at about the
+        native pixel count, on the U-Net's grid (4 latent cells), so the shapes and the
+        text block are drawn in that format, not stretched into it."""
+        n = self.native_size
+        if not width or not height or width == height:
+            return n, n
+        grid, aspect = 4 * self.vae.down_factor, width / height
+
+        def miss(h: int) -> float:
+            w = max(grid, round(h * aspect / grid) * grid)
+            return abs(math.log(w / h / aspect)) + 0.5 * abs(math.log(w * h / n**2))
+
+        h = min(range(grid, 4 * n + 1, grid), key=miss)
+        return max(grid, round(h * aspect / grid) * grid), h
+
     def text_layouts(self, prompts: list[str], seed: int = 0,
-                     text_box: tuple[float, ...] | None = None) -> list[list[dict]]:
+                     text_box: tuple[float, ...] | None = None,
+                     size: tuple[int, int] | None = None) -> list[list[dict]]:
         """Where each prompt's quoted text goes (layout.plan: lines and boxes in units of
-        the image side; [] for a prompt that quotes nothing); prompt i plans with the seed
-        its noise uses. UserError naming the prompt when its text cannot be placed."""
+        the image's width and height, for an image of `size` (w, h; default the native
+        square); [] for a prompt that quotes nothing); prompt i plans with the seed its
+        noise uses. UserError naming the prompt when its text cannot be placed."""
         if self.layout_stats is None or self.font_path is None:
             return [[] for _ in prompts]
         # a prompt naming no layout gets the one the training text takes most often
         blocks = self.layout_stats["blocks"]
         usual = max(blocks, key=lambda k: sum(map(len, blocks[k].values())), default="centre")
+        w_h = size or (self.native_size, self.native_size)
         out = []
         for i, p in enumerate(prompts):
             try:
                 out.append(plan(quoted_text(p), layout_of(p, usual), self.layout_stats,
-                                self.font_path, prompt_seed(seed, i), self.native_size,
-                                self.native_size, text_box))
+                                self.font_path, prompt_seed(seed, i), *w_h, text_box))
             except UserError as e:
                 raise UserError(f"prompt {p[:40]!r}: {e}") from None
         return out
 
-    def glyph_maps(self, layouts: list[list[dict]]) -> torch.Tensor | None:
-        """(B, 1, S, S) in 0..1 at the native size, through the one glyph renderer; None
-        for a U-Net without glyph input."""
+    def glyph_maps(self, layouts: list[list[dict]], size: tuple[int, int] | None = None
+                   ) -> torch.Tensor | None:
+        """(B, 1, H, W) in 0..1 at `size` (w, h; default the native square), through the
+        one glyph renderer; None for a U-Net without glyph input."""
         if not self.unet.glyph_channels:
             return None
-        s = self.native_size
-        maps = [np.asarray(glyph_map(lines, s, s, self.font_path)) for lines in layouts]
+        w, h = size or (self.native_size, self.native_size)
+        maps = [np.asarray(glyph_map(lines, w, h, self.font_path)) for lines in layouts]
         return torch.from_numpy(np.stack(maps)).unsqueeze(1).float().div_(255)
 
     @torch.no_grad()
@@ -142,7 +165,8 @@ class Generator:
         if width is None and height is None:
             return images
         size = (int(width or self.native_size), int(height or self.native_size))
-        if self.upscaler is not None and max(size) > self.native_size:
+        if self.upscaler is not None and images and (
+                size[0] > images[0].width or size[1] > images[0].height):
             images = self.upscaler.upscale(images)
         return [im if im.size == size else im.resize(size, Image.Resampling.LANCZOS)
                 for im in images]
@@ -161,8 +185,13 @@ class Generator:
         (typeset.py)."""
         if not prompts:
             return []
+        w, h = self.sample_size(width, height)
+        if (w, h) != (self.native_size,) * 2:
+            print(f"generate: {width}x{height} is sampled at {w}x{h}; this model was trained "
+                  "on square images only, so expect its layouts in this format to be less "
+                  "faithful", file=sys.stderr)
         if layouts is None:
-            layouts = self.text_layouts(prompts, seed, text_box)
+            layouts = self.text_layouts(prompts, seed, text_box, (w, h))
         cfg = self.sampler_cfg
         if steps is not None:
             cfg = cfg.model_copy(update={"steps": int(steps)})
@@ -174,8 +203,10 @@ class Generator:
         gens = [torch.Generator().manual_seed(prompt_seed(seed, i))
                 for i in range(len(prompts))]
         sampler = make_sampler(cfg, self.schedule)
-        z = sample(self.unet, self.schedule, sampler, context, self.latent_shape, g, gens,
-                   self.glyph_maps(layouts))
+        df = self.vae.down_factor
+        z = sample(self.unet, self.schedule, sampler, context,
+                   (self.latent_shape[0], h // df, w // df), g, gens,
+                   self.glyph_maps(layouts, (w, h)))
         images = self.to_size(self.decode_latents(z), width, height)
         if typeset:
             if self.font_path is None:

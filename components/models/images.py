@@ -39,12 +39,18 @@ def to_pil(x: torch.Tensor) -> list[Image.Image]:
 
 
 def image_grid(rows: list[list[Image.Image]], cell: int = 128) -> Image.Image:
-    """Rows of images as one picture, each cell `cell` pixels square (nearest: the pixels
-    a small model made stay visible as pixels)."""
-    n_cols = max(len(r) for r in rows)
-    grid = Image.new("RGB", (n_cols * cell, len(rows) * cell), "white")
+    """Rows of images as one picture, each image `cell` pixels on its long side, in its
+    own aspect (nearest: the pixels a small model made stay visible as pixels)."""
+    def fit(im: Image.Image) -> tuple[int, int]:
+        k = cell / max(im.size)
+        return max(1, round(im.width * k)), max(1, round(im.height * k))
+
+    widths = [max(fit(r[i])[0] for r in rows if i < len(r))
+              for i in range(max(len(r) for r in rows))]
+    heights = [max(fit(im)[1] for im in r) if r else cell for r in rows]
+    grid = Image.new("RGB", (sum(widths), sum(heights)), "white")
     for y, row in enumerate(rows):
         for x, im in enumerate(row):
-            grid.paste(im.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST),
-                       (x * cell, y * cell))
+            grid.paste(im.convert("RGB").resize(fit(im), Image.Resampling.NEAREST),
+                       (sum(widths[:x]), sum(heights[:y])))
     return grid

@@ -33,6 +33,7 @@ import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -270,7 +271,10 @@ class ContextUnet(nn.Module):
         x = self.init_conv(x)
         down1 = self.down1(x)
         down2 = self.down2(down1)
-        hidden = self.to_vec(down2)
+        trained = down2.shape[-2:] == (self.height // 4,) * 2
+        # another size or aspect than trained on: the same global mean, and below the same
+        # global map spread over that size
+        hidden = self.to_vec(down2) if trained else self.to_vec[1](down2.mean((2, 3), True))
 
         tf = time_features(t).to(x.dtype)
         tokens, valid, pooled = split_context(c.to(x.dtype))
@@ -279,7 +283,10 @@ class ContextUnet(nn.Module):
         temb1, temb2 = self.time_embed1(tf), self.time_embed2(tf)
         cemb1, cemb2 = self.context_embed1(pooled), self.context_embed2(pooled)
 
-        up1 = cemb1 * self.up0(hidden) + temb1
+        up0 = self.up0(hidden)
+        if not trained:
+            up0 = F.interpolate(up0, size=down2.shape[-2:], mode="bilinear", align_corners=False)
+        up1 = cemb1 * up0 + temb1
         if self.cross_attention:
             up1 = self.attn1(up1, tokens, valid)
         up2 = cemb2 * self.up1(up1, down2) + temb2

@@ -131,6 +131,24 @@ def test_logo_found_at_any_scale_and_place_not_in_plain_shapes() -> None:
     assert auto_labels(im, [], p.brand, p.labels)["logo"] == "no"
 
 
+@pytest.mark.parametrize("size", [(384, 192), (160, 288), (256, 256)])
+def test_banners_and_stories_keep_their_round_logo_and_their_layout(size) -> None:
+    """Known answer in other aspects: a centred text line and the round logo in the
+    bottom-right corner (20% of the short side). The labeller looks at the image's own
+    aspect, so the logo is found and kept out of the text block (squeezed into a square,
+    the ring became an ellipse, went unfound and pulled the block to the right)."""
+    p = load_params(PARAMS)
+    w, h = size
+    side = round(0.2 * min(w, h))
+    im = Image.new("RGB", size, (47, 111, 219))
+    ImageDraw.Draw(im).rectangle((w // 2 - w // 6, h // 2 - 4, w // 2 + w // 6, h // 2 + 4),
+                                 fill=(250, 250, 250))
+    im.paste(Image.new("RGB", (side, side), (240, 240, 240)), (w - side - 4, h - side - 4),
+             logo_mask(p.brand.logos[0]).resize((side, side), Image.Resampling.LANCZOS))
+    got = auto_labels(im, [], p.brand, p.labels)
+    assert (got["logo"], got["layout"], got["background"]) == ("yes", "centre", "blue")
+
+
 def test_logo_with_a_glow_of_the_other_sign_is_found_and_a_glow_alone_is_not() -> None:
     """Our U-Net draws a dark mark with a soft light glow around it: in the colour
     distance from the background the glow counts as mark and the shape no longer matches

@@ -420,6 +420,32 @@ def test_generator_same_seed_same_image_and_size(trained) -> None:
     assert sized[0].size == (48, 40)
 
 
+def test_other_formats_are_sampled_in_their_own_aspect(trained, capsys, monkeypatch) -> None:
+    """A banner or story is sampled at its aspect (about the native pixel count, on the
+    U-Net's grid), not as a square stretched into it; the output is exactly the size
+    asked, with a one-line warning that the model saw squares only."""
+    vae_dir, unet_dir, _ = trained
+    gen = Generator.load(vae_dir, unet_dir, Sampler(steps=3), text_encoder=StubEncoder())
+    banner = gen.generate(["red poster"], seed=1, width=81, height=40)[0]
+    assert banner.size == (81, 40)
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and "81x40 is sampled at 32x16" in said[0]
+    assert gen.generate(["red poster"], seed=1, width=50, height=50)[0].size == (50, 50)
+    assert capsys.readouterr().err == ""  # square: the native size, nothing to say
+    monkeypatch.setattr(Generator, "native_size", property(lambda self: 64))
+    assert [gen.sample_size(w, h) for w, h in [(800, 400), (450, 800), (800, 800),
+                                               (800, None), (None, None)]] == [
+        (96, 48), (48, 80), (64, 64), (64, 64), (64, 64)]
+
+
+def test_the_unet_runs_on_latents_of_another_aspect() -> None:
+    net = ContextUnet(4, 8, 6, 8, cross_attention=True, glyph_channels=4, glyph_down=4).eval()
+    with torch.no_grad():
+        out = net(torch.randn(2, 4, 8, 16), torch.rand(2), torch.randn(2, 3, 6),
+                  torch.zeros(2, 1, 32, 64))
+    assert out.shape == (2, 4, 8, 16) and torch.isfinite(out).all()
+
+
 @pytest.mark.parametrize("name, steps", [("ddpm", 30), ("ddim", 10), ("dpmpp2m", 10)])
 def test_every_sampler_gives_finite_images_of_the_right_size(trained, name: str,
                                                               steps: int) -> None:
