@@ -169,8 +169,11 @@ def summary(results: list[dict]) -> str:
                            "logo"))
              + " (auto-labels of generated images = the prompt)",
              f"  fidelity:     FD {fmt(_metric('evaluate', 'fd'), '.3f')}, KID "
-             f"{fmt(_metric('evaluate', 'kid'), '.4f')}, text recall "
-             f"{fmt(_metric('evaluate', 'text_recall'), '.3f')} (generated vs real val)",
+             f"{fmt(_metric('evaluate', 'kid'), '.4f')}, detail at 800 px "
+             f"{fmt(_metric('evaluate', 'detail_ratio_800'), '.2f')} (1.0: none beyond 64 px)",
+             f"  text:         word recall {fmt(_metric('evaluate', 'text_word_recall'), '.3f')}"
+             f" (real images {fmt(_metric('evaluate', 'text_word_recall_real'), '.3f')}), "
+             f"typeset exact {fmt(_metric('evaluate', 'text_exact_typeset'), '.3f')}",
              f"  model:        {_metric('register', 'model_uri') or 'n/a'} -> alias "
              f"{_metric('register', 'alias') or 'n/a'}",
              f"  report:       {EVAL_REPORT} (grids in {EVAL_GRIDS}/)"]

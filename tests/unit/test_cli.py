@@ -154,3 +154,20 @@ def test_labels_and_registry_verbs_fail_in_one_line(workdir, capsys, monkeypatch
     for verb in (["models"], ["promote", "3"], ["rollback"], ["serve"]):
         assert main(verb) == 1, verb
         assert "no model registered yet; run `tinyldm run` first" in _err(capsys)
+
+
+def test_the_run_summary_shows_the_evaluations_numbers(workdir) -> None:
+    """Known answers: each line reads the key evaluate writes (a renamed metric would show
+    n/a, as the text recall once did)."""
+    from components.contracts import metrics_path, write_json
+    from flows.pipeline import summary
+
+    write_json(metrics_path("evaluate"), {
+        "fd": 0.75, "kid": 0.0023, "detail_ratio_800": 1.84, "text_word_recall": 0.125,
+        "text_word_recall_real": 0.486, "text_exact_typeset": 1.0,
+        "prompt_adherence_background": 1.0})
+    write_json(metrics_path("vae"), {"val_psnr": 28.54})
+    text = summary([{"stage": "vae", "ran": True, "seconds": 3.0}])
+    assert "FD 0.750, KID 0.0023, detail at 800 px 1.84" in text
+    assert "word recall 0.125 (real images 0.486), typeset exact 1.000" in text
+    assert "VAE PSNR:     28.54 dB" in text and "background 1.000" in text
