@@ -226,6 +226,7 @@ class Vae(Section):
     beta: float = Field(1e-5, ge=0)
     scale_reg: float = Field(0.0, ge=0)  # weight of the scale-equivariance term (0: off)
     crop: int = Field(32, ge=0)  # train on random square crops this side; 0: whole images
+    text_weight: float = Field(0.0, ge=0)  # extra loss weight on ink (text, marks) pixels
     epochs: int = Field(44, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(2e-3, gt=0)

@@ -164,24 +164,33 @@ class VAE(nn.Module):
         return self.decode_raw(z), mean, logvar
 
 
-def reconstruction_loss(raw: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+def reconstruction_loss(raw: torch.Tensor, x: torch.Tensor, name: str,
+                        weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The per-element loss, averaged; with `weight` (broadcast over channels) a weighted
+    mean, so the loss keeps its scale."""
     if name == "bce":
-        return F.binary_cross_entropy_with_logits(raw, (x + 1) / 2)
-    return (F.l1_loss if name == "l1" else F.mse_loss)(raw, x)
+        per = F.binary_cross_entropy_with_logits(raw, (x + 1) / 2, reduction="none")
+    else:
+        per = (F.l1_loss if name == "l1" else F.mse_loss)(raw, x, reduction="none")
+    if weight is None:
+        return per.mean()
+    return (per * weight).mean() / weight.mean()
 
 
 def vae_loss(model: VAE, x: torch.Tensor, generator: torch.Generator | None = None,
-             part: tuple[int, int] = (0, 1)) -> torch.Tensor:
-    """Reconstruction + beta KL (per image element) + scale_reg times the scale-equivariance
-    term (Skorokhodov et al. 2025, "Improving the diffusability of autoencoders"): the
-    decoder must also turn the 2x-downsampled latent into the 2x-downsampled image, which
-    takes from the latents the fine detail that the image does not have and that a
-    diffusion model cannot learn to draw in the same steps."""
+             part: tuple[int, int] = (0, 1), weight: torch.Tensor | None = None
+             ) -> torch.Tensor:
+    """Reconstruction (weighted per pixel by `weight`, (B, 1, H, W), when given) + beta KL
+    (per image element) + scale_reg times the scale-equivariance term (Skorokhodov et al.
+    2025, "Improving the diffusability of autoencoders"): the decoder must also turn the
+    2x-downsampled latent into the 2x-downsampled image, which takes from the latents the
+    fine detail that the image does not have and that a diffusion model cannot learn to
+    draw in the same steps."""
     raw, mean, logvar = model(x, generator, part)
     inner = getattr(model, "module", model)  # model may be wrapped in DDP
     cfg = inner.cfg
     raw, logvar = raw.float(), logvar.float()
-    recon = reconstruction_loss(raw, x, cfg.loss)
+    recon = reconstruction_loss(raw, x, cfg.loss, weight)
     if cfg.scale_reg:
         small = inner.decode_raw(F.avg_pool2d(mean, 2)).float()
         target = F.avg_pool2d(x, 2)[..., : small.shape[-2], : small.shape[-1]]

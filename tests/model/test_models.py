@@ -277,6 +277,28 @@ def test_unet_handles_multiples_of_four(height: int) -> None:
         == (1, 3, height, height)
 
 
+def test_text_weight_puts_the_loss_on_the_letters() -> None:
+    """vae.text_weight: the weight map is 1 + w on ink (a white bar on blue, grown by a
+    pixel) and 1 on the background; the weighted loss is the weighted mean (known
+    answer), and with no weight the plain mean."""
+    from components.models.vae import reconstruction_loss
+    from components.training.vae import ink_weights
+
+    im = torch.full((1, 3, 64, 64), -1.0)
+    im[:, 2] = 0.7  # blue
+    im[:, :, 30:34, 10:54] = 1.0  # a white bar: "text"
+    w = ink_weights(im, 4.0)
+    assert w.shape == (1, 1, 64, 64)
+    assert torch.all(w[0, 0, 30:34, 10:54] == 5.0) and w[0, 0, 29, 20] == 5.0  # grown
+    assert torch.all(w[0, 0, :20] == 1.0) and torch.all(w[0, 0, 45:] == 1.0)
+    raw, x = torch.zeros(1, 3, 2, 2), torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 1, 2, 2) \
+        .expand(1, 3, 2, 2)
+    weight = torch.tensor([1.0, 1.0, 1.0, 5.0]).view(1, 1, 2, 2)
+    assert reconstruction_loss(raw, x, "mse", weight).item() == pytest.approx(
+        (1 + 4 + 9 + 5 * 16) / 8)
+    assert reconstruction_loss(raw, x, "mse").item() == pytest.approx(30 / 4)
+
+
 def test_ddim_eta0_is_deterministic_and_ddpm_seeded() -> None:
     net = ContextUnet(in_channels=4, n_feat=8, context_dim=6, height=8).eval()
     schedule = NoiseSchedule(Diffusion(timesteps=50))
@@ -554,15 +576,17 @@ def _vae_images(tmp_path: Path, n: int = 10) -> list[Path]:
     return paths
 
 
-@pytest.mark.parametrize("ema, crop", [(0.0, 0), (0.9, 16)])
-def test_vae_killed_and_resumed_equals_straight_run(tmp_path: Path, monkeypatch,
-                                                    ema: float, crop: int) -> None:
+@pytest.mark.parametrize("ema, crop, text_weight", [(0.0, 0, 0.0), (0.9, 16, 0.0),
+                                                   (0.0, 16, 3.0)])
+def test_vae_killed_and_resumed_equals_straight_run(tmp_path: Path, monkeypatch, ema: float,
+                                                    crop: int, text_weight: float) -> None:
     import components.training.vae as vae_module  # where the loop looks vae_loss up
 
     monkeypatch.chdir(tmp_path)
     paths = _vae_images(tmp_path)
     cfg = TINY_VAE.model_copy(update={"epochs": 3, "checkpoint_every": 1, "ema": ema,
-                                      "early_stop_patience": 5, "crop": crop})
+                                      "early_stop_patience": 5, "crop": crop,
+                                      "text_weight": text_weight})
     straight = train_vae(cfg, paths[:8], paths[8:], tmp_path / "straight")
     with monkeypatch.context() as m:
         _interrupt_after(m, vae_module, "vae_loss", 2 * 2 + 1)  # 2 steps an epoch: in epoch 3
