@@ -43,7 +43,14 @@ from components.judge.fidelity import detail_ratio, distances, feature_extractor
 from components.judge.report import training_curves, write_report
 from components.judge.text import text_metrics
 from components.labelling.captions import caption
-from components.labelling.labeller import FIGURE_SIZES, LAYOUTS, auto_labels
+from components.labelling.labeller import (
+    FIGURE_SIZES,
+    LAYOUTS,
+    auto_labels,
+    find_logo,
+    segment,
+    text_block,
+)
 from components.models.generator import Generator
 from components.models.images import image_grid, load_batch, to_pil
 from components.models.vae import load_vae
@@ -128,24 +135,39 @@ def prompt_adherence(gen: Generator, params: Params, train: pd.DataFrame
 FORMATS = {"banner": (800, 400), "story": (450, 800)}  # output sizes measured besides square
 
 
+def block_aspect(im: Image.Image, params: Params) -> float | None:
+    """The text block's width over its height in pixels (labeller.text_block, the logo
+    left out); None when no block is found."""
+    seg = segment(im)
+    _found, _conf, logo_box = find_logo(seg, params.brand.logos, params.labels.logo_threshold)
+    b = text_block(seg, logo_box)
+    return None if b is None else (b[2] - b[0]) * im.width / ((b[3] - b[1]) * im.height)
+
+
 def format_adherence(gen: Generator, params: Params) -> tuple[dict, list[list[Image.Image]]]:
     """The held-out adherence prompts (one seed each) as banners and stories, delivered at
     that size: background and layout adherence (labelled at the size they were sampled
-    at, as square outputs are at the native size) and detail ratio; 8 of each for the
-    report."""
+    at, as square outputs are at the native size), detail ratio, and the text block's
+    shape against the same prompt's square output (median of the aspect ratios: 1.0 =
+    not stretched; a stretched square would give the format's own aspect); 8 of each for
+    the report."""
     cases = adherence_cases(params)
+    prompts = [c["prompt"] for c in cases]
+    square = [block_aspect(im, params) for im in gen.generate(prompts, seed=params.evaluate.seed)]
     metrics, rows = {}, []
     for name, (w, h) in FORMATS.items():
-        ims = gen.generate([c["prompt"] for c in cases], seed=params.evaluate.seed,
-                           width=w, height=h)
-        small = gen.sample_size(w, h)
-        got = [auto_labels(im.resize(small, Image.Resampling.LANCZOS), [], params.brand,
-                           params.labels) for im in ims]
+        ims = gen.generate(prompts, seed=params.evaluate.seed, width=w, height=h)
+        small = [im.resize(gen.sample_size(w, h), Image.Resampling.LANCZOS) for im in ims]
+        got = [auto_labels(im, [], params.brand, params.labels) for im in small]
         for f in ("background", "layout"):
             metrics[f"format_{name}_{f}"] = round(float(np.mean(
                 [g[f] == c[f] for g, c in zip(got, cases, strict=True)])), 4)
         metrics[f"format_{name}_detail_ratio"] = round(float(np.mean(
             [detail_ratio(im) for im in ims])), 3)
+        ratios = [a / b for a, b in zip([block_aspect(im, params) for im in small], square,
+                                        strict=True) if a and b]
+        if ratios:
+            metrics[f"format_{name}_text_aspect"] = round(float(np.median(ratios)), 3)
         rows.append(ims[:8])
     return metrics, rows
 

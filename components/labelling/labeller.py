@@ -260,22 +260,31 @@ def label_figures(seg: Segmentation, logo_box: tuple[int, int, int] | None
     return ranked[0], round(1.0 - d1 / max(d1 + d2, 1e-9), 4)
 
 
+def text_block(seg: Segmentation, logo_box: tuple[int, int, int] | None
+               ) -> tuple[float, float, float, float] | None:
+    """The text block (x0, y0, x1, y1 as shares of width and height): the largest cluster
+    of the ink that is not the logo; None when there is too little ink."""
+    text = cv2.morphologyEx((seg.ink & ~_block(np.zeros_like(seg.ink), logo_box, 2))
+                            .astype(np.uint8), cv2.MORPH_OPEN, np.ones((2, 2), np.uint8)) > 0
+    if text.sum() < 20:
+        return None
+    # letters merge into lines and lines into the block; a stray mark (an undetected logo,
+    # a speck) stays a separate, smaller cluster
+    merged = cv2.dilate(text.astype(np.uint8), np.ones((9, 9), np.uint8))
+    n, lab, _stats, _ = cv2.connectedComponentsWithStats(merged, connectivity=8)
+    k = 1 + int(np.argmax([(text & (lab == i)).sum() for i in range(1, n)]))
+    ys, xs = np.nonzero(text & (lab == k))
+    h, w = text.shape
+    return xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h
+
+
 def label_layout(seg: Segmentation, logo_box: tuple[int, int, int] | None,
                  words: list[dict], width: int, height: int) -> tuple[str, float]:
     """Where the text block sits: the extent of the ink that is not the logo; from the OCR
     word boxes when there is none."""
-    text = cv2.morphologyEx((seg.ink & ~_block(np.zeros_like(seg.ink), logo_box, 2))
-                            .astype(np.uint8), cv2.MORPH_OPEN, np.ones((2, 2), np.uint8)) > 0
-    if text.sum() >= 20:
-        # letters merge into lines and lines into the block; a stray mark (an undetected
-        # logo, a speck) stays a separate, smaller cluster
-        merged = cv2.dilate(text.astype(np.uint8), np.ones((9, 9), np.uint8))
-        n, lab, stats, _ = cv2.connectedComponentsWithStats(merged, connectivity=8)
-        k = 1 + int(np.argmax([(text & (lab == i)).sum() for i in range(1, n)]))
-        ys, xs = np.nonzero(text & (lab == k))
-        h, w = text.shape
-        return layout_from_box(xs.min() / w, ys.min() / h, (xs.max() + 1) / w,
-                               (ys.max() + 1) / h)
+    block = text_block(seg, logo_box)
+    if block is not None:
+        return layout_from_box(*block)
     # one-character "words" are mostly shapes read as letters (a triangle as "A")
     words = [w for w in words if len(w["text"].strip()) > 1] or words
     if not words or width <= 0 or height <= 0:

@@ -141,12 +141,18 @@ def test_banners_and_stories_keep_their_round_logo_and_their_layout(size) -> Non
     w, h = size
     side = round(0.2 * min(w, h))
     im = Image.new("RGB", size, (47, 111, 219))
-    ImageDraw.Draw(im).rectangle((w // 2 - w // 6, h // 2 - 4, w // 2 + w // 6, h // 2 + 4),
+    ImageDraw.Draw(im).rectangle((w // 2 - w // 6, h // 2 - 8, w // 2 + w // 6, h // 2 + 8),
                                  fill=(250, 250, 250))
     im.paste(Image.new("RGB", (side, side), (240, 240, 240)), (w - side - 4, h - side - 4),
              logo_mask(p.brand.logos[0]).resize((side, side), Image.Resampling.LANCZOS))
     got = auto_labels(im, [], p.brand, p.labels)
     assert (got["logo"], got["layout"], got["background"]) == ("yes", "centre", "blue")
+    from components.judge.evaluate import block_aspect
+
+    bar = (2 * (w // 6) + 1) / 17  # the bar's own width over height, in pixels
+    # measured without the logo, to a pixel of soft edge at the work size (evaluate compares
+    # such measures with each other)
+    assert block_aspect(im, p) == pytest.approx(bar, rel=0.2)
 
 
 def test_logo_with_a_glow_of_the_other_sign_is_found_and_a_glow_alone_is_not() -> None:

@@ -100,6 +100,7 @@ def test_pipeline_end_to_end(tmp_path, mlflow_server):
     ev = json.loads((repo / c.metrics_path("evaluate")).read_text())
     assert ev["fd"] >= 0 and ev["fid_images"] >= 2 and "sample_images_per_s" not in ev
     assert ev["detail_ratio_800"] > 0 and ev["detail_ratio_800_real"] > 1
+    assert {"format_banner_layout", "format_story_background"} <= set(ev)
     timings = json.loads((repo / "reports/metrics/evaluate.json").read_text())
     assert timings["sample_images_per_s"] > 0
     models = _run([str(BIN / "tinyldm"), "models"], repo, env).stdout
