@@ -39,7 +39,8 @@ def pairs(vae, paths: list[str], native: int, factor: int, rt: Runtime, batch: i
           ) -> tuple[torch.Tensor, torch.Tensor]:
     """(the images through the VAE at the native size, float in [-1, 1]; the images at
     factor x that size, uint8 to keep a large collection in memory)."""
-    ins, outs = [], []
+    ins = [torch.zeros(0, 3, native, native)]  # no paths (an empty val split): no pairs
+    outs = [torch.zeros(0, 3, native * factor, native * factor, dtype=torch.uint8)]
     for i in range(0, len(paths), batch):
         chunk = paths[i : i + batch]
         with rt.autocast():

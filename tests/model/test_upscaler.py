@@ -78,6 +78,9 @@ def test_the_stage_writes_a_model_that_loads(tmp_path: Path, posters) -> None:
     assert again.factor == 2
     assert (tmp_path / "upscaler" / "metrics.json").exists()
     assert "seconds" not in (tmp_path / "upscaler" / "metrics.json").read_text()
+    empty = train_upscaler(cfg, tmp_path / "vae", [str(p) for p in posters[:8]], [],
+                           tmp_path / "upscaler2")  # no val images: trained, not compared
+    assert "val_psnr" not in empty and empty["train_images"] == 8
 
 
 def test_generate_sizes_go_through_the_upscaler_only_when_larger(monkeypatch) -> None:
