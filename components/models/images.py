@@ -22,8 +22,13 @@ def load_image_tensor(path: Path | str, size: int) -> torch.Tensor:
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot read image ({e}); re-run validate to quarantine it") \
             from None
-    arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    return from_pil([im])[0].contiguous()
+
+
+def from_pil(images: list[Image.Image]) -> torch.Tensor:
+    """PIL images of one size -> (B, 3, H, W) in [-1, 1] (the inverse of to_pil)."""
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
 def load_batch(paths: list[Path] | list[str], size: int) -> torch.Tensor:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -49,11 +48,9 @@ class Upscaler(nn.Module):
     @torch.no_grad()
     def upscale(self, images: list[Image.Image]) -> list[Image.Image]:
         """PIL images (one size) to `factor` x their size."""
-        from components.models.images import to_pil
+        from components.models.images import from_pil, to_pil
 
-        x = torch.from_numpy(np.stack([np.asarray(im.convert("RGB"), dtype=np.float32)
-                                       for im in images])).permute(0, 3, 1, 2) / 127.5 - 1
-        return to_pil(self.eval()(x).clamp(-1, 1))
+        return to_pil(self.eval()(from_pil(images)).clamp(-1, 1))
 
 
 def save_upscaler(model: Upscaler, cfg: UpscalerCfg, out_dir: Path) -> None:

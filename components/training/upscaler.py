@@ -9,10 +9,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from components.config import Params
 from components.config import Upscaler as UpscalerCfg
@@ -26,7 +26,7 @@ from components.contracts import (
     results_only,
     write_json,
 )
-from components.models.images import load_batch, to_pil
+from components.models.images import from_pil, load_batch, to_pil
 from components.models.upscaler import Upscaler, save_upscaler
 from components.models.vae import load_vae
 from components.training.runtime import Runtime, adamw, cosine_with_warmup, runtime, train_step
@@ -52,15 +52,15 @@ def pairs(vae, paths: list[str], native: int, factor: int, rt: Runtime, batch: i
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """On [-1, 1] images, as PSNR on [0, 1]."""
-    return float(10 * torch.log10(4 / F.mse_loss(a.float(), b.float())))
+    """On [-1, 1] images, as PSNR on [0, 1] (torchmetrics)."""
+    return float(peak_signal_noise_ratio((a.float() + 1) / 2, (b.float() + 1) / 2,
+                                         data_range=1.0))
 
 
 def lanczos(images: torch.Tensor, side: int) -> torch.Tensor:
     """The interpolating baseline: each image resized to side x side (Lanczos)."""
-    big = [np.asarray(im.resize((side, side), Image.Resampling.LANCZOS), dtype=np.float32)
-           for im in to_pil(images)]
-    return torch.from_numpy(np.stack(big)).permute(0, 3, 1, 2) / 127.5 - 1
+    return from_pil([im.resize((side, side), Image.Resampling.LANCZOS)
+                     for im in to_pil(images)])
 
 
 def fit(cfg: UpscalerCfg, rt: Runtime, x: torch.Tensor, y: torch.Tensor
