@@ -45,13 +45,15 @@ def main() -> int:
     rt = runtime(cfg.device, cfg.bf16, "unet")  # device and precision as the stage has them
     bf16 = rt.precision == "bf16"
     cache = LatentCache(LATENTS)
-    rows = cache.rows("train")
+    # the most common format (aspect bucket): a batch is always of one
+    fmt, (rows, format_rows) = next(iter(cache.by_format("train").items()))
+    arrays, size = cache.formats[fmt], tuple(cache.meta["formats"][fmt]["size"])
     caps = read_table(CAPTIONS, "captions").set_index("id").loc[cache.index.loc[rows, "id"]]
     paths, captions = caps["path"].tolist(), caps["caption"].tolist()
     encoder = get_encoder(params.text_encoder, LATENTS / "text_encoder")
     vae = load_vae(VAE_DIR).to(rt.device)
     scale = float(cache.meta["scale_factor"])
-    shape = tuple(cache.mean.shape[1:])
+    shape = tuple(arrays["mean"].shape[1:])
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, len(rows), (cfg.batch_size,), generator=gen).numpy()
                for _ in range(args.batches)]
@@ -73,12 +75,13 @@ def main() -> int:
         t0 = time.perf_counter()
         for step, idx in enumerate(batches):
             if not images:
-                mean = torch.from_numpy(np.ascontiguousarray(cache.mean[rows[idx]]))
-                logvar = torch.from_numpy(np.ascontiguousarray(cache.logvar[rows[idx]]))
+                mean = torch.from_numpy(np.ascontiguousarray(arrays["mean"][format_rows[idx]]))
+                logvar = torch.from_numpy(np.ascontiguousarray(
+                    arrays["logvar"][format_rows[idx]]))
             else:
                 with torch.no_grad(), rt.autocast():
                     mean, logvar = vae.encode(load_batch([paths[i] for i in idx],
-                                                         vae.cfg.image_size).to(rt.device))
+                                                         size).to(rt.device))
                 mean, logvar = mean.float(), logvar.float()
             mean, logvar = mean.to(rt.device), logvar.to(rt.device)
             x0 = (mean + (0.5 * logvar).exp() * torch.randn(mean.shape).to(rt.device)) * scale

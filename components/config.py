@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from components.config_errors import format_errors
 from components.contracts import UserError
 
 PARAMS_FILE = Path("params.yaml")
@@ -121,8 +122,28 @@ class Brand(Section):
                 for k, v in self.palette.items()}
 
 
+BUCKETS = {"poster": (1, 1), "portrait": (4, 5), "story": (9, 16), "landscape": (16, 9),
+           "banner": (2, 1), "strip": (3, 1)}
+
+
+class Formats(Section):
+    """Aspect-ratio buckets (models/buckets.py): caption word -> (width, height) ratio."""
+    buckets: dict[str, tuple[int, int]] = Field(default_factory=lambda: dict(BUCKETS),
+                                                min_length=1)
+    max_stretch: float = Field(1.25, ge=1, le=4)  # beyond every bucket: quarantined
+
+    @model_validator(mode="after")
+    def _names(self) -> Formats:
+        for name, (w, h) in self.buckets.items():
+            if not re.fullmatch(r"[a-z][a-z-]*", name) or w < 1 or h < 1 or max(w, h) > 64:
+                raise ValueError(f"buckets.{name}: a lower-case word (the caption's format) "
+                                 "and a ratio [width, height] of whole numbers 1..64")
+        return self
+
+
 class Synthetic(Section):
     vocabulary: list[str] = Field(min_length=3)
+    formats: dict[str, float] = Field({"poster": 1.0}, min_length=1)  # bucket -> share
     gradient_share: float = Field(0.25, ge=0, le=1)
     logo_share: float = Field(0.4, ge=0, le=1)
     logo_size: float = Field(0.2, ge=0.08, le=0.3)  # the labeller looks for 8-30% of the side
@@ -165,7 +186,6 @@ class Scale(Section):
 class Validate(Section):
     min_side: int = Field(32, ge=1)
     max_side: int = Field(8192, ge=1)
-    max_aspect: float = Field(4.0, ge=1)
     formats: list[str] = ["PNG", "JPEG", "WEBP", "GIF", "BMP"]
     max_pixels: int = Field(40_000_000, ge=1)  # larger declared sizes are never decoded
     modes: list[str] = ["RGB", "L"]  # other modes are converted to RGB and counted
@@ -198,13 +218,13 @@ class Labels(Section):
 
     @model_validator(mode="after")
     def _template(self) -> Labels:
-        from components.contracts import LABEL_FIELDS
+        from components.contracts import CAPTION_FIELDS
 
         used = format_fields("caption_template", self.caption_template)
-        unknown = used - set(LABEL_FIELDS)
+        unknown = used - set(CAPTION_FIELDS)
         if unknown:
             raise ValueError(f"caption_template: unknown field(s) {sorted(unknown)}; "
-                             f"fields: {', '.join(LABEL_FIELDS)}")
+                             f"fields: {', '.join(CAPTION_FIELDS)}")
         return self
 
 
@@ -382,6 +402,7 @@ class Upscaler(Section):
 class Params(Section):
     scrape: Scrape
     brand: Brand
+    formats: Formats = Formats()
     synthetic: Synthetic
     ocr: Ocr = Ocr()
     scale: Scale = Scale()
@@ -401,8 +422,20 @@ class Params(Section):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
+    @model_validator(mode="after")
+    def _formats(self) -> Params:
+        unknown = sorted(set(self.synthetic.formats) - set(self.formats.buckets))
+        if unknown or sum(self.synthetic.formats.values()) <= 0 or \
+                min(self.synthetic.formats.values()) < 0:
+            raise ValueError(f"synthetic.formats: shares (>= 0, not all 0) of formats."
+                             f"buckets ({', '.join(self.formats.buckets)}); unknown: {unknown}")
+        return self
+
 
 # ---------------------------------------------------------------- loading
+SOURCE_KINDS: dict[str, type[BaseModel]] = {"synthetic": SyntheticSource, "folder": FolderSource}
+
+
 def parse_set(items: list[str] | None) -> dict[str, Any]:
     """`a.b=VALUE` strings (VALUE is YAML) -> nested override dict."""
     out: dict[str, Any] = {}
@@ -432,49 +465,6 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-SOURCE_KINDS: dict[str, type[BaseModel]] = {"synthetic": SyntheticSource, "folder": FolderSource}
-
-
-def _allowed(loc: tuple) -> str:
-    """Names of the keys allowed at `loc` (the parent of an unknown key)."""
-    node: Any = Params
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        if node is None and part in SOURCE_KINDS:  # discriminated union tag
-            node = SOURCE_KINDS[part]
-            continue
-        fields = getattr(node, "model_fields", {})
-        f = next((fi for n, fi in fields.items() if (fi.alias or n) == part), None)
-        if f is None:
-            return ""
-        ann = f.annotation
-        node = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-    if node is None:
-        return ""
-    return ", ".join(sorted(fi.alias or n for n, fi in node.model_fields.items()))
-
-
-def format_errors(err: ValidationError, source: str) -> str:
-    lines = []
-    for e in err.errors():
-        raw = tuple(e["loc"])
-        # drop the union tag pydantic inserts after a list index: scrape.sources.0.synthetic.n
-        loc = tuple(p for i, p in enumerate(raw)
-                    if not (i and isinstance(raw[i - 1], int) and p in SOURCE_KINDS))
-        key = ".".join(str(p) for p in loc) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            allowed = _allowed(raw[:-1])
-            lines.append(f"{source}: unknown key '{key}'"
-                         + (f"; allowed here: {allowed}" if allowed else ""))
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            got = e.get("input")
-            shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
-            lines.append(f"{source}: {key}: {msg}{shown}")
-    return "; ".join(lines)
-
-
 def load_params(path: Path | str = PARAMS_FILE, overrides: list[str] | None = None) -> Params:
     path = Path(path)
     if not path.exists():
@@ -494,4 +484,4 @@ def load_params(path: Path | str = PARAMS_FILE, overrides: list[str] | None = No
         return Params.model_validate(data)
     except ValidationError as e:
         src = f"{path}" + (" (with --set)" if overrides else "")
-        raise ConfigError(format_errors(e, src)) from None
+        raise ConfigError(format_errors(e, src, Params, SOURCE_KINDS)) from None

@@ -107,6 +107,7 @@ def open_rgb(path: Path | str) -> Any:
 LABEL_FIELDS = ["background", "background_kind", "gradient_to", "layout", "figure_size",
                 "saturation", "logo", "text", "description"]
 TEXT_FIELDS = ["text", "description"]  # free text: the OCR transcription, a description
+CAPTION_FIELDS = [*LABEL_FIELDS, "format"]  # + the image's aspect bucket (models/buckets.py)
 SCHEMAS: dict[str, pa.Schema] = {
     "raw_manifest": pa.schema([
         ("id", pa.string()), ("path", pa.string()), ("source", pa.string()),
@@ -135,7 +136,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "captions": pa.schema([
         ("id", pa.string()), ("path", pa.string()), ("caption", pa.string()),
         ("caption_tokens", pa.int64()), ("split", pa.string()),
-        ("dominant_colours", pa.string()),
+        ("dominant_colours", pa.string()), ("format", pa.string()),
         # every label field: its value, where it came from (manual/auto/ocr), a confidence
         *[(f"{f}{suffix}", t) for f in LABEL_FIELDS
           for suffix, t in [("", pa.string()), ("_provenance", pa.string()),
@@ -143,10 +144,12 @@ SCHEMAS: dict[str, pa.Schema] = {
         # where the text is (labelling/text_boxes.py's JSON), from truth, ocr or none
         ("text_boxes", pa.string()), ("text_boxes_provenance", pa.string()),
     ]),
-    "split": pa.schema([("id", pa.string()), ("path", pa.string()), ("split", pa.string())]),
+    "split": pa.schema([("id", pa.string()), ("path", pa.string()), ("split", pa.string()),
+                        ("format", pa.string())]),
     "latent_index": pa.schema([
         ("id", pa.string()), ("row", pa.int64()), ("split", pa.string()),
         ("caption", pa.string()), ("key", pa.string()), ("flip", pa.bool_()),
+        ("format", pa.string()), ("format_row", pa.int64()),  # its bucket, its row there
     ]),
 }
 SCHEMAS["validated_manifest"] = SCHEMAS["raw_manifest"]

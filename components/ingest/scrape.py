@@ -99,7 +99,7 @@ def _item(data: bytes, source: str, url: str, fetched_at: str = "", truth=None,
 def _synthetic(i: int, src: SyntheticSource, params: Params):
     for k in progress(range(src.n), desc=f"synthetic[{i}]", unit="img"):
         data, truth = render(k, src.seed, src.size, params.brand, params.synthetic,
-                             params.labels)
+                             params.labels, params.formats.buckets)
         yield _item(data, f"synthetic:{src.seed}", f"synthetic://{src.seed}/{k}", truth=truth)
 
 

@@ -18,6 +18,7 @@ from components.config import Brand, Labels, Synthetic
 from components.labelling.labeller import FIGURE_SHARES as FIGURE_SIZES
 from components.labelling.labeller import LAYOUTS, logo_mask, scale_saturation
 from components.labelling.text_boxes import dumps, relative
+from components.models.buckets import size_at
 from components.models.glyphs import font as brand_font
 
 SHAPES = ["circle", "square", "triangle"]
@@ -70,41 +71,42 @@ def _text_lines(rng: np.random.Generator, vocabulary: list[str], headline: bool 
     return lines
 
 
-def _text_block(draw: ImageDraw.ImageDraw, lines: list[str], layout: str, size: int,
+def _text_block(draw: ImageDraw.ImageDraw, lines: list[str], layout: str, w: int, h: int,
                 font_path: str, font_px: int) -> tuple[ImageFont.FreeTypeFont, list[tuple], tuple]:
     """The largest font size up to font_px that fits the layout's block (a headline may take
     the whole width); return font, line positions, bbox."""
-    width_share = 0.92 if font_px > 0.11 * size else 0.5 if layout in ("left", "right") \
+    side = min(w, h)
+    width_share = 0.92 if font_px > 0.11 * side else 0.5 if layout in ("left", "right") \
         else 0.86
-    max_w = width_share * size
+    max_w = width_share * w
     while True:
         font = brand_font(font_path, font_px)
         boxes = [draw.textbbox((0, 0), line, font=font) for line in lines]
         widths = [b[2] - b[0] for b in boxes]
-        if max(widths) <= max_w or font_px <= int(0.05 * size):
+        if max(widths) <= max_w or font_px <= int(0.05 * side):
             break
         font_px -= 1
     line_h = int(font_px * 1.35)
     block_w, block_h = max(widths), line_h * len(lines)
-    m = int(0.06 * size)
+    m = int(0.06 * side)
     if layout == "centre":
-        x0, y0 = (size - block_w) / 2, (size - block_h) / 2
+        x0, y0 = (w - block_w) / 2, (h - block_h) / 2
     elif layout == "top":
-        x0, y0 = (size - block_w) / 2, m + 0.04 * size
+        x0, y0 = (w - block_w) / 2, m + 0.04 * side
     elif layout == "bottom":
-        x0, y0 = (size - block_w) / 2, size - m - 0.04 * size - block_h
+        x0, y0 = (w - block_w) / 2, h - m - 0.04 * side - block_h
     elif layout == "left":
-        x0, y0 = m, (size - block_h) / 2
+        x0, y0 = m, (h - block_h) / 2
     else:  # right
-        x0, y0 = size - m - block_w, (size - block_h) / 2
+        x0, y0 = w - m - block_w, (h - block_h) / 2
     positions = []
-    for i, (line, box, w) in enumerate(zip(lines, boxes, widths, strict=True)):
+    for i, (line, box, lw) in enumerate(zip(lines, boxes, widths, strict=True)):
         if layout == "left":
             x = x0
         elif layout == "right":
-            x = x0 + block_w - w
+            x = x0 + block_w - lw
         else:
-            x = x0 + (block_w - w) / 2
+            x = x0 + (block_w - lw) / 2
         positions.append((x - box[0], y0 + i * line_h, line))
     return font, positions, (x0, y0, x0 + block_w, y0 + block_h)
 
@@ -127,10 +129,10 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple, colour: tuple
         draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=colour)
 
 
-def drawn_boxes(draw: ImageDraw.ImageDraw, positions: list[tuple], font, size: int
+def drawn_boxes(draw: ImageDraw.ImageDraw, positions: list[tuple], font, w: int, h: int
                 ) -> list[dict]:
     """The ink box of every line and word exactly as `draw.text` placed them, in units of
-    the image side."""
+    the image's width and height."""
     lines = []
     for x, y, line in positions:
         words, start = [], 0
@@ -141,12 +143,30 @@ def drawn_boxes(draw: ImageDraw.ImageDraw, positions: list[tuple], font, size: i
             start = at + len(word)
         lines.append({"text": line, "box": draw.textbbox((x, y), line, font=font),
                       "words": words})
-    return relative(lines, size, size)
+    return relative(lines, w, h)
+
+
+def canvas(index: int, seed: int, size: int, synth: Synthetic,
+           buckets: dict[str, tuple[int, int]] | None) -> tuple[int, int]:
+    """Image `index`'s width and height: a format drawn by synthetic.formats (from its own
+    random stream, so a square image is the same whatever the shares) at about size x size
+    pixels; size x size for a square format or without `buckets`."""
+    shares = {k: v for k, v in synth.formats.items() if v > 0}
+    name = next(iter(shares))
+    if len(shares) > 1:
+        p = np.array(list(shares.values()), float)
+        name = str(np.random.default_rng([seed, index, 1]).choice(list(shares), p=p / p.sum()))
+    ratio = (buckets or {}).get(name, (1, 1))
+    return size_at(ratio[0] / ratio[1], size, 16)
 
 
 def render(index: int, seed: int, size: int, brand: Brand, synth: Synthetic,
-           labels: Labels) -> tuple[bytes, Truth]:
-    """Draw image `index` of the source seeded `seed`; return PNG bytes and ground truth."""
+           labels: Labels, buckets: dict[str, tuple[int, int]] | None = None
+           ) -> tuple[bytes, Truth]:
+    """Draw image `index` of the source seeded `seed` (in the format `canvas` draws);
+    return PNG bytes and ground truth."""
+    w, h = canvas(index, seed, size, synth, buckets)
+    side = min(w, h)
     rng = np.random.default_rng([seed, index])
     palette = brand.rgb()
     names = list(palette)
@@ -159,8 +179,8 @@ def render(index: int, seed: int, size: int, brand: Brand, synth: Synthetic,
 
     top = scale_saturation(palette[bg], factor)
     bottom = scale_saturation(palette[grad_to], factor) if gradient else top
-    arr = np.linspace(np.array(top, float), np.array(bottom, float), size)
-    img = Image.fromarray(np.repeat(arr[:, None, :], size, axis=1).round().astype(np.uint8))
+    arr = np.linspace(np.array(top, float), np.array(bottom, float), h)
+    img = Image.fromarray(np.repeat(arr[:, None, :], w, axis=1).round().astype(np.uint8))
     draw = ImageDraw.Draw(img)
 
     text_colour = max((LIGHT_TEXT, DARK_TEXT), key=lambda c: min(contrast(c, top),
@@ -169,20 +189,20 @@ def render(index: int, seed: int, size: int, brand: Brand, synth: Synthetic,
     # the images; no draw from the RNG at share 0, so the default images stay as they were
     headline = synth.headline_share > 0 and bool(rng.random() < synth.headline_share)
     lines = _text_lines(rng, synth.vocabulary, headline)
-    font_px = int(rng.uniform(0.2, 0.4) * size / 0.73) if headline else int(0.11 * size)
-    font, positions, tbox = _text_block(draw, lines, layout, size, brand.font, font_px)
-    pad = 0.04 * size
+    font_px = int(rng.uniform(0.2, 0.4) * side / 0.73) if headline else int(0.11 * side)
+    font, positions, tbox = _text_block(draw, lines, layout, w, h, brand.font, font_px)
+    pad = 0.04 * side
     taken = [tbox]
 
     logo = bool(rng.random() < synth.logo_share) and bool(brand.logos)
     corner = ""
     if logo:
-        s = synth.logo_size * size
-        m = 0.04 * size
+        s = synth.logo_size * side
+        m = 0.04 * side
         boxes = {"top-left": (m, m, m + s, m + s),
-                 "top-right": (size - m - s, m, size - m, m + s),
-                 "bottom-left": (m, size - m - s, m + s, size - m),
-                 "bottom-right": (size - m - s, size - m - s, size - m, size - m)}
+                 "top-right": (w - m - s, m, w - m, m + s),
+                 "bottom-left": (m, h - m - s, m + s, h - m),
+                 "bottom-right": (w - m - s, h - m - s, w - m, h - m)}
         rule = "random" not in synth.logo_corners  # else any clear corner
         free = [c for c in (synth.logo_corners if rule else CORNERS)
                 if not _overlaps(boxes[c], tbox, pad)]
@@ -197,14 +217,14 @@ def render(index: int, seed: int, size: int, brand: Brand, synth: Synthetic,
     fig_size = str(rng.choice(list(FIGURE_SIZES))) if want else "none"
     placed = 0
     if want:
-        side = FIGURE_SIZES[fig_size] * size
+        fig = FIGURE_SIZES[fig_size] * side
         fig_colour = scale_saturation(palette[str(rng.choice([n for n in names if n != bg]))],
                                       factor)
         for _ in range(want):
             for _attempt in range(40):
-                x = rng.uniform(0.03 * size, size - 0.03 * size - side)
-                y = rng.uniform(0.03 * size, size - 0.03 * size - side)
-                box = (x, y, x + side, y + side)
+                x = rng.uniform(0.03 * w, w - 0.03 * w - fig)
+                y = rng.uniform(0.03 * h, h - 0.03 * h - fig)
+                box = (x, y, x + fig, y + fig)
                 if not any(_overlaps(box, t, pad) for t in taken):
                     _draw_shape(draw, str(rng.choice(SHAPES)), box, fig_colour)
                     taken.append(box)
@@ -212,7 +232,7 @@ def render(index: int, seed: int, size: int, brand: Brand, synth: Synthetic,
                     break
     for x, y, line in positions:
         draw.text((x, y), line, font=font, fill=text_colour)
-    boxes = drawn_boxes(draw, positions, font, size)
+    boxes = drawn_boxes(draw, positions, font, w, h)
 
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=False)

@@ -30,6 +30,7 @@ from components.contracts import (
     write_json,
     write_table,
 )
+from components.models.buckets import aspect_range
 
 GX_RESULTS = VALIDATION_REPORT / "gx_results.json"
 GX_SUITE = VALIDATION_REPORT / "suite.json"
@@ -39,9 +40,7 @@ ID_PATTERN = r"^[0-9a-f]{64}$"
 def build_frame(manifest: pd.DataFrame, ocr: pd.DataFrame | None) -> pd.DataFrame:
     """Manifest plus the derived columns the suite checks (aspect, file presence, OCR)."""
     df = manifest.reset_index(drop=True).copy()
-    short = df[["width", "height"]].min(axis=1).astype(float)
-    long = df[["width", "height"]].max(axis=1).astype(float)
-    df["aspect"] = (long / short.replace(0, np.nan)).astype(float)
+    df["aspect"] = (df["width"] / df["height"].replace(0, np.nan)).astype(float)  # w / h
     df["file_exists"] = [bool(p) and Path(p).is_file() for p in df["path"]]
     if ocr is None:
         df["ocr_error"], df["ocr_conf"], df["ocr_text"] = "ocr not run", 0.0, ""
@@ -53,8 +52,9 @@ def build_frame(manifest: pd.DataFrame, ocr: pd.DataFrame | None) -> pd.DataFram
     return df
 
 
-def build_suite(cfg: Validate) -> Any:
-    """The expectations; meta.reason names the quarantine reason kind of each."""
+def build_suite(cfg: Validate, aspects: tuple[float, float]) -> Any:
+    """The expectations; meta.reason names the quarantine reason kind of each. `aspects`:
+    the narrowest and widest width / height the format buckets take."""
     import great_expectations as gx
     import great_expectations.expectations as gxe
 
@@ -73,8 +73,8 @@ def build_suite(cfg: Validate) -> Any:
                                           max_value=cfg.max_side, meta=meta("size")),
         gxe.ExpectColumnValuesToBeBetween(column="height", min_value=cfg.min_side,
                                           max_value=cfg.max_side, meta=meta("size")),
-        gxe.ExpectColumnValuesToBeBetween(column="aspect", max_value=cfg.max_aspect,
-                                          meta=meta("aspect")),
+        gxe.ExpectColumnValuesToBeBetween(column="aspect", min_value=aspects[0],
+                                          max_value=aspects[1], meta=meta("aspect")),
         gxe.ExpectColumnValuesToBeBetween(column="bytes", min_value=1,
                                           meta=meta("empty_file")),
         gxe.ExpectColumnValuesToBeInSet(column="file_exists", value_set=[True],
@@ -113,7 +113,7 @@ def without_run_ids(doc: Any) -> Any:
     return doc
 
 
-def run_suite(df: pd.DataFrame, cfg: Validate) -> Any:
+def run_suite(df: pd.DataFrame, cfg: Validate, aspects: tuple[float, float]) -> Any:
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -122,14 +122,15 @@ def run_suite(df: pd.DataFrame, cfg: Validate) -> Any:
     context.variables.progress_bars = ProgressBarsConfig(globally=False)  # ms of work
     asset = context.data_sources.add_pandas("tinyldm").add_dataframe_asset("raw_manifest")
     batch = asset.add_batch_definition_whole_dataframe("all")
-    suite = context.suites.add(build_suite(cfg))
+    suite = context.suites.add(build_suite(cfg, aspects))
     vd = context.validation_definitions.add(
         gx.ValidationDefinition(name="validate", data=batch, suite=suite))
     return vd.run(batch_parameters={"dataframe": df},
                   result_format={"result_format": "COMPLETE"}), suite
 
 
-def row_reason(kind: str, row: pd.Series, cfg: Validate) -> str:
+def row_reason(kind: str, row: pd.Series, cfg: Validate, aspects: tuple[float, float]
+               ) -> str:
     """One human-readable sentence for one failed check on one row."""
     w, h = int(row["width"]), int(row["height"])
     if kind == "format":
@@ -139,7 +140,9 @@ def row_reason(kind: str, row: pd.Series, cfg: Validate) -> str:
             return f"too small: {w}x{h} < {cfg.min_side}"
         return f"too large: {w}x{h} > {cfg.max_side}"
     if kind == "aspect":
-        return f"aspect ratio {row['aspect']:.2f} > {cfg.max_aspect:g}"
+        return (f"aspect ratio {w}:{h} ({row['aspect']:.2f}) outside {aspects[0]:.2f}.."
+                f"{aspects[1]:.2f}, the format buckets stretched by formats.max_stretch; add "
+                "a bucket in formats.buckets to train on it")
     return {"null_id": "missing id", "duplicate_id": "duplicate id",
             "bad_id": f"id {row['id']!r} is not a sha256 hex digest",
             "empty_file": "empty file (0 bytes)",
@@ -150,8 +153,8 @@ def row_reason(kind: str, row: pd.Series, cfg: Validate) -> str:
             }.get(kind, kind)
 
 
-def quarantine_reasons(df: pd.DataFrame, result: Any,
-                       cfg: Validate) -> dict[int, list[tuple[str, str]]]:
+def quarantine_reasons(df: pd.DataFrame, result: Any, cfg: Validate,
+                       aspects: tuple[float, float]) -> dict[int, list[tuple[str, str]]]:
     """Row index -> [(reason kind, reason text)], from each unexpected_index_list."""
     out: dict[int, list[tuple[str, str]]] = {}
     undecodable = set(df.index[df["format"] == ""])
@@ -169,7 +172,7 @@ def quarantine_reasons(df: pd.DataFrame, result: Any,
             i = int(idx["index"] if isinstance(idx, dict) else idx)
             if i in undecodable or (kind == "duplicate_id" and first_of_id[i]):
                 continue  # keep the first copy of a duplicated id
-            item = (kind, row_reason(kind, df.loc[i], cfg))
+            item = (kind, row_reason(kind, df.loc[i], cfg, aspects))
             if item not in out.setdefault(i, []):
                 out[i].append(item)
     return out
@@ -208,8 +211,9 @@ def validate(params: Params) -> dict:
     manifest = read_table(RAW_MANIFEST, "raw_manifest")
     ocr = read_table(OCR_TABLE, "ocr") if OCR_TABLE.exists() else None
     df = build_frame(manifest, ocr)
-    result, suite = run_suite(df, cfg)
-    reasons = quarantine_reasons(df, result, cfg)
+    aspects = aspect_range(params.formats.buckets, params.formats.max_stretch)
+    result, suite = run_suite(df, cfg, aspects)
+    reasons = quarantine_reasons(df, result, cfg, aspects)
 
     bad = sorted(reasons)
     quarantine = pd.DataFrame({"id": df.loc[bad, "id"].astype(str),

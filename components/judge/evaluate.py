@@ -51,6 +51,7 @@ from components.labelling.labeller import (
     segment,
     text_block,
 )
+from components.models.buckets import format_sizes, nearest
 from components.models.generator import Generator
 from components.models.images import image_grid, load_batch, to_pil
 from components.models.vae import load_vae
@@ -62,24 +63,34 @@ def vae_quality(vae_dir: Path, rows: pd.DataFrame, params: Params) -> dict:
     their captions on the reconstructions: what prompt adherence can reach through this VAE
     (a colour the decoder shifts, or text it blurs past reading, caps it)."""
     vae = load_vae(vae_dir)
-    x = load_batch(rows["path"].tolist(), vae.cfg.image_size)
-    mean, _ = vae.encode(x)
-    rec = vae.decode(mean).clamp(-1, 1)
-    a, b = (rec + 1) / 2, (x + 1) / 2
-    agreement = labeller_agreement(to_pil(rec), rows, params)
-    return {"vae_psnr": round(float(peak_signal_noise_ratio(a, b, data_range=1.0)), 3),
-            "vae_ssim": round(float(structural_similarity_index_measure(a, b, data_range=1.0)),
-                              4)} | {f"vae_{k}": v for k, v in agreement.items()}
+    sizes = format_sizes(params.formats.buckets, vae.cfg)
+    a, b, ssim, shown, order = [], [], [], [], []
+    for f, group in rows.groupby("format", sort=False):  # each at its format's size
+        x = load_batch(group["path"].tolist(), sizes[f])
+        rec = vae.decode(vae.encode(x)[0]).clamp(-1, 1)
+        a.append((rec.flatten() + 1) / 2)
+        b.append((x.flatten() + 1) / 2)
+        ssim.append(structural_similarity_index_measure((rec + 1) / 2, (x + 1) / 2,
+                                                        data_range=1.0, reduction="none"))
+        shown += to_pil(rec)
+        order.append(group)
+    agreement = labeller_agreement(shown, pd.concat(order), params)
+    return {"vae_psnr": round(float(peak_signal_noise_ratio(torch.cat(a), torch.cat(b),
+                                                            data_range=1.0)), 3),
+            "vae_ssim": round(float(torch.cat(ssim).mean()), 4)} | {
+                f"vae_{k}": v for k, v in agreement.items()}
 
 
 ADHERENCE_FIELDS = ["background", "background_kind", "gradient_to", "saturation", "layout",
                     "figure_size", "logo"]
 
 
-def adherence_cases(params: Params) -> list[dict]:
+def adherence_cases(params: Params, width: int = 1, height: int = 1) -> list[dict]:
     """Held-out prompts in the captions' own words: every palette colour, solid and
     gradient, with saturation, layout, figure size and logo cycling through their values,
-    so most combinations are not the ones of any one training image."""
+    so most combinations are not the ones of any one training image; the format the one
+    nearest width:height (default square)."""
+    fmt = nearest(width, height, params.formats.buckets)
     levels = list(params.labels.saturation_levels)
     colours = list(params.brand.palette)
     cases = []
@@ -93,7 +104,7 @@ def adherence_cases(params: Params) -> list[dict]:
                    "layout": LAYOUTS[k % len(LAYOUTS)],
                    "figure_size": FIGURE_SIZES[k % len(FIGURE_SIZES)],
                    "logo": ["no", "yes"][(k // 2) % 2] if params.brand.logos else "no",
-                   "text": "SALE"}
+                   "text": "SALE", "format": fmt}
             cases.append({**row, "prompt": caption(row, params.labels.caption_template)})
     return cases
 
@@ -152,10 +163,11 @@ def format_adherence(gen: Generator, params: Params) -> tuple[dict, list[list[Im
     not stretched; a stretched square would give the format's own aspect); 8 of each for
     the report."""
     cases = adherence_cases(params)
-    prompts = [c["prompt"] for c in cases]
-    square = [block_aspect(im, params) for im in gen.generate(prompts, seed=params.evaluate.seed)]
+    square = [block_aspect(im, params) for im in gen.generate([c["prompt"] for c in cases],
+                                                             seed=params.evaluate.seed)]
     metrics, rows = {}, []
     for name, (w, h) in FORMATS.items():
+        prompts = [c["prompt"] for c in adherence_cases(params, w, h)]  # naming the format
         ims = gen.generate(prompts, seed=params.evaluate.seed, width=w, height=h)
         small = [im.resize(gen.sample_size(w, h), Image.Resampling.LANCZOS) for im in ims]
         got = [auto_labels(im, [], params.brand, params.labels) for im in small]
@@ -244,14 +256,19 @@ def measure(params: Params, vae_dir: Path = VAE_DIR, unet_dir: Path = UNET_DIR,
     # real val images vs images generated from their captions: fidelity, speed, text
     bar.set_postfix_str("fidelity")
     pairs = val.head(cfg.fid_images)
-    real = to_pil(load_batch(pairs["path"].tolist(), gen.native_size))
-    t0 = time.monotonic()
-    fake = [im for k, chunk in enumerate(_chunks(pairs["caption"].tolist(), 32))
-            for im in gen.generate(chunk, seed=cfg.seed + k)]
+    sizes = format_sizes(params.formats.buckets, gen.vae.cfg)
+    real, fake, t0 = [], [], time.monotonic()
+    for f, group in pairs.groupby("format", sort=False):  # each in its own format
+        real += to_pil(load_batch(group["path"].tolist(), sizes[f]))
+        fake += [im for k, chunk in enumerate(_chunks(group["caption"].tolist(), 32))
+                 for im in gen.generate(chunk, seed=cfg.seed + k, width=sizes[f][0],
+                                        height=sizes[f][1])]
     metrics["sample_images_per_s"] = round(len(fake) / (time.monotonic() - t0), 3)
     metrics |= {k: round(v, 5) for k, v in distances(real, fake, extractor, cfg.seed).items()}
     metrics["fid_images"] = len(fake)
-    metrics |= detail(gen, fake, pairs["path"].tolist())
+    square = pairs["format"].map(lambda f: sizes[f][0] == sizes[f][1])  # at 800 x 800
+    metrics |= detail(gen, [im for im in fake if im.width == im.height],
+                      pairs.loc[square, "path"].tolist())
     bar.update()
     bar.set_postfix_str("text")
     text, text_grid = text_metrics(gen, params, caps[caps["split"] == "train"], val)

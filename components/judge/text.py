@@ -27,6 +27,7 @@ from components.ingest.ocr import cer, normalise, read_texts
 from components.labelling import text_boxes
 from components.labelling.captions import caption
 from components.labelling.labeller import LAYOUTS
+from components.models.buckets import nearest
 from components.models.generator import Generator
 from components.models.images import load_batch, to_pil
 from components.models.typeset import typeset
@@ -57,7 +58,8 @@ def text_cases(params: Params, train_words: set[str]) -> list[dict]:
         row = {"background": colours[k % len(colours)], "background_kind": "solid",
                "gradient_to": "none", "saturation": levels[k % len(levels)],
                "layout": LAYOUTS[(k // 2) % len(LAYOUTS)], "figure_size": "none",
-               "logo": "no", "text": " ".join(words)}
+               "logo": "no", "text": " ".join(words),
+               "format": nearest(1, 1, params.formats.buckets)}
         cases.append({"kind": kind, "text": row["text"],
                       "prompt": caption(row, params.labels.caption_template)})
     return cases
@@ -116,7 +118,8 @@ def text_metrics(gen: Generator, params: Params, train: pd.DataFrame, val: pd.Da
             typeset_800 = [typeset(im.resize((TYPESET_SIDE, TYPESET_SIDE),
                                              Image.Resampling.LANCZOS), lines, gen.font_path)
                            for im, lines in zip(fake, layouts, strict=True)]
-    with_text = val[val["text_boxes"].map(lambda b: bool(text_boxes.loads(b)))].head(n)
+    square = val["format"] == nearest(1, 1, params.formats.buckets)  # as the prompts are
+    with_text = val[square & val["text_boxes"].map(lambda b: bool(text_boxes.loads(b)))].head(n)
     real, through_vae = [], []
     if len(with_text):
         x = load_batch(with_text["path"].tolist(), gen.native_size)

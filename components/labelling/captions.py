@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from components.config import Params
 from components.contracts import (
-    LABEL_FIELDS,
+    CAPTION_FIELDS,
 )
 
 
 def caption(row: dict, template: str) -> str:
     """The template filled with a row's fields (text and description flattened to one line);
     an empty field leaves no double spaces."""
-    values = {f: " ".join(str(row.get(f, "") or "").split()) for f in LABEL_FIELDS}
+    values = {f: " ".join(str(row.get(f, "") or "").split()) for f in CAPTION_FIELDS}
     return " ".join(template.format(**values).split()).removesuffix(" .").strip()
 
 

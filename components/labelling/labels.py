@@ -37,6 +37,7 @@ from components.labelling.labelstudio import (
 )
 from components.labelling.manual import apply_manual, read_manual
 from components.labelling.text_boxes import dumps, from_ocr, loads, retext
+from components.models.buckets import nearest
 
 ACCURACY_FIELDS = ["background", "background_kind", "gradient_to", "layout", "figure_size",
                    "saturation", "logo"]  # the attributes the built-in generator records
@@ -106,6 +107,8 @@ def labels(params: Params, mapper: Mapper | None = None) -> dict:
     rows = fan_out(functools.partial(label_chunk, job), items, mapper,
                    params.scale.chunk_size, threads, "labels")
     df = pd.DataFrame(rows)
+    size = manifest.set_index("id").loc[df["id"], ["width", "height"]].to_numpy()
+    df["format"] = [nearest(w, h, params.formats.buckets) for w, h in size]
 
     system = label_system(params)
     manual, problems = read_manual(manifest, system)
@@ -146,6 +149,7 @@ def labels(params: Params, mapper: Mapper | None = None) -> dict:
     metrics |= accuracy(df)
     metrics |= {f"text_boxes_{k}": int(v)
                 for k, v in df["text_boxes_provenance"].value_counts().items()}
+    metrics |= {f"format_{k}": int(v) for k, v in df["format"].value_counts().items()}
     for line in problems:
         print(f"labels: {line}")
     if disagreements:

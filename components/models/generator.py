@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from components.config import Diffusion as DiffusionCfg
 from components.config import Sampler as SamplerCfg
 from components.config import TextEncoder as TextEncoderCfg
 from components.contracts import UserError
+from components.models.buckets import nearest, size_at, stretch
 from components.models.diffusion import NoiseSchedule, make_sampler, sample
 from components.models.glyphs import glyph_map
 from components.models.images import to_pil
@@ -59,6 +59,9 @@ class Generator:
         self.schedule = NoiseSchedule(DiffusionCfg(**unet_config["diffusion"]))
         self.scale_factor = float(unet_config["scale_factor"])
         self.latent_shape = tuple(unet_config["latent_shape"])
+        # the formats (aspect buckets) it trained on; none recorded: squares only
+        self.formats = unet_config.get("formats", {})
+        self.max_stretch = float(unet_config.get("max_stretch", 1.25))
 
     @classmethod
     def load(cls, vae_dir: Path | str, unet_dir: Path | str, sampler: SamplerCfg,
@@ -103,23 +106,28 @@ class Generator:
                     raise UserError(f"prompt {p[:40]!r}...: {n} tokens, over the text "
                                     f"encoder's {limit}-token limit; shorten it")
 
+    def format_of(self, width: int | None, height: int | None) -> str | None:
+        """The trained format (aspect bucket) a width x height output is sampled in: the
+        nearest to W:H, if within the buckets' max_stretch of it; None: none is (or a side
+        is not given)."""
+        if not width or not height or not self.formats:
+            return None
+        ratios = {f: v["ratio"] for f, v in self.formats.items()}
+        f = nearest(width, height, ratios)
+        return f if stretch(width, height, ratios[f]) <= self.max_stretch else None
+
     def sample_size(self, width: int | None = None, height: int | None = None
                     ) -> tuple[int, int]:
-        """The size (w, h) a width x height output is sampled at: the native square when
-        both sides are not given or they are equal; else the aspect W:H at about the
-        native pixel count, on the U-Net's grid (4 latent cells), so the shapes and the
-        text block are drawn in that format, not stretched into it."""
+        """The size (w, h) a width x height output is sampled at: its trained format's
+        size (`format_of`); else the native square when a side is not given or they are
+        equal; else the aspect W:H at about the native pixel count on the U-Net's grid, so
+        the shapes and the text block are drawn in that format, not stretched into it."""
         n = self.native_size
+        if (f := self.format_of(width, height)) is not None:
+            return tuple(self.formats[f]["size"])
         if not width or not height or width == height:
             return n, n
-        grid, aspect = 4 * self.vae.down_factor, width / height
-
-        def miss(h: int) -> float:
-            w = max(grid, round(h * aspect / grid) * grid)
-            return abs(math.log(w / h / aspect)) + 0.5 * abs(math.log(w * h / n**2))
-
-        h = min(range(grid, 4 * n + 1, grid), key=miss)
-        return max(grid, round(h * aspect / grid) * grid), h
+        return size_at(width / height, n, 4 * self.vae.down_factor)
 
     def text_layouts(self, prompts: list[str], seed: int = 0,
                      text_box: tuple[float, ...] | None = None,
@@ -186,9 +194,11 @@ class Generator:
         if not prompts:
             return []
         w, h = self.sample_size(width, height)
-        if (w, h) != (self.native_size,) * 2:
+        if (w, h) != (self.native_size,) * 2 and self.format_of(width, height) is None:
+            seen = ", ".join(f"{f} {r[0]}:{r[1]}" for f, r in
+                             ((f, v["ratio"]) for f, v in self.formats.items())) or "square"
             print(f"generate: {width}x{height} is sampled at {w}x{h}; this model was trained "
-                  "on square images only, so expect its layouts in this format to be less "
+                  f"on {seen} only, so expect its layouts in this format to be less "
                   "faithful", file=sys.stderr)
         if layouts is None:
             layouts = self.text_layouts(prompts, seed, text_box, (w, h))

@@ -13,12 +13,15 @@ from components.contracts import (
     open_rgb,
 )
 
+Size = int | tuple[int, int]  # a square's side, or (width, height)
 
-def load_image_tensor(path: Path | str, size: int) -> torch.Tensor:
+
+def load_image_tensor(path: Path | str, size: Size) -> torch.Tensor:
     """One image (contracts.open_rgb: rotated, flattened on white, RGB) as a
-    3 x size x size float tensor in [-1, 1]."""
+    3 x height x width float tensor in [-1, 1]."""
+    w, h = (size, size) if isinstance(size, int) else size
     try:
-        im = open_rgb(path).resize((size, size), Image.Resampling.BICUBIC)
+        im = open_rgb(path).resize((w, h), Image.Resampling.BICUBIC)
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot read image ({e}); re-run validate to quarantine it") \
             from None
@@ -31,10 +34,21 @@ def from_pil(images: list[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
-def load_batch(paths: list[Path] | list[str], size: int) -> torch.Tensor:
+def load_batch(paths: list[Path] | list[str], size: Size) -> torch.Tensor:
     if not paths:
-        return torch.zeros(0, 3, size, size)
+        w, h = (size, size) if isinstance(size, int) else size
+        return torch.zeros(0, 3, h, w)
     return torch.stack([load_image_tensor(p, size) for p in paths])
+
+
+def load_formats(paths: list[Path] | list[str], formats: list[str],
+                 sizes: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+    """The images grouped by format (aspect bucket, models/buckets.py), each group one
+    tensor at its bucket's (width, height), in order of first appearance."""
+    from components.models.buckets import groups
+
+    return {f: load_batch([paths[i] for i in rows.tolist()], sizes[f])
+            for f, rows in groups(formats).items()}
 
 
 def to_pil(x: torch.Tensor) -> list[Image.Image]:

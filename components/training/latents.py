@@ -7,16 +7,19 @@ train image also gets a mirrored copy whose caption says left where the original
 right (and the other way round).
 
 Each row also gets its glyph map (models/glyphs.py: the words of its `text_boxes`, drawn
-in brand.font at the VAE's image size, uint8), and the stage fits the layout planner's
+in brand.font at its format's size, uint8), and the stage fits the layout planner's
 statistics on the train rows (layout.json); both travel with the model, with a copy of
 the font (font.ttf), so generation draws its glyph maps exactly as training did.
 
-Arrays are plain .npy files (memory-mapped by the U-Net stage), rows indexed by
-index.parquet. Entries are also kept in a content-keyed store (.cache/latents): an
-image's key hashes its bytes, the VAE weights and the size; a caption's key hashes the
-caption and the text encoder. A re-run encodes only what changed (new images, edited
-captions, everything after a retrained VAE) and a changed input can never pass for a
-cached one.
+Images keep their aspect: each row is encoded at its format's size (its aspect bucket,
+models/buckets.py), so the latents, posterior variances and glyph maps are stored per
+format (mean_<format>.npy, logvar_..., glyphs_...; index.parquet gives each row's format
+and its row there); the caption arrays are shared. Arrays are plain .npy files
+(memory-mapped by the U-Net stage), rows indexed by index.parquet. Entries are also
+kept in a content-keyed store (.cache/latents): an image's key hashes its bytes, the VAE
+weights and its format's size; a caption's key hashes the caption and the text encoder.
+A re-run encodes only what changed (new images, edited captions, everything after a
+retrained VAE) and a changed input can never pass for a cached one.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ import torch
 
 from components.config import Params
 from components.contracts import (
+    CAPTION_FIELDS,
     CAPTIONS,
-    LABEL_FIELDS,
     LATENTS,
     TEXT_FIELDS,
     VAE_DIR,
@@ -49,6 +52,7 @@ from components.contracts import (
 )
 from components.labelling import text_boxes
 from components.labelling.captions import caption
+from components.models.buckets import format_sizes, groups
 from components.models.glyphs import REFERENCE_PX, font, glyph_map
 from components.models.images import load_batch
 from components.models.layout import fit_layouts
@@ -58,8 +62,8 @@ from components.models.vae import load_vae
 CACHE = Path(".cache") / "latents"  # content-keyed entries, kept across runs (DVC clears outs)
 TEXT_ENCODER = "text_encoder"  # a fitted encoder (tfidf) travels with the latents and model
 GLYPH_FILES = ["layout.json", "font.ttf"]  # what generation needs to draw glyph maps
-CACHE_FILES = ["mean.npy", "logvar.npy", "text.npy", "text_attributes.npy", "glyphs.npy",
-               "index.parquet", "meta.json", *GLYPH_FILES]
+CACHE_FILES = ["text.npy", "text_attributes.npy", "index.parquet", "meta.json", *GLYPH_FILES]
+FORMAT_ARRAYS = ["mean", "logvar", "glyphs"]  # per format: <name>_<format>.npy
 
 
 class LatentCache:
@@ -71,13 +75,18 @@ class LatentCache:
         if missing:
             raise UserError(f"{d}: latent cache incomplete (missing {', '.join(missing)}); "
                             "run the latents stage first")
-        self.mean = np.load(d / "mean.npy", mmap_mode="r")
-        self.logvar = np.load(d / "logvar.npy", mmap_mode="r")
         self.text = np.load(d / "text.npy", mmap_mode="r")
         self.text_attributes = np.load(d / "text_attributes.npy", mmap_mode="r")
-        self.glyphs = np.load(d / "glyphs.npy", mmap_mode="r")  # (N, S, S) uint8
         self.index = pd.read_parquet(d / "index.parquet")
         self.meta = read_json(d / "meta.json")
+        files = {f: {a: d / f"{a}_{f}.npy" for a in FORMAT_ARRAYS} for f in self.meta["formats"]}
+        missing = [p.name for fs in files.values() for p in fs.values() if not p.exists()]
+        if missing:
+            raise UserError(f"{d}: latent cache incomplete (missing {', '.join(missing)}); "
+                            "run the latents stage first")
+        # format -> mean, logvar (N_f, C, h, w) float32 and glyphs (N_f, H, W) uint8
+        self.formats = {f: {a: np.load(p, mmap_mode="r") for a, p in fs.items()}
+                        for f, fs in files.items()}
 
     def identity(self) -> str:
         """A hash of what was encoded (every row's cache key) and how (meta.json)."""
@@ -86,6 +95,14 @@ class LatentCache:
 
     def rows(self, split: str) -> np.ndarray:
         return self.index.loc[self.index["split"] == split, "row"].to_numpy(np.int64)
+
+    def by_format(self, split: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """format -> (the split's rows of that format, their rows in the format's arrays),
+        formats in the cache's order (most images first), empty ones left out."""
+        part = self.index[self.index["split"] == split]
+        out = {f: part[part["format"] == f] for f in self.meta["formats"]}
+        return {f: (p["row"].to_numpy(np.int64), p["format_row"].to_numpy(np.int64))
+                for f, p in out.items() if len(p)}
 
 
 def _load_or_none(path: Path):
@@ -141,7 +158,7 @@ def mirrored(caps: pd.DataFrame, template: str) -> pd.DataFrame:
     out = caps[caps["split"] == "train"].copy()
     out["flip"] = True
     out["layout"] = out["layout"].map(lambda v: MIRROR.get(v, v))
-    out["caption"] = [caption(r, template) for r in out[LABEL_FIELDS].to_dict("records")]
+    out["caption"] = [caption(r, template) for r in out[CAPTION_FIELDS].to_dict("records")]
     return out
 
 
@@ -149,16 +166,17 @@ def attributes_only(caps: pd.DataFrame, template: str) -> list[str]:
     """Each caption written again without its free text (what the image reads, a
     description): the attribute words alone."""
     return [caption({**r, **dict.fromkeys(TEXT_FIELDS, "")}, template)
-            for r in caps[LABEL_FIELDS].to_dict("records")]
+            for r in caps[CAPTION_FIELDS].to_dict("records")]
 
 
-def glyph_maps(caps: pd.DataFrame, size: int, font_path: str) -> np.ndarray:
-    """Each row's glyph map (N, size, size) uint8, mirrored where the row is."""
+def glyph_maps(caps: pd.DataFrame, sizes: dict[str, tuple[int, int]], font_path: str
+               ) -> list[np.ndarray]:
+    """Each row's glyph map (H, W) uint8 at its format's size, mirrored where the row is."""
     font(font_path, REFERENCE_PX)  # a missing font: one line naming brand.font
-    out = np.zeros((len(caps), size, size), np.uint8)
-    for i, (boxes, flip) in enumerate(zip(caps["text_boxes"], caps["flip"], strict=True)):
-        drawn = np.asarray(glyph_map(text_boxes.loads(boxes), size, size, font_path))
-        out[i] = drawn[:, ::-1] if flip else drawn  # no text: all black
+    out = []
+    for boxes, flip, f in zip(caps["text_boxes"], caps["flip"], caps["format"], strict=True):
+        drawn = np.asarray(glyph_map(text_boxes.loads(boxes), *sizes[f], font_path))
+        out.append(np.ascontiguousarray(drawn[:, ::-1]) if flip else drawn)  # no text: black
     return out
 
 
@@ -172,13 +190,21 @@ def latents(params: Params) -> dict:
     caps = caps.reset_index(drop=True)
     vae = load_vae(VAE_DIR)
     size = vae.cfg.image_size
+    buckets = params.formats.buckets
+    unknown = sorted(set(caps["format"]) - set(buckets))
+    if unknown:
+        raise UserError(f"{CAPTIONS}: format(s) {unknown} are not in formats.buckets; re-run "
+                        "the labels stage")
+    sizes = format_sizes(buckets, vae.cfg)
     vae_hash = sha256_file(VAE_DIR / "weights.safetensors")[:16]
     encoder = get_encoder(params.text_encoder,
                           fit_captions=caps.loc[caps["split"] == "train", "caption"].tolist())
     # an image's latent depends on its bytes (the id is their sha256), the VAE weights and
-    # the size it is resized to; a caption's vector on the caption and the encoder
-    image_keys = [sha256_bytes(f"{i}|{vae_hash}|{size}{'|flip' if f else ''}".encode())
-                  for i, f in zip(caps["id"], caps["flip"], strict=True)]
+    # the size it is resized to (its format's); a caption's vector on the caption and the
+    # encoder
+    image_keys = [sha256_bytes(f"{i}|{vae_hash}|{sizes[b][0]}x{sizes[b][1]}"
+                               f"{'|flip' if f else ''}".encode())
+                  for i, f, b in zip(caps["id"], caps["flip"], caps["format"], strict=True)]
     texts = caps["caption"].tolist()
     plain = attributes_only(caps, params.labels.caption_template)
     n_rows = len(texts)
@@ -186,16 +212,21 @@ def latents(params: Params) -> dict:
                  for c in texts + plain]
 
     def encode_images(todo: list[int]) -> list[np.ndarray]:
-        out, bs = [], params.latents.batch_size
+        """Each row's (2, C, h, w) posterior, in batches of one format."""
+        out, bs = {}, params.latents.batch_size
+        batches = [(f, [todo[k] for k in pos[j : j + bs].tolist()])
+                   for f, pos in groups(caps["format"].iloc[todo].tolist()).items()
+                   for j in range(0, len(pos), bs)]
         with torch.no_grad():
-            for j in progress(range(0, len(todo), bs), desc="latents", unit="batch"):
-                rows = caps.iloc[todo[j : j + bs]]
-                x = load_batch(rows["path"].tolist(), size)
+            for f, chunk in progress(batches, desc="latents", unit="batch"):
+                rows = caps.iloc[chunk]
+                x = load_batch(rows["path"].tolist(), sizes[f])
                 flip = torch.tensor(rows["flip"].tolist(), dtype=torch.bool)
                 x[flip] = x[flip].flip(-1)
                 mean, logvar = vae.encode(x)
-                out.extend(torch.stack([mean, logvar], 1).float().numpy())
-        return out
+                out |= dict(zip(chunk, torch.stack([mean, logvar], 1).float().numpy(),
+                                strict=True))
+        return [out[i] for i in todo]
 
     def encode_texts(todo: list[int]) -> list[np.ndarray]:
         """Each caption's token states without padding (L_i, D), or its vector (D,)."""
@@ -208,16 +239,25 @@ def latents(params: Params) -> dict:
                 out.extend(t[np.abs(t).max(-1) > 0].astype(np.float16) for t in enc.tokens)
         return out
 
-    glyphs = glyph_maps(caps, size, params.brand.font)
+    glyphs = glyph_maps(caps, sizes, params.brand.font)
     train = caps[(caps["split"] == "train") & ~caps["flip"]]  # as the images were drawn
     layout_stats = fit_layouts([(lay, text_boxes.loads(b)) for lay, b in
                                 zip(train["layout"], train["text_boxes"], strict=True)])
     posteriors, n_images = _encode_missing(image_keys, "image", encode_images)
     vectors, n_texts = _encode_missing(text_keys, "text", encode_texts)
-    post = np.stack(posteriors).astype(np.float32)  # (N, 2, C, H, W): mean, logvar
-    mean, logvar = post[:, 0], post[:, 1]
+    # per format, most images first: rows, and (N_f, 2, C, h, w) posteriors (mean, logvar)
+    counts = caps["format"].value_counts(sort=False)
+    order = sorted(counts.index, key=lambda f: (-counts[f], list(buckets).index(f)))
+    rows = {f: np.flatnonzero(caps["format"].to_numpy() == f) for f in order}
+    post = {f: np.stack([posteriors[i] for i in r]).astype(np.float32) for f, r in rows.items()}
+    format_row = np.zeros(len(caps), np.int64)
+    for r in rows.values():
+        format_row[r] = np.arange(len(r))
     text, text_attributes = pad_stack(vectors[:n_rows]), pad_stack(vectors[n_rows:])
-    scale = float(1.0 / max(mean.std(), 1e-6))
+    every_mean = np.concatenate([p[:, 0].ravel() for p in post.values()])
+    scale = float(1.0 / max(every_mean.std(), 1e-6))
+    glyph_arrays = {f: np.stack([glyphs[i] for i in r]) for f, r in rows.items()}
+    native = [vae.cfg.latent_channels, *(size // vae.down_factor,) * 2]
     truncated = (sum(n > encoder.max_tokens for n in encoder.count_tokens(
         caps["caption"].tolist())) if hasattr(encoder, "count_tokens") else 0)
 
@@ -226,28 +266,33 @@ def latents(params: Params) -> dict:
         "caption": caps["caption"],
         "key": [sha256_bytes(f"{a}|{b}".encode())[:16]
                 for a, b in zip(image_keys, text_keys[:n_rows], strict=True)],
-        "flip": caps["flip"].astype(bool),
+        "flip": caps["flip"].astype(bool), "format": caps["format"], "format_row": format_row,
     })
-    meta = {"scale_factor": scale, "latent_shape": list(mean.shape[1:]),
+    meta = {"scale_factor": scale, "latent_shape": native,
+            "formats": {f: {"ratio": list(buckets[f]), "size": list(sizes[f]),
+                            "latent_shape": list(post[f].shape[2:]), "images": len(r)}
+                        for f, r in rows.items()},
+            "max_stretch": params.formats.max_stretch,
             "text_dim": int(text.shape[-1]), "text_tokens": int(text.shape[1])
             if text.ndim == 3 else 0, "text_encoder": encoder.name,
             "vae_weights": vae_hash, "image_size": size,
-            "glyphs": sha256_bytes(glyphs.tobytes())[:16],
+            "glyphs": sha256_bytes(b"".join(a.tobytes() for a in glyph_arrays.values()))[:16],
             "font": sha256_file(Path(params.brand.font))[:16]}
     with atomic_dir(LATENTS) as tmp:
-        np.save(tmp / "mean.npy", mean)
-        np.save(tmp / "logvar.npy", logvar)
+        for f in rows:
+            np.save(tmp / f"mean_{f}.npy", post[f][:, 0])
+            np.save(tmp / f"logvar_{f}.npy", post[f][:, 1])
+            np.save(tmp / f"glyphs_{f}.npy", glyph_arrays[f])
         np.save(tmp / "text.npy", text)
         np.save(tmp / "text_attributes.npy", text_attributes)
-        np.save(tmp / "glyphs.npy", glyphs)
         write_json(tmp / "layout.json", layout_stats)
         shutil.copyfile(params.brand.font, tmp / "font.ttf")
         write_table(index, tmp / "index.parquet", "latent_index")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         save_encoder(encoder, tmp / TEXT_ENCODER)
     return {"images": len(caps), "images_encoded": n_images, "captions_encoded": n_texts,
-            "glyph_maps_with_text": int((glyphs.reshape(len(glyphs), -1).max(1) > 0).sum()),
+            "glyph_maps_with_text": int(sum(g.max() > 0 for g in glyphs)),
             "scale_factor": round(scale, 5),
-            "latent_shape": "x".join(map(str, mean.shape[1:])),
+            "latent_shape": "x".join(map(str, native)),
             "captions_truncated": int(truncated),
             "captions_truncated_share": round(truncated / len(caps), 4)}

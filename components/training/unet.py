@@ -28,6 +28,7 @@ from components.contracts import (
     write_csv,
     write_json,
 )
+from components.models.buckets import draw
 from components.models.unet import ContextUnet, save_unet
 
 
@@ -48,6 +49,7 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
 
     cache = LatentCache(latents_dir)
     rows = cache.rows("train")
+    parts = cache.by_format("train")  # format -> (rows, rows in the format's arrays)
     if len(rows) == 0:
         raise UserError(f"{latents_dir}/index.parquet: no rows with split == 'train'; "
                         "check labels.split")
@@ -57,9 +59,6 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
                         f"not text_encoder.name={text_encoder_name!r}; re-run the latents "
                         "stage")
     vae = load_vae(vae_dir)
-    # the whole train split fits in memory at these sizes (960 x 4x16x16 floats = 4 MB)
-    mean = torch.from_numpy(np.ascontiguousarray(cache.mean[rows]))
-    std = torch.from_numpy(np.ascontiguousarray(cache.logvar[rows])).mul(0.5).exp()
     # caption token states (N, L, D), or vectors (N, D) for an encoder without tokens; and
     # the same captions without their free text, padded to one length to mix the two
     text, plain = (torch.from_numpy(np.ascontiguousarray(a[rows])).float()
@@ -68,10 +67,15 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
         length = max(text.shape[1], plain.shape[1])
         text, plain = (nn.functional.pad(t, (0, 0, 0, length - t.shape[1])) for t in (text, plain))
     scale = float(cache.meta["scale_factor"])
-    latent_shape = tuple(int(s) for s in mean.shape[1:])
-    # glyph maps stay uint8 until a batch takes them (960 x 64 x 64 bytes = 4 MB)
-    glyphs = torch.from_numpy(np.ascontiguousarray(cache.glyphs[rows]))
-    glyph_down = glyphs.shape[-1] // latent_shape[-1]
+    latent_shape = tuple(cache.meta["latent_shape"])  # the native square's
+    # the whole train split fits in memory at these sizes (960 x 4x16x16 floats = 4 MB);
+    # per format (aspect bucket): latent mean, std, glyph maps (uint8 until a batch takes
+    # them), and where its rows are in text
+    where = {int(r): i for i, r in enumerate(rows)}
+    data = [FormatData(cache.formats[f], frows, [where[int(r)] for r in grows])
+            for f, (grows, frows) in parts.items()]
+    counts = [len(d.text_rows) for d in data]
+    glyph_down = data[0].glyphs.shape[-1] // data[0].mean.shape[-1]
 
     rt = runtime(cfg.device, cfg.bf16, "unet")
     torch.manual_seed(cfg.seed)
@@ -83,8 +87,8 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
     ema = ContextUnet(**model.config()).eval()
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False).to(rt.device)
-    mean, std = mean.to(rt.device), std.to(rt.device)
-    text, plain, glyphs = text.to(rt.device), plain.to(rt.device), glyphs.to(rt.device)
+    data = [d.to(rt.device) for d in data]
+    text, plain = text.to(rt.device), plain.to(rt.device)
     opt = adamw(model.parameters(), cfg.lr, 0.0)
     sched = cosine_with_warmup(opt, cfg.warmup, cfg.steps)
     params, ema_params = list(model.parameters()), list(ema.parameters())
@@ -109,16 +113,18 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
                    unit="step", disable=not rt.main)
     global_batch = cfg.batch_size * rt.world  # every process draws it; each takes a slice
     for step in bar:
-        idx = torch.randint(0, len(rows), (global_batch,), generator=gen)
-        eps = torch.randn((global_batch, *latent_shape), generator=gen)
+        d = data[draw(counts, gen)]  # one format per batch, in proportion to its images
+        idx = torch.randint(0, len(d.text_rows), (global_batch,), generator=gen)
+        eps = torch.randn((global_batch, *d.mean.shape[1:]), generator=gen)
         drop = torch.rand(global_batch, generator=gen) < cfg.text_drop
         idx, eps, drop = rt.shard(idx, eps, drop)
         # a fresh posterior sample each time
-        x0 = (mean[idx] + std[idx] * eps.to(rt.device)) * scale
+        x0 = (d.mean[idx] + d.std[idx] * eps.to(rt.device)) * scale
         drop = drop.to(rt.device).view(-1, *[1] * (text.dim() - 1))
-        context = torch.where(drop, plain[idx], text[idx])
+        t_idx = d.text_rows[idx]
+        context = torch.where(drop, plain[t_idx], text[t_idx])
         # the glyph map stays when the caption loses its free text: the letters come from it
-        glyph = glyph_batch(glyphs, idx) if cfg.glyph_channels else None
+        glyph = glyph_batch(d.glyphs, idx) if cfg.glyph_channels else None
         loss = train_step(rt, lambda x0=x0, c=context, g=glyph: training_loss(
                               net, schedule, x0, c, cfg.cond_drop, gen, (rt.rank, rt.world), g),
                           opt, sched, params, ema_params, cfg.ema, step)
@@ -132,7 +138,7 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
                 tracking.log_metrics({"curve.loss": log[-1][1]}, step + 1)
         if rt.main and cfg.sample_every and (step + 1) % cfg.sample_every == 0 \
                 and tracking.active():
-            grid = preview_grid(ema, vae, schedule, cache, scale, latent_shape)
+            grid = preview_grid(ema, vae, schedule, cache, scale)
             tracking.log_image(grid, f"samples/step_{step + 1:06d}.png")
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 \
                 and step + 1 < cfg.steps:
@@ -147,12 +153,17 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
     config = {"diffusion": diff.model_dump(mode="json"), "scale_factor": scale,
               "latent_shape": list(latent_shape), "text_encoder": text_encoder_name,
               "text_dim": int(text.shape[-1]), "image_size": vae.cfg.image_size,
+              # the formats it trained on (aspect buckets): what generation samples at
+              "formats": {f: {**cache.meta["formats"][f], "train_images": n}
+                          for f, n in zip(parts, counts, strict=True)},
+              "max_stretch": cache.meta["max_stretch"],
               "train": cfg.model_dump(mode="json")}
     metrics = {"final_loss": log[-1][1], "steps": cfg.steps, "bf16": rt.precision == "bf16",
                "precision": rt.precision, "device": rt.device.type, "processes": rt.world,
                "resumed_at": first, "seconds": round(seconds, 2),
                "steps_per_s": round((cfg.steps - first) / seconds, 3),
-               "train_latents": len(rows)}
+               "train_latents": len(rows),
+               **{f"train_latents_{f}": n for f, n in zip(parts, counts, strict=True)}}
     if rt.world > 1:
         metrics["process_weight_spread"] = spread
     if not rt.main:
@@ -165,40 +176,56 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
         for name in GLYPH_FILES:  # the layout planner's statistics and the font
             shutil.copyfile(Path(latents_dir) / name, tmp / name)
         write_csv(tmp / TRAINING_CURVE, ["step", "loss"], [(s, f"{v:.6f}") for s, v in log])
-        preview_grid(ema, vae, schedule, cache, scale, latent_shape).save(tmp / "samples.png")
+        preview_grid(ema, vae, schedule, cache, scale).save(tmp / "samples.png")
         write_json(tmp / "metrics.json", results_only(metrics))
     ckpt.clear()
     finish(rt)
     return metrics
 
 
+class FormatData:
+    """One format's train rows in memory: latent mean and std (N, C, h, w), glyph maps
+    (N, H, W) uint8, and each row's position in the caption arrays."""
+
+    def __init__(self, arrays: dict, rows: np.ndarray, text_rows: list[int]):
+        self.mean = torch.from_numpy(np.ascontiguousarray(arrays["mean"][rows]))
+        self.std = torch.from_numpy(np.ascontiguousarray(arrays["logvar"][rows])).mul(0.5).exp()
+        self.glyphs = torch.from_numpy(np.ascontiguousarray(arrays["glyphs"][rows]))
+        self.text_rows = torch.tensor(text_rows, dtype=torch.long)
+
+    def to(self, device: torch.device) -> FormatData:
+        for name in ("mean", "std", "glyphs", "text_rows"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+
 def glyph_batch(glyphs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """uint8 glyph maps (N, S, S) -> the batch's (B, 1, S, S) floats in 0..1."""
+    """uint8 glyph maps (N, H, W) -> the batch's (B, 1, H, W) floats in 0..1."""
     return glyphs[idx].unsqueeze(1).float().div_(255)
 
 
 @torch.no_grad()
 def preview_grid(model: ContextUnet, vae: nn.Module, schedule, cache, scale: float,
-                 latent_shape: tuple[int, ...], n: int = 8) -> Image.Image:
-    """The first n val captions (train if no val), DDIM 25 steps, guidance 2, one row, on
-    the CPU (as the generator samples) with its own seeded noise: calling it mid-training
-    changes nothing of the training run, on any device."""
+                 n: int = 8) -> Image.Image:
+    """The first n val captions (train if no val) of the most common format, DDIM 25
+    steps, guidance 2, one row, on the CPU (as the generator samples) with its own seeded
+    noise: calling it mid-training changes nothing of the training run, on any device."""
     from components.models.diffusion import DDIMSampler, sample
     from components.models.images import image_grid, to_pil
 
-    rows = cache.rows("val")
-    if len(rows) == 0:
-        rows = cache.rows("train")
-    rows = rows[:n]
+    f, (rows, frows) = next(iter((cache.by_format("val") or cache.by_format("train")).items()))
+    rows, frows = rows[:n], frows[:n]
     if next(model.parameters()).device.type != "cpu":  # mid-training on a GPU
         model = copy.deepcopy(model).cpu()
     context = torch.from_numpy(np.ascontiguousarray(cache.text[rows])).float()
-    glyph = glyph_batch(torch.from_numpy(np.ascontiguousarray(cache.glyphs[rows])),
+    arrays = cache.formats[f]
+    glyph = glyph_batch(torch.from_numpy(np.ascontiguousarray(arrays["glyphs"][frows])),
                         torch.arange(len(rows))) if model.glyph_channels else None
     sampler = DDIMSampler(schedule, 0.0)
     sampler.set_timesteps(25)
     gens = [torch.Generator().manual_seed(i) for i in range(len(rows))]
-    z = sample(model, schedule, sampler, context, latent_shape, 2.0, gens, glyph)
+    z = sample(model, schedule, sampler, context, tuple(arrays["mean"].shape[1:]), 2.0, gens,
+               glyph)
     return image_grid([to_pil(vae.decode(z / scale))], cell=64)
 
 

@@ -26,6 +26,7 @@ from components.contracts import (
     results_only,
     write_json,
 )
+from components.models.buckets import draw, format_sizes, groups
 from components.models.images import from_pil, load_batch, to_pil
 from components.models.upscaler import Upscaler, save_upscaler
 from components.models.vae import load_vae
@@ -34,41 +35,52 @@ from components.training.runtime import Runtime, adamw, cosine_with_warmup, runt
 VAL_IMAGES = 32
 
 
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+
 @torch.no_grad()
-def pairs(vae, paths: list[str], native: int, factor: int, rt: Runtime, batch: int = 64
-          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the images through the VAE at the native size, float in [-1, 1]; the images at
+def pairs(vae, paths: list[str], size: tuple[int, int], factor: int, rt: Runtime,
+          batch: int = 64) -> Pair:
+    """(the images through the VAE at size (w, h), float in [-1, 1]; the images at
     factor x that size, uint8 to keep a large collection in memory)."""
-    ins = [torch.zeros(0, 3, native, native)]  # no paths (an empty val split): no pairs
-    outs = [torch.zeros(0, 3, native * factor, native * factor, dtype=torch.uint8)]
+    (w, h), f = size, factor
+    ins = [torch.zeros(0, 3, h, w)]  # no paths (an empty val split): no pairs
+    outs = [torch.zeros(0, 3, h * f, w * f, dtype=torch.uint8)]
     for i in range(0, len(paths), batch):
         chunk = paths[i : i + batch]
         with rt.autocast():
-            rec = vae.decode(vae.encode(load_batch(chunk, native).to(rt.device))[0])
+            rec = vae.decode(vae.encode(load_batch(chunk, size).to(rt.device))[0])
         ins.append(rec.float().clamp(-1, 1).cpu())
-        big = load_batch(chunk, native * factor)
+        big = load_batch(chunk, (w * f, h * f))
         outs.append(((big + 1) * 127.5).round().to(torch.uint8))
     return torch.cat(ins), torch.cat(outs)
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """On [-1, 1] images, as PSNR on [0, 1] (torchmetrics)."""
-    return float(peak_signal_noise_ratio((a.float() + 1) / 2, (b.float() + 1) / 2,
-                                         data_range=1.0))
+def format_pairs(vae, paths: list[str], formats: list[str], sizes: dict, factor: int,
+                 rt: Runtime) -> list[Pair]:
+    """`pairs` of each format (aspect bucket) at its size."""
+    return [pairs(vae, [paths[i] for i in rows.tolist()], sizes[f], factor, rt)
+            for f, rows in groups(formats).items()]
 
 
-def lanczos(images: torch.Tensor, side: int) -> torch.Tensor:
-    """The interpolating baseline: each image resized to side x side (Lanczos)."""
-    return from_pil([im.resize((side, side), Image.Resampling.LANCZOS)
-                     for im in to_pil(images)])
+def psnr(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """On [-1, 1] images (one tensor per format), as PSNR on [0, 1] over all of their
+    pixels (torchmetrics)."""
+    a, b = (torch.cat([t.float().flatten() for t in ts]) for ts in (a, b))
+    return float(peak_signal_noise_ratio((a + 1) / 2, (b + 1) / 2, data_range=1.0))
 
 
-def fit(cfg: UpscalerCfg, rt: Runtime, x: torch.Tensor, y: torch.Tensor
-        ) -> tuple[Upscaler, float]:
-    """An upscaler trained to turn x (N, 3, n, n in [-1, 1]) into y (uint8, factor x n) on
-    random crops of cfg.crop input pixels; returns it (eval mode) and the last loss."""
-    n, f = x.shape[-1], cfg.factor
-    crop = min(cfg.crop, n)
+def lanczos(images: torch.Tensor, factor: int) -> torch.Tensor:
+    """The interpolating baseline: each image resized factor x (Lanczos)."""
+    return from_pil([im.resize((im.width * factor, im.height * factor),
+                               Image.Resampling.LANCZOS) for im in to_pil(images)])
+
+
+def fit(cfg: UpscalerCfg, rt: Runtime, data: list[Pair]) -> tuple[Upscaler, float]:
+    """An upscaler trained to turn each x (N, 3, h, w in [-1, 1]) into its y (uint8, factor
+    x the size) on random crops of cfg.crop input pixels, each batch from one format;
+    returns it (eval mode) and the last loss."""
+    f = cfg.factor
     torch.manual_seed(cfg.seed)
     model = Upscaler.from_config(cfg).to(rt.device).train()
     params = list(model.parameters())
@@ -77,10 +89,14 @@ def fit(cfg: UpscalerCfg, rt: Runtime, x: torch.Tensor, y: torch.Tensor
     gen = torch.Generator().manual_seed(cfg.seed)
     loss = torch.zeros(())
     for _ in progress(range(cfg.steps), desc="upscaler", unit="step"):
-        idx = torch.randint(0, len(x), (cfg.batch_size,), generator=gen)
-        i, j = torch.randint(0, n - crop + 1, (2,), generator=gen).tolist()
-        xb = x[idx, :, i : i + crop, j : j + crop].to(rt.device)
-        yb = y[idx, :, i * f : (i + crop) * f, j * f : (j + crop) * f].to(rt.device)
+        x, y = data[draw([len(x) for x, _ in data], gen)]
+        (h, w), idx = x.shape[-2:], torch.randint(0, len(x), (cfg.batch_size,), generator=gen)
+        ch, cw = min(cfg.crop, h), min(cfg.crop, w)
+        i, j = (torch.randint(0, h - ch + 1, (2,), generator=gen).tolist() if h == w else
+                [int(torch.randint(0, n - c + 1, (1,), generator=gen)) for n, c in
+                 ((h, ch), (w, cw))])
+        xb = x[idx, :, i : i + ch, j : j + cw].to(rt.device)
+        yb = y[idx, :, i * f : (i + ch) * f, j * f : (j + cw) * f].to(rt.device)
         yb = yb.float() / 127.5 - 1
         loss = train_step(rt, lambda xb=xb, yb=yb: F.l1_loss(model(xb).float(), yb), opt,
                           sched, params)
@@ -88,24 +104,31 @@ def fit(cfg: UpscalerCfg, rt: Runtime, x: torch.Tensor, y: torch.Tensor
 
 
 def train_upscaler(cfg: UpscalerCfg, vae_dir: Path, train: list[str], val: list[str],
-                   out_dir: Path) -> dict:
+                   out_dir: Path, formats: tuple[list[str], list[str]] | None = None,
+                   buckets: dict | None = None) -> dict:
+    """Train on `train`, compare with Lanczos on the first VAL_IMAGES of `val`; `formats`:
+    their aspect buckets (params formats.buckets: `buckets`), default all square."""
     t0 = time.monotonic()
     rt = runtime(cfg.device, cfg.bf16, "upscaler")
     vae = load_vae(vae_dir).to(rt.device)
     native, f = vae.cfg.image_size, cfg.factor
-    x, y = pairs(vae, train, native, f, rt)
-    vx, vy = pairs(vae, val[:VAL_IMAGES], native, f, rt)
-    model, loss = fit(cfg, rt, x, y)
+    sizes = format_sizes(buckets or {"square": (1, 1)}, vae.cfg)
+    train_f, val_f = formats or ([next(iter(sizes))] * len(train),
+                                 [next(iter(sizes))] * len(val))
+    data = format_pairs(vae, train, train_f, sizes, f, rt)
+    held = format_pairs(vae, val[:VAL_IMAGES], val_f[:VAL_IMAGES], sizes, f, rt)
+    model, loss = fit(cfg, rt, data)
     seconds = time.monotonic() - t0
     metrics: dict = {}
-    if len(vx):
+    if held:
         with torch.no_grad(), rt.autocast():
-            up = model(vx.to(rt.device)).float().clamp(-1, 1).cpu()
-        truth = vy.float() / 127.5 - 1
+            up = [model(vx.to(rt.device)).float().clamp(-1, 1).cpu() for vx, _ in held]
+        truth = [vy.float() / 127.5 - 1 for _, vy in held]
         metrics = {"val_psnr": round(psnr(up, truth), 3),
-                   "val_psnr_lanczos": round(psnr(lanczos(vx, native * f), truth), 3)}
+                   "val_psnr_lanczos": round(psnr([lanczos(vx, f) for vx, _ in held],
+                                                  truth), 3)}
     metrics |= {"final_loss": round(loss, 5), "steps": cfg.steps, "factor": f,
-                "native_size": native, "output_size": native * f, "train_images": len(x),
+                "native_size": native, "output_size": native * f, "train_images": len(train),
                 "precision": rt.precision, "device": rt.device.type,
                 "seconds": round(seconds, 1)}
     with atomic_dir(out_dir) as tmp:
@@ -117,6 +140,8 @@ def train_upscaler(cfg: UpscalerCfg, vae_dir: Path, train: list[str], val: list[
 def upscaler(params: Params) -> dict:
     """The stage: train on the train split, compare with Lanczos on val."""
     split = read_table(SPLIT, "split")
-    return train_upscaler(params.upscaler, VAE_DIR,
-                          split.loc[split["split"] == "train", "path"].tolist(),
-                          split.loc[split["split"] == "val", "path"].tolist(), UPSCALER_DIR)
+    train, val = (split[split["split"] == s] for s in ("train", "val"))
+    return train_upscaler(params.upscaler, VAE_DIR, train["path"].tolist(),
+                          val["path"].tolist(), UPSCALER_DIR,
+                          (train["format"].tolist(), val["format"].tolist()),
+                          params.formats.buckets)

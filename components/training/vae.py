@@ -26,7 +26,8 @@ from components.contracts import (
     write_csv,
     write_json,
 )
-from components.models.images import image_grid, load_batch, to_pil
+from components.models.buckets import epoch_batches, format_sizes
+from components.models.images import image_grid, load_formats, to_pil
 from components.models.vae import VAE, save_vae, vae_loss
 from components.training.runtime import (
     Checkpoint,
@@ -48,27 +49,31 @@ def recon_grid(originals: torch.Tensor, recons: torch.Tensor, zoom: int = 2) -> 
 
 
 @torch.no_grad()
-def evaluate_recon(model: VAE, images: torch.Tensor, batch_size: int, rt: Runtime
-                   ) -> tuple[float, float, torch.Tensor]:
-    """Val PSNR and SSIM on [0, 1] (torchmetrics) from the posterior mean."""
+def evaluate_recon(model: VAE, images: torch.Tensor | list[torch.Tensor], batch_size: int,
+                   rt: Runtime) -> tuple[float, float, torch.Tensor | list[torch.Tensor]]:
+    """Val PSNR and SSIM on [0, 1] (torchmetrics) from the posterior mean, over one
+    tensor of images or a list of them (one per format); the reconstructions alike."""
     from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
     psnr = PeakSignalNoiseRatio(data_range=1.0)
     ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
     was_training = model.training
     model.eval()
-    recons = []
-    with torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            x = images[i : i + batch_size]
+    out = []
+    for group in [images] if isinstance(images, torch.Tensor) else images:
+        recons = []
+        for i in range(0, len(group), batch_size):
+            x = group[i : i + batch_size]
             with rt.autocast():
                 rec = model.decode(model.encode(x.to(rt.device))[0])
             rec = rec.float().clamp(-1, 1).cpu()
             psnr.update((rec + 1) / 2, (x + 1) / 2)
             ssim.update((rec + 1) / 2, (x + 1) / 2)
             recons.append(rec)
+        out.append(torch.cat(recons) if recons else group.clone())
     model.train(was_training)
-    return float(psnr.compute()), float(ssim.compute()), torch.cat(recons)
+    return (float(psnr.compute()), float(ssim.compute()),
+            out[0] if isinstance(images, torch.Tensor) else out)
 
 
 def ink_weights(images: torch.Tensor, weight: float) -> torch.Tensor:
@@ -88,20 +93,30 @@ def ink_weights(images: torch.Tensor, weight: float) -> torch.Tensor:
 
 
 def random_crop(x: torch.Tensor, side: int, grid: int, gen: torch.Generator) -> torch.Tensor:
-    """One random side x side window of the batch, on the latent grid (0: the whole
-    images). The VAE is convolutional, so it learns the same from crops at a fraction of
-    the cost: 32 px crops of 64 px images train 4x the images per second (+2 dB val PSNR
-    in the same time here)."""
-    if not side or side >= x.shape[-1]:
+    """One random side x side window of the batch (narrower where an image is), on the
+    latent grid (0: the whole images). The VAE is convolutional, so it learns the same
+    from crops at a fraction of the cost: 32 px crops of 64 px images train 4x the images
+    per second (+2 dB val PSNR in the same time here)."""
+    h, w = x.shape[-2:]
+    sh, sw = min(side, h), min(side, w)
+    if not side or (sh, sw) == (h, w):
         return x
-    i, j = (int(v) * grid for v in torch.randint(0, (x.shape[-1] - side) // grid + 1, (2,),
-                                                  generator=gen))
-    return x[..., i : i + side, j : j + side].contiguous()
+    if h == w:  # one draw for both (as square batches always drew)
+        i, j = torch.randint(0, (h - sh) // grid + 1, (2,), generator=gen).tolist()
+    else:
+        i, j = (int(torch.randint(0, (n - c) // grid + 1, (1,), generator=gen))
+                for n, c in ((h, sh), (w, sw)))
+    return x[..., i * grid : i * grid + sh, j * grid : j * grid + sw].contiguous()
 
 
-def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_dir: Path
-              ) -> dict:
+def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_dir: Path,
+              formats: tuple[list[str], list[str]] | None = None,
+              sizes: dict[str, tuple[int, int]] | None = None) -> dict:
     """The vae stage: train on train_paths, measure on val_paths, write out_dir whole.
+
+    `formats`: each train and val image's aspect bucket, `sizes` each bucket's (w, h)
+    (models/buckets.py); a batch is drawn from one bucket. Default: all square at
+    cfg.image_size.
 
     With `ema` > 0 an exponential moving average of the weights is kept, validated and
     saved. With `early_stop_patience` > 0 training stops once val PSNR has not improved
@@ -114,11 +129,18 @@ def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_d
     rt = runtime(cfg.device, cfg.bf16, "vae")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    train = load_batch(list(train_paths), cfg.image_size)
+    sizes = sizes or {"square": (cfg.image_size, cfg.image_size)}
+    train_f, val_f = formats or ([next(iter(sizes))] * len(train_paths),
+                                 [next(iter(sizes))] * len(val_paths))
+    train = load_formats(list(train_paths), train_f, sizes)  # format -> images
     if cfg.text_weight:  # the weight map travels with the image through the crops
-        train = torch.cat([train, ink_weights(train, cfg.text_weight)], 1)
-    val = load_batch(list(val_paths), cfg.image_size)
-    watch = val[: cfg.val_per_epoch or len(val)]  # the per-epoch curve and early stopping
+        train = {f: torch.cat([x, ink_weights(x, cfg.text_weight)], 1)
+                 for f, x in train.items()}
+    val = list(load_formats(list(val_paths), val_f, sizes).values())
+    k = cfg.val_per_epoch or len(val_paths)  # the per-epoch curve and early stopping
+    watch = list(load_formats(list(val_paths[:k]), val_f[:k], sizes).values())
+    rows = {f: torch.arange(len(x)) for f, x in train.items()}
+    n_train, n_val = len(train_paths), len(val_paths)
     model = VAE(cfg).train()
     net = rt.wrap(model)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema else None
@@ -126,7 +148,7 @@ def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_d
     ema_params = list(ema.parameters()) if ema is not None else None
     opt = adamw(params, cfg.lr, 0.01)
     global_batch = cfg.batch_size * rt.world
-    steps_per_epoch = math.ceil(len(train) / global_batch)
+    steps_per_epoch = sum(math.ceil(len(r) / global_batch) for r in rows.values())
     total = steps_per_epoch * cfg.epochs
     sched = cosine_with_warmup(opt, min(50, max(1, total // 20)), total)
 
@@ -137,7 +159,8 @@ def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_d
     ckpt = Checkpoint("vae", {"vae": cfg.model_dump(exclude={"checkpoint_every", "device",
                                                               "processes"}),
                               "train": [str(p) for p in train_paths],
-                              "val": [str(p) for p in val_paths]})
+                              "val": [str(p) for p in val_paths],
+                              "formats": [train_f, val_f, sizes]})
     if (state := ckpt.load()) is not None:
         model.load_state_dict(state["model"])
         if ema is not None:
@@ -155,12 +178,11 @@ def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_d
                    disable=not rt.main)
     stopped_early = False
     for epoch in range(first, cfg.epochs):
-        order = torch.randperm(len(train), generator=gen)
-        order = order[: len(order) - len(order) % rt.world]  # equal slices on every process
-        epoch_loss = 0.0
-        for i in range(0, len(order), global_batch):
-            x = random_crop(train[order[i : i + global_batch]], cfg.crop, model.down_factor,
-                            gen)
+        # each batch from one format, equal slices on every process
+        batches = epoch_batches(rows, global_batch, gen, rt.world)
+        epoch_loss, n_epoch = 0.0, 0
+        for f, idx in batches:
+            x = random_crop(train[f][idx], cfg.crop, model.down_factor, gen)
             (x,) = rt.shard(x)
             x, w = x[:, :3], (x[:, 3:] if cfg.text_weight else None)
             loss = train_step(rt, lambda x=x, w=w: vae_loss(
@@ -169,20 +191,21 @@ def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_d
                 cfg.ema, step)
             step += 1
             seen += len(x)
+            n_epoch += len(x)
             epoch_loss += loss.item() * len(x)
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
-        if len(watch):
+        if n_val:
             val_psnr, val_ssim, _ = evaluate_recon(kept, watch, 64, rt)
             val_psnr, val_ssim = rt.mean(val_psnr), rt.mean(val_ssim)  # one decision for all
-        history.append([epoch + 1, rt.mean(epoch_loss / len(order) * rt.world), val_psnr,
+        history.append([epoch + 1, rt.mean(epoch_loss / max(1, n_epoch)), val_psnr,
                         val_ssim])
         bar.set_postfix(epoch=epoch + 1, loss=f"{history[-1][1]:.4f}",
                         psnr=f"{val_psnr:.2f}", ssim=f"{val_ssim:.3f}")
         if rt.main:  # live in MLflow (the stage's run); the same columns as loss.csv
             tracking.log_metrics({f"curve.{k}": v for k, v in zip(CURVE[1:], history[-1][1:],
                                                                   strict=True)}, epoch + 1)
-        if cfg.early_stop_patience and len(val):
+        if cfg.early_stop_patience and n_val:
             if val_psnr > best["psnr"] + cfg.early_stop_min_delta:
                 best = {"psnr": val_psnr, "epoch": epoch + 1,
                         "state": {k: v.detach().cpu().clone()
@@ -204,7 +227,7 @@ def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_d
         print(f"vae: stopped early after epoch {len(history)}: val PSNR not better by "
               f"{cfg.early_stop_min_delta} dB for {cfg.early_stop_patience} epochs; kept "
               f"epoch {best['epoch']} ({best['psnr']:.2f} dB)")
-    if len(val):  # the saved weights on the whole val split
+    if n_val:  # the saved weights on the whole val split
         val_psnr, val_ssim, _ = evaluate_recon(kept, val, 64, rt)
         val_psnr, val_ssim = rt.mean(val_psnr), rt.mean(val_ssim)
     kept = kept.cpu().eval()
@@ -216,12 +239,12 @@ def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_d
                "precision": rt.precision, "device": rt.device.type, "processes": rt.world,
                "resumed_at_epoch": first, "seconds": round(seconds, 2),
                "images_per_s": round(seen * rt.world / seconds, 2),
-               "train_images": len(train), "val_images": len(val),
-               "val_images_per_epoch": len(watch), "epoch_losses": losses}
+               "train_images": n_train, "val_images": n_val,
+               "val_images_per_epoch": min(k, n_val), "epoch_losses": losses}
     if rt.world > 1:
         metrics["process_weight_spread"] = spread
     if rt.main:
-        shown = val[:8] if len(val) else train[:8]
+        shown = (val[0] if n_val else next(iter(train.values()))[:, :3])[:8]
         with torch.no_grad():
             recons = kept.decode(kept.encode(shown)[0])
         with atomic_dir(Path(out_dir)) as tmp:
@@ -239,5 +262,7 @@ def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_d
 def vae(params: Params) -> dict:
     """The stage: train on the train split, validate on val."""
     split = read_table(SPLIT, "split")
-    return train_vae(params.vae, split.loc[split["split"] == "train", "path"].tolist(),
-                     split.loc[split["split"] == "val", "path"].tolist(), VAE_DIR)
+    train, val = (split[split["split"] == s] for s in ("train", "val"))
+    return train_vae(params.vae, train["path"].tolist(), val["path"].tolist(), VAE_DIR,
+                     (train["format"].tolist(), val["format"].tolist()),
+                     format_sizes(params.formats.buckets, params.vae))

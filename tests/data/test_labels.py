@@ -48,7 +48,7 @@ def test_split_is_deterministic_and_follows_the_shares(workdir) -> None:
 def test_caption_follows_the_template_in_order_and_flattens_text() -> None:
     row = {"saturation": "vivid", "background": "red", "background_kind": "solid",
            "gradient_to": "none", "layout": "top", "figure_size": "small", "logo": "yes",
-           "text": "SUMMER\nSALE", "description": ""}
+           "text": "SUMMER\nSALE", "description": "", "format": "poster"}
     template = load_params(PARAMS).labels.caption_template
     assert caption(row, template) == ('vivid red solid poster, fading to none, text at the '
                                       'top, figures small, logo yes, reading "SUMMER SALE".')

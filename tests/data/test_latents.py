@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from components.config import Params, load_params
-from components.contracts import CAPTIONS, LATENTS, VAE_DIR, read_json, read_table, write_table
+from components.contracts import (
+    CAPTIONS,
+    LATENTS,
+    SPLIT,
+    VAE_DIR,
+    read_json,
+    read_table,
+    write_table,
+)
 from components.ingest.ocr import ocr
 from components.ingest.scrape import scrape
 from components.ingest.validate import validate
@@ -31,6 +39,13 @@ def collected(workdir) -> Params:
     return params
 
 
+def all_means(cache: LatentCache) -> np.ndarray:
+    """Every row's latent mean, flattened, in the index's order."""
+    return np.stack([np.asarray(cache.formats[f]["mean"][r]).ravel()
+                     for f, r in zip(cache.index["format"], cache.index["format_row"],
+                                     strict=True)])
+
+
 def _distinct_captions(params: Params) -> int:
     """The train/val captions and their attributes-only versions, each string once."""
     caps = read_table(CAPTIONS, "captions")
@@ -50,13 +65,13 @@ def test_rerun_encodes_only_what_changed(collected: Params, workdir) -> None:
     assert n == 12 and first["images_encoded"] == n and first["captions_encoded"] == distinct
     assert distinct < 2 * n  # some of these images read nothing
     before = LatentCache(LATENTS)
-    mean, text = np.array(before.mean), np.array(before.text)
+    mean, text = all_means(before), np.array(before.text)
     plain = np.array(before.text_attributes)  # the captions without what the image reads
     assert len(plain) == n and not np.allclose(plain, text[:, : plain.shape[1]])
 
     again = latents(params)
     assert again["images_encoded"] == 0 and again["captions_encoded"] == 0
-    assert np.array_equal(np.array(LatentCache(LATENTS).mean), mean)
+    assert np.array_equal(all_means(LatentCache(LATENTS)), mean)
 
     caps = read_table(CAPTIONS, "captions")
     edited = caps["id"].iloc[0]
@@ -73,7 +88,7 @@ def test_rerun_encodes_only_what_changed(collected: Params, workdir) -> None:
     vae(load_params(overrides=[*TINY, "vae.seed=1"]))  # a retrained VAE: new weights
     m = latents(params)
     assert m["images_encoded"] == n and m["captions_encoded"] == 0
-    assert not np.allclose(np.array(LatentCache(LATENTS).mean), mean)
+    assert not np.allclose(all_means(LatentCache(LATENTS)), mean)
 
     m = latents(load_params(overrides=[*TINY, "text_encoder.max_tokens=16"]))
     assert m["images_encoded"] == 0 and m["captions_encoded"] == _distinct_captions(params)
@@ -110,7 +125,8 @@ def test_flip_adds_a_mirrored_copy_of_each_train_image_with_left_and_right_swapp
     x = load_batch([caps.loc[row["id"], "path"]], vae_model.cfg.image_size).flip(-1)
     with torch.no_grad():
         want = vae_model.encode(x)[0][0].numpy()
-    assert np.allclose(cache.mean[int(row["row"])], want, atol=1e-5)
+    assert np.allclose(cache.formats[row["format"]]["mean"][row["format_row"]], want,
+                       atol=1e-5)
     assert latents(collected)["images_encoded"] == 0  # switched off: the plain rows again
 
 
@@ -149,11 +165,12 @@ def test_each_row_gets_its_glyph_map_and_the_model_its_layout_statistics_and_fon
     cache = LatentCache(LATENTS)
     caps = read_table(CAPTIONS, "captions").set_index("id")
     size = collected.vae.image_size
-    assert cache.glyphs.shape == (len(cache.index), size, size)
+    assert list(cache.formats) == ["poster"]
+    assert cache.formats["poster"]["glyphs"].shape == (len(cache.index), size, size)
     for _, row in cache.index.iterrows():
         lines = text_boxes.loads(caps.loc[row["id"], "text_boxes"])
         want = np.asarray(glyph_map(lines, size, size, collected.brand.font))
-        got = cache.glyphs[int(row["row"])]
+        got = cache.formats[row["format"]]["glyphs"][row["format_row"]]
         assert np.array_equal(got, want[:, ::-1] if row["flip"] else want)
     assert sum(bool(text_boxes.loads(b)) for b in caps["text_boxes"]) > 0
     train = caps[caps["split"] == "train"]
@@ -161,3 +178,36 @@ def test_each_row_gets_its_glyph_map_and_the_model_its_layout_statistics_and_fon
         [(lay, text_boxes.loads(b)) for lay, b in zip(train["layout"], train["text_boxes"],
                                                          strict=True)])
     assert (LATENTS / "font.ttf").read_bytes() == open(collected.brand.font, "rb").read()
+
+
+def test_each_image_is_encoded_in_its_bucket_and_the_key_holds_the_bucket(workdir) -> None:
+    """Posters and banners: each row's latent at its format's size (the labels stage's
+    nearest bucket, named in its caption), one array per format; changing one bucket's
+    ratio re-encodes exactly that bucket's images."""
+    from PIL import Image
+
+    from components.models.buckets import format_sizes, nearest
+
+    params = load_params(overrides=[*TINY, "synthetic.formats={poster: 0.5, banner: 0.5}"])
+    for stage in (scrape, ocr, validate, labels, vae):
+        stage(params)
+    first = latents(params)
+    caps = read_table(CAPTIONS, "captions").set_index("id")
+    cache = LatentCache(LATENTS)
+    idx = cache.index
+    assert set(idx["format"]) == {"poster", "banner"}
+    sizes = format_sizes(params.formats.buckets, params.vae)
+    for _, row in idx.iterrows():
+        fmt = caps.loc[row["id"], "format"]
+        with Image.open(caps.loc[row["id"], "path"]) as im:
+            assert fmt == row["format"] == nearest(*im.size, params.formats.buckets)
+        assert f" {fmt}, fading" in row["caption"]
+        w, h = sizes[fmt]
+        assert cache.formats[fmt]["mean"][row["format_row"]].shape == (4, h // 4, w // 4)
+        assert cache.formats[fmt]["glyphs"][row["format_row"]].shape == (h, w)
+    assert sorted(read_table(SPLIT, "split")["format"].unique()) == ["banner", "poster"]
+
+    wider = load_params(overrides=[*TINY, "synthetic.formats={poster: 0.5, banner: 0.5}",
+                                   "formats.buckets.banner=[5, 2]"])
+    again = latents(wider)
+    assert again["images_encoded"] == (idx["format"] == "banner").sum() < first["images"]

@@ -65,10 +65,12 @@ def test_quarantines_bad_images_with_reasons(repo: Path) -> None:
     assert "not an image" in reasons
     assert "too small: 20x20 < 32" in reasons
     assert "format TIFF not in ['PNG', 'JPEG', 'WEBP', 'GIF', 'BMP']" in reasons
-    assert "aspect ratio 10.00 > 4" in reasons
+    wide = ("aspect ratio 400:40 (10.00) outside 0.45..3.75, the format buckets stretched by "
+            "formats.max_stretch; add a bucket in formats.buckets to train on it")
+    assert wide in reasons
     assert by_name == {"broken.png": "not an image", "tiny.png": "too small: 20x20 < 32",
                        "scan.tif": "format TIFF not in ['PNG', 'JPEG', 'WEBP', 'GIF', 'BMP']",
-                       "banner.png": "aspect ratio 10.00 > 4"}
+                       "banner.png": wide}
     valid = read_table(VALID_MANIFEST, "validated_manifest")
     assert sorted(valid["format"]) == ["JPEG", "PNG"]
     assert metrics["images_in"] == 6 and metrics["valid"] == 2 and metrics["quarantined"] == 4
@@ -184,7 +186,7 @@ def test_hostile_folder_is_fully_accounted_for(repo: Path) -> None:
     assert reasons["bomb.png"].startswith("decompression bomb")
     assert reasons["bomb_small.png"].startswith("decompression bomb: declares 9000x9000")
     assert reasons["dot.png"].startswith("too small: 1x1")
-    assert reasons["strip.png"].startswith("aspect ratio 8.00 > 4")
+    assert reasons["strip.png"].startswith("aspect ratio 800:100 (8.00) outside 0.45..3.75")
     assert reasons["blank.png"].startswith("blank: pixel spread 0.00")
     assert kept == {"bilevel.png", "palette.png", "deep.png", "grey_alpha.png", "print.jpg",
                     "alpha.png", "anim.gif", "rotated.jpg"}
@@ -263,3 +265,26 @@ def test_dataset_checks_are_told_apart_from_quarantined_rows(repo: Path, capsys)
     err = capsys.readouterr().err
     assert "validate: dataset check failed: 40.0% of images failed OCR" in err
     assert "ocr.lang" in err
+
+
+def test_the_aspect_limit_follows_the_format_buckets(repo: Path) -> None:
+    """Wider than the widest bucket (3:1) or narrower than the narrowest (9:16) by more
+    than formats.max_stretch is quarantined; a bucket for that shape lets it in."""
+    src = repo / "in"
+    src.mkdir()
+    sizes = {"wide4.png": (256, 64), "wide35.png": (224, 64), "tall.png": (64, 160),
+             "story.png": (72, 128)}
+    for name, size in sizes.items():
+        _poster(size, "red").save(src / name)
+    params = _collect(src)
+    validate(params)
+    raw = read_table(RAW_MANIFEST, "raw_manifest")
+    name = dict(zip(raw["id"], raw["source_url"].map(lambda u: u.rsplit("/", 1)[-1]),
+                    strict=True))
+    assert sorted(name[i] for i in read_table(QUARANTINE, "quarantine")["id"]) == [
+        "tall.png", "wide4.png"]  # 4.0 > 3.75 and 0.4 < 0.45; 3.5 and 0.5625 are in
+    wider = load_params(overrides=[
+        f"scrape.sources=[{{kind: folder, path: {src}, include: ['*']}}]",
+        "formats.buckets={poster: [1, 1], story: [9, 16], banner: [2, 1], skyline: [4, 1]}"])
+    validate(wider)
+    assert sorted(name[i] for i in read_table(QUARANTINE, "quarantine")["id"]) == ["tall.png"]

@@ -52,7 +52,7 @@ def test_two_gloo_processes_train_in_step_like_one_with_the_doubled_batch(workdi
         Image.new("RGB", (24, 24), (25 * i, 200 - 15 * i, 90 + 10 * (i % 3))).save(paths[-1])
     (workdir / "data" / "split").mkdir(parents=True)
     pd.DataFrame({"id": [p.stem for p in paths], "path": [str(p) for p in paths],
-                  "split": ["train"] * 8 + ["val"] * 2}).to_parquet(
+                  "split": ["train"] * 8 + ["val"] * 2, "format": "poster"}).to_parquet(
         workdir / "data" / "split" / "split.parquet")
     encoder = load_params().text_encoder.name
     write_tiny_cache(workdir / "data" / "latents", shape=(4, 8, 8), encoder=encoder)

@@ -61,8 +61,8 @@ def test_prompt_adherence_scores_a_one_colour_generator_by_the_cases_asking_for_
 def _reencoded(cache: Path) -> None:
     """The cache as the latents stage rewrites it after the VAE changed: other latents,
     and every row's key (which hashes the VAE's weights) new."""
-    mean = np.load(cache / "mean.npy")
-    np.save(cache / "mean.npy", (mean * -0.5 + 1.0).astype(np.float32))
+    mean = np.load(cache / "mean_poster.npy")
+    np.save(cache / "mean_poster.npy", (mean * -0.5 + 1.0).astype(np.float32))
     index = pd.read_parquet(cache / "index.parquet")
     index["key"] = "new-" + index["key"]
     index.to_parquet(cache / "index.parquet")

@@ -325,27 +325,41 @@ def test_ddim_eta0_is_deterministic_and_ddpm_seeded() -> None:
 
 
 def write_tiny_cache(root: Path, n: int = 24, dim: int = 6, shape=(4, 8, 8),
-                     encoder: str = "stub") -> Path:
+                     encoder: str = "stub", banners: int = 0) -> Path:
+    """A latent cache of n rows (n - 8 train, 4 val, 4 test); `banners`: every third row up
+    to that many is a 2:1 banner (latents (C, h, 2h)), the others square posters."""
     rng = np.random.default_rng(0)
     root.mkdir(parents=True)
-    np.save(root / "mean.npy", rng.normal(size=(n, *shape)).astype(np.float32))
-    np.save(root / "logvar.npy", np.full((n, *shape), -4.0, np.float32))
+    c, h = shape[0], shape[1]
+    formats = ["poster"] * n
+    for i in range(2, n, 3)[:banners]:
+        formats[i] = "banner"
+    latent = {"poster": (h, h), "banner": (h, 2 * h)}
+    # every other row reads "SALE" at the centre, the rest nothing; layout statistics and
+    # font to match
+    boxes = [[{"text": "SALE", "box": [0.2, 0.35, 0.8, 0.65], "words": []}] if i % 2 else []
+             for i in range(n)]
+    format_row, meta_formats = np.zeros(n, np.int64), {}  # glyph maps: 4x the latent side
+    for f in dict.fromkeys(formats):
+        rows = [i for i in range(n) if formats[i] == f]
+        format_row[rows] = np.arange(len(rows))
+        lh, lw = latent[f]
+        np.save(root / f"mean_{f}.npy", rng.normal(size=(len(rows), c, lh, lw)).astype(np.float32))
+        np.save(root / f"logvar_{f}.npy", np.full((len(rows), c, lh, lw), -4.0, np.float32))
+        np.save(root / f"glyphs_{f}.npy", np.stack([np.asarray(glyph_map(
+            boxes[i], lw * 4, lh * 4, FONT)) for i in rows]))
+        meta_formats[f] = {"ratio": [lw // lh, 1], "size": [lw * 4, lh * 4],
+                           "latent_shape": [lh, lw], "images": len(rows)}
     np.save(root / "text.npy", rng.normal(size=(n, dim)).astype(np.float32))
     np.save(root / "text_attributes.npy", rng.normal(size=(n, dim)).astype(np.float32))
     split = ["train"] * (n - 8) + ["val"] * 4 + ["test"] * 4
     pd.DataFrame({"id": [f"i{i}" for i in range(n)], "row": np.arange(n), "split": split,
                   "caption": [f"caption {i}" for i in range(n)],
-                  "key": [f"k{i}" for i in range(n)]}).to_parquet(root / "index.parquet")
+                  "key": [f"k{i}" for i in range(n)], "format": formats,
+                  "format_row": format_row}).to_parquet(root / "index.parquet")
     (root / "meta.json").write_text(json.dumps({
         "scale_factor": 0.9, "latent_shape": list(shape), "text_dim": dim,
-        "text_encoder": encoder}))
-    # glyph maps at 4x the latent side (the tiny VAE's factor): every other row reads
-    # "SALE" at the centre, the rest nothing; the layout statistics and font to match
-    side = shape[-1] * 4
-    boxes = [[{"text": "SALE", "box": [0.2, 0.35, 0.8, 0.65], "words": []}] if i % 2 else []
-             for i in range(n)]
-    np.save(root / "glyphs.npy", np.stack([np.asarray(glyph_map(b, side, side, FONT))
-                                           for b in boxes]))
+        "text_encoder": encoder, "formats": meta_formats, "max_stretch": 1.25}))
     (root / "layout.json").write_text(json.dumps(fit_layouts([("centre", b) for b in boxes])))
     shutil.copyfile(FONT, root / "font.ttf")
     return root
@@ -455,6 +469,7 @@ def test_other_formats_are_sampled_in_their_own_aspect(trained, capsys, monkeypa
     assert gen.generate(["red poster"], seed=1, width=50, height=50)[0].size == (50, 50)
     assert capsys.readouterr().err == ""  # square: the native size, nothing to say
     monkeypatch.setattr(Generator, "native_size", property(lambda self: 64))
+    gen.formats = {}  # a model from before formats (buckets): squares only
     assert [gen.sample_size(w, h) for w, h in [(800, 400), (450, 800), (800, 800),
                                                (800, None), (None, None)]] == [
         (96, 48), (48, 80), (64, 64), (64, 64), (64, 64)]
@@ -535,11 +550,13 @@ def test_text_drop_trains_on_the_captions_without_their_free_text(tmp_path: Path
     assert _same_weights(never, run("same", 1.0))
 
 
-def test_unet_killed_and_resumed_equals_straight_run(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("banners", [0, 6])
+def test_unet_killed_and_resumed_equals_straight_run(tmp_path: Path, monkeypatch,
+                                                     banners: int) -> None:
     import components.models.diffusion as diffusion
 
     monkeypatch.chdir(tmp_path)
-    cache = write_tiny_cache(tmp_path / "latents")
+    cache = write_tiny_cache(tmp_path / "latents", banners=banners)
     vae = VAE(Vae(image_size=32, base_channels=8, channel_mult=[1, 2, 2]))
     save_vae(vae, vae.cfg, tmp_path / "vae")
     cfg = Unet(n_feat=8, steps=40, batch_size=4, warmup=5, bf16=False, checkpoint_every=20)
@@ -576,10 +593,13 @@ def _vae_images(tmp_path: Path, n: int = 10) -> list[Path]:
     return paths
 
 
-@pytest.mark.parametrize("ema, crop, text_weight", [(0.0, 0, 0.0), (0.9, 16, 0.0),
-                                                   (0.0, 16, 3.0)])
+@pytest.mark.parametrize("ema, crop, text_weight, buckets", [
+    (0.0, 0, 0.0, False), (0.9, 16, 0.0, False), (0.0, 16, 3.0, False), (0.0, 0, 0.0, True)])
 def test_vae_killed_and_resumed_equals_straight_run(tmp_path: Path, monkeypatch, ema: float,
-                                                    crop: int, text_weight: float) -> None:
+                                                    crop: int, text_weight: float,
+                                                    buckets: bool) -> None:
+    """buckets: half the images are 2:1 banners; batches of one shape each, resumed as
+    they were drawn."""
     import components.training.vae as vae_module  # where the loop looks vae_loss up
 
     monkeypatch.chdir(tmp_path)
@@ -587,12 +607,22 @@ def test_vae_killed_and_resumed_equals_straight_run(tmp_path: Path, monkeypatch,
     cfg = TINY_VAE.model_copy(update={"epochs": 3, "checkpoint_every": 1, "ema": ema,
                                       "early_stop_patience": 5, "crop": crop,
                                       "text_weight": text_weight})
-    straight = train_vae(cfg, paths[:8], paths[8:], tmp_path / "straight")
+    kw = {}
+    if buckets:
+        shapes = []
+        real_loss = vae_module.vae_loss
+        monkeypatch.setattr(vae_module, "vae_loss", lambda net, x, *a: (
+            shapes.append(tuple(x.shape[-2:])), real_loss(net, x, *a))[1])
+        kw = {"formats": (["poster", "banner"] * 4, ["poster", "banner"]),
+              "sizes": {"poster": (32, 32), "banner": (64, 32)}}
+    straight = train_vae(cfg, paths[:8], paths[8:], tmp_path / "straight", **kw)
+    if buckets:  # 4 of each: one batch of each shape an epoch, never mixed
+        assert sorted(shapes) == [(32, 32)] * 3 + [(32, 64)] * 3
     with monkeypatch.context() as m:
         _interrupt_after(m, vae_module, "vae_loss", 2 * 2 + 1)  # 2 steps an epoch: in epoch 3
         with pytest.raises(KeyboardInterrupt):
-            train_vae(cfg, paths[:8], paths[8:], tmp_path / "resumed")
-    resumed = train_vae(cfg, paths[:8], paths[8:], tmp_path / "resumed")
+            train_vae(cfg, paths[:8], paths[8:], tmp_path / "resumed", **kw)
+    resumed = train_vae(cfg, paths[:8], paths[8:], tmp_path / "resumed", **kw)
     assert resumed["resumed_at_epoch"] == 2
     assert resumed["epoch_losses"] == straight["epoch_losses"]
     assert _same_weights(tmp_path / "straight", tmp_path / "resumed")
