@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from components.models.buckets import nearest, size_at, stretch
 from components.models.diffusion import NoiseSchedule, make_sampler, sample
 from components.models.glyphs import glyph_map
 from components.models.images import to_pil
-from components.models.layout import layout_of, plan, quoted_text
+from components.models.layout import QUOTED, layout_of, plan, quoted_text
 from components.models.typeset import typeset as text_typeset
 from components.models.unet import ContextUnet, load_unet, read_unet_config
 from components.models.upscaler import Upscaler, load_upscaler
@@ -116,6 +117,15 @@ class Generator:
         f = nearest(width, height, ratios)
         return f if stretch(width, height, ratios[f]) <= self.max_stretch else None
 
+    def named_format(self, prompts: list[str]) -> str | None:
+        """The trained format all prompts name (their first format word outside the quoted
+        text, as captions name it: "solid banner,"); None when none does or they differ."""
+        named = set()
+        for p in prompts:
+            words = re.findall(r"[a-z]+(?:-[a-z]+)*", QUOTED.sub(" ", p).lower())
+            named.add(next((w for w in words if w in self.formats), None))
+        return named.pop() if len(named) == 1 else None
+
     def sample_size(self, width: int | None = None, height: int | None = None
                     ) -> tuple[int, int]:
         """The size (w, h) a width x height output is sampled at: its trained format's
@@ -185,14 +195,17 @@ class Generator:
                  height: int | None = None, text_box: tuple[float, ...] | None = None,
                  typeset: bool = False, layouts: list[list[dict]] | None = None
                  ) -> list[Image.Image]:
-        """Images at the model's native size, resized (LANCZOS) to width x height when
-        either is given (the other defaults to the native size). The quoted text of each
+        """Images at the model's native size (a format the prompts name: its size),
+        through the upscaler and LANCZOS to width x height when either is given (the other
+        defaults to the native size). The quoted text of each
         prompt is drawn into its glyph map where `text_layouts` places it (inside
         text_box, x,y,w,h in units of the side, when given; `layouts`: plans made
         before); typeset: that text is then drawn crisply at the output size
         (typeset.py)."""
         if not prompts:
             return []
+        if width is None and height is None and (f := self.named_format(prompts)):
+            width, height = self.formats[f]["size"]  # "a banner": its format's own size
         w, h = self.sample_size(width, height)
         if (w, h) != (self.native_size,) * 2 and self.format_of(width, height) is None:
             seen = ", ".join(f"{f} {r[0]}:{r[1]}" for f, r in

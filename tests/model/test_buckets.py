@@ -101,3 +101,15 @@ def test_a_trained_format_is_sampled_at_its_bucket_without_a_warning(mixed, caps
     said = capsys.readouterr().err.strip().splitlines()
     assert story.size == (45, 80) and gen.format_of(45, 80) is None
     assert len(said) == 1 and "trained on banner 2:1, poster 1:1 only" in said[0]
+
+
+def test_a_prompt_naming_a_trained_format_is_sampled_in_it(mixed) -> None:
+    """No size asked: the format word outside the quoted text decides ("OUR STORY" is
+    text to show, not a format); a size asked wins."""
+    vae_dir, unet_dir, _ = mixed
+    gen = Generator.load(vae_dir, unet_dir, Sampler(steps=2), text_encoder=StubEncoder())
+    assert gen.named_format(['red solid banner, reading "OUR STORY".']) == "banner"
+    assert gen.named_format(["red solid banner", "blue solid poster"]) is None
+    assert gen.generate(['red solid banner, reading "SALE".'])[0].size == (64, 32)
+    assert gen.generate(["red solid poster"])[0].size == (32, 32)
+    assert gen.generate(["red solid banner"], width=50, height=50)[0].size == (50, 50)
