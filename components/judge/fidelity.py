@@ -141,7 +141,8 @@ def to_tensor(images: list[Image.Image]) -> torch.Tensor:
 @torch.no_grad()
 def distances(real: list[Image.Image], fake: list[Image.Image], extractor: nn.Module,
               seed: int = 0, batch: int = 64) -> dict[str, float]:
-    """FD and KID (mean, std over subsets) between two image sets (>= 2 images each)."""
+    """FD and KID (mean, std over subsets) between two image sets (>= 2 images each, of
+    any sizes: the extractor resizes)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
@@ -157,10 +158,14 @@ def distances(real: list[Image.Image], fake: list[Image.Image], extractor: nn.Mo
         kid = KernelInceptionDistance(feature=extractor, normalize=True, subsets=20,
                                       subset_size=subset)
     for images, is_real in [(real, True), (fake, False)]:
-        for i in range(0, len(images), batch):
-            x = to_tensor(images[i : i + batch])
-            fd.update(x, real=is_real)
-            kid.update(x, real=is_real)
+        by_size: dict[tuple[int, int], list[Image.Image]] = {}  # formats: one size a batch
+        for im in images:
+            by_size.setdefault(im.size, []).append(im)
+        for same in by_size.values():
+            for i in range(0, len(same), batch):
+                x = to_tensor(same[i : i + batch])
+                fd.update(x, real=is_real)
+                kid.update(x, real=is_real)
     rng = torch.get_rng_state()
     torch.manual_seed(seed)  # KID draws its subsets from the global generator
     kid_mean, kid_std = kid.compute()

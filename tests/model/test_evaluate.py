@@ -57,6 +57,16 @@ def test_fd_is_zero_for_identical_sets_and_grows_with_corruption(posters) -> Non
     assert distances(a, noisy, ext)["kid"] > distances(a, b, ext)["kid"] + 0.01
 
 
+def test_fd_takes_images_of_several_formats(posters) -> None:
+    """Banners beside posters (the extractor resizes each batch): the same mixed set
+    against itself is 0; against its blurred copy it is not."""
+    ext, _ = feature_extractor(_cfg())
+    mixed = posters[:12] + [im.resize((128, 64)) for im in posters[12:24]]
+    assert distances(mixed, mixed, ext)["fd"] == pytest.approx(0.0, abs=1e-6)
+    assert distances(mixed, [im.filter(ImageFilter.GaussianBlur(2)) for im in mixed],
+                     ext)["fd"] > 0.1
+
+
 def test_builtin_features_are_fixed_and_finite(posters) -> None:
     x = torch.rand(3, 3, 64, 64)
     f = BrandFeatures()
