@@ -152,11 +152,15 @@ class Generator:
         blocks = self.layout_stats["blocks"]
         usual = max(blocks, key=lambda k: sum(map(len, blocks[k].values())), default="centre")
         w_h = size or (self.native_size, self.native_size)
+        # the statistics of the format sampled at, where it has text in that layout
+        own = self.layout_stats.get("formats", {}).get(self.format_of(*w_h)) or {}
         out = []
         for i, p in enumerate(prompts):
+            layout = layout_of(p, usual)
+            stats = own if layout in own.get("blocks", {}) else self.layout_stats
             try:
-                out.append(plan(quoted_text(p), layout_of(p, usual), self.layout_stats,
-                                self.font_path, prompt_seed(seed, i), *w_h, text_box))
+                out.append(plan(quoted_text(p), layout, stats, self.font_path,
+                                prompt_seed(seed, i), *w_h, text_box))
             except UserError as e:
                 raise UserError(f"prompt {p[:40]!r}: {e}") from None
         return out

@@ -180,6 +180,17 @@ def glyph_maps(caps: pd.DataFrame, sizes: dict[str, tuple[int, int]], font_path:
     return out
 
 
+def layout_statistics(train: pd.DataFrame) -> dict:
+    """The layout planner's statistics of the train rows, and under "formats" those of
+    each format's own rows (a banner's text is placed as banners place it)."""
+    def fit(rows: pd.DataFrame) -> dict:
+        return fit_layouts([(lay, text_boxes.loads(b)) for lay, b in
+                            zip(rows["layout"], rows["text_boxes"], strict=True)])
+
+    return {**fit(train), "formats": {f: fit(rows) for f, rows in
+                                      train.groupby("format", sort=False)}}
+
+
 def latents(params: Params) -> dict:
     caps = read_table(CAPTIONS, "captions")
     caps = caps[caps["split"].isin(["train", "val"])].assign(flip=False)
@@ -241,8 +252,7 @@ def latents(params: Params) -> dict:
 
     glyphs = glyph_maps(caps, sizes, params.brand.font)
     train = caps[(caps["split"] == "train") & ~caps["flip"]]  # as the images were drawn
-    layout_stats = fit_layouts([(lay, text_boxes.loads(b)) for lay, b in
-                                zip(train["layout"], train["text_boxes"], strict=True)])
+    layout_stats = layout_statistics(train)
     posteriors, n_images = _encode_missing(image_keys, "image", encode_images)
     vectors, n_texts = _encode_missing(text_keys, "text", encode_texts)
     # per format, most images first: rows, and (N_f, 2, C, h, w) posteriors (mean, logvar)

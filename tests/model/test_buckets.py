@@ -113,3 +113,23 @@ def test_a_prompt_naming_a_trained_format_is_sampled_in_it(mixed) -> None:
     assert gen.generate(['red solid banner, reading "SALE".'])[0].size == (64, 32)
     assert gen.generate(["red solid poster"])[0].size == (32, 32)
     assert gen.generate(["red solid banner"], width=50, height=50)[0].size == (50, 50)
+
+
+def test_text_is_planned_with_the_statistics_of_the_format_sampled(mixed) -> None:
+    """Banners place their text as the training banners do; a layout the format never had
+    text in, and other formats, use all the training images' statistics."""
+    from components.models.layout import fit_layouts
+
+    vae_dir, unet_dir, _ = mixed
+    gen = Generator.load(vae_dir, unet_dir, Sampler(steps=2), text_encoder=StubEncoder())
+    square = [{"text": "SALE", "box": [0.1, 0.4, 0.9, 0.6], "words": []}]
+    wide = [{"text": "SALE", "box": [0.05, 0.1, 0.65, 0.4], "words": []}]
+    gen.layout_stats = {**fit_layouts([("centre", square), ("top", square)]),
+                        "formats": {"banner": fit_layouts([("centre", wide)])}}
+    prompt = ['a banner, text at the centre, reading "SALE"']
+    banner = gen.text_layouts(prompt, size=(64, 32))[0][0]["box"]
+    poster = gen.text_layouts(prompt, size=(32, 32))[0][0]["box"]
+    assert (banner[1], banner[3]) == (0.1, 0.4)  # the banners' block: its height and place
+    assert (poster[1], poster[3]) == (0.4, 0.6)
+    top = gen.text_layouts(['text at the top, reading "SALE"'], size=(64, 32))[0][0]["box"]
+    assert top[1] == 0.4  # no banner with text at the top: all images' statistics
