@@ -64,7 +64,7 @@ def vae_quality(vae_dir: Path, rows: pd.DataFrame, params: Params) -> dict:
     (a colour the decoder shifts, or text it blurs past reading, caps it)."""
     vae = load_vae(vae_dir)
     sizes = format_sizes(params.formats.buckets, vae.cfg)
-    a, b, ssim, shown, order = [], [], [], [], []
+    rows, a, b, ssim, shown = by_format(rows), [], [], [], []
     for f, group in rows.groupby("format", sort=False):  # each at its format's size
         x = load_batch(group["path"].tolist(), sizes[f])
         rec = vae.decode(vae.encode(x)[0]).clamp(-1, 1)
@@ -73,8 +73,7 @@ def vae_quality(vae_dir: Path, rows: pd.DataFrame, params: Params) -> dict:
         ssim.append(structural_similarity_index_measure((rec + 1) / 2, (x + 1) / 2,
                                                         data_range=1.0, reduction="none"))
         shown += to_pil(rec)
-        order.append(group)
-    agreement = labeller_agreement(shown, pd.concat(order), params)
+    agreement = labeller_agreement(shown, rows, params)
     return {"vae_psnr": round(float(peak_signal_noise_ratio(torch.cat(a), torch.cat(b),
                                                             data_range=1.0)), 3),
             "vae_ssim": round(float(torch.cat(ssim).mean()), 4)} | {
@@ -234,6 +233,26 @@ def eval_set(params: Params, val: pd.DataFrame, feature_space: str) -> str:
                           "feature_space": feature_space})
 
 
+def by_format(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows one format after another (in order of first appearance): the order their
+    images are made and read in, one size at a time."""
+    return pd.concat([group for _, group in rows.groupby("format", sort=False)])
+
+
+def real_and_generated(gen: Generator, rows: pd.DataFrame, sizes: dict, seed: int
+                       ) -> tuple[pd.DataFrame, list[Image.Image], list[Image.Image]]:
+    """The rows (by_format), their images and images generated from their captions, each
+    at its format's size: item i of each is row i's."""
+    rows = by_format(rows)
+    real, fake = [], []
+    for f, group in rows.groupby("format", sort=False):
+        real += to_pil(load_batch(group["path"].tolist(), sizes[f]))
+        fake += [im for k, chunk in enumerate(_chunks(group["caption"].tolist(), 32))
+                 for im in gen.generate(chunk, seed=seed + k, width=sizes[f][0],
+                                        height=sizes[f][1])]
+    return rows, real, fake
+
+
 def measure(params: Params, vae_dir: Path = VAE_DIR, unet_dir: Path = UNET_DIR,
             sampler: SamplerCfg | None = None, what: str = "evaluate",
             upscaler_dir: Path = UPSCALER_DIR) -> Evaluation:
@@ -255,14 +274,9 @@ def measure(params: Params, vae_dir: Path = VAE_DIR, unet_dir: Path = UNET_DIR,
 
     # real val images vs images generated from their captions: fidelity, speed, text
     bar.set_postfix_str("fidelity")
-    pairs = val.head(cfg.fid_images)
     sizes = format_sizes(params.formats.buckets, gen.vae.cfg)
-    real, fake, t0 = [], [], time.monotonic()
-    for f, group in pairs.groupby("format", sort=False):  # each in its own format
-        real += to_pil(load_batch(group["path"].tolist(), sizes[f]))
-        fake += [im for k, chunk in enumerate(_chunks(group["caption"].tolist(), 32))
-                 for im in gen.generate(chunk, seed=cfg.seed + k, width=sizes[f][0],
-                                        height=sizes[f][1])]
+    t0 = time.monotonic()
+    pairs, real, fake = real_and_generated(gen, val.head(cfg.fid_images), sizes, cfg.seed)
     metrics["sample_images_per_s"] = round(len(fake) / (time.monotonic() - t0), 3)
     metrics |= {k: round(v, 5) for k, v in distances(real, fake, extractor, cfg.seed).items()}
     metrics["fid_images"] = len(fake)

@@ -15,7 +15,7 @@ from PIL import Image, ImageFilter
 from components.config import Evaluate, load_params
 from components.contracts import UserError
 from components.ingest.synthetic import render
-from components.judge.evaluate import diversity
+from components.judge.evaluate import diversity, labeller_agreement, real_and_generated
 from components.judge.fidelity import (
     BUILTIN_ID,
     BrandFeatures,
@@ -65,6 +65,42 @@ def test_fd_takes_images_of_several_formats(posters) -> None:
     assert distances(mixed, mixed, ext)["fd"] == pytest.approx(0.0, abs=1e-6)
     assert distances(mixed, [im.filter(ImageFilter.GaussianBlur(2)) for im in mixed],
                      ext)["fd"] > 0.1
+
+
+def test_real_and_generated_images_stay_paired_across_formats(tmp_path: Path) -> None:
+    """Val rows of two formats, interleaved: made one format at a time, yet item i of the
+    rows, the real images and the generated ones is the same row's (the labeller reads
+    each real image's own background; the stand-in generator paints the caption's)."""
+    import pandas as pd
+
+    from components.models.buckets import nearest
+
+    p = load_params(PARAMS)
+    mixed = p.synthetic.model_copy(update={"formats": {"poster": 0.5, "banner": 0.5}})
+    rows = []
+    for i in range(10):
+        data, truth = render(i, 3, 128, p.brand, mixed, p.labels, p.formats.buckets)
+        (tmp_path / f"{i}.png").write_bytes(data)
+        size = Image.open(tmp_path / f"{i}.png").size
+        rows.append({"path": str(tmp_path / f"{i}.png"), "caption": truth.background,
+                     "background": truth.background, **{f: "" for f in (
+                         "background_kind", "gradient_to", "saturation", "layout",
+                         "figure_size", "logo")},
+                     "format": nearest(*size, p.formats.buckets)})
+    rows = pd.DataFrame(rows)
+    assert rows["format"].tolist() != sorted(rows["format"], key=rows["format"].tolist().index)
+
+    class Painter:  # solid images of the colour the prompt names
+        def generate(self, prompts, seed=0, width=None, height=None):
+            return [Image.new("RGB", (width, height), p.brand.rgb()[c]) for c in prompts]
+
+    sizes = {"poster": (64, 64), "banner": (96, 48)}
+    out, real, fake = real_and_generated(Painter(), rows, sizes, 0)
+    assert sorted(out["path"]) == sorted(rows["path"])
+    for (_, row), a, b in zip(out.iterrows(), real, fake, strict=True):
+        assert a.size == b.size == sizes[row["format"]]
+        assert b.getpixel((0, 0)) == p.brand.rgb()[row["background"]]
+    assert labeller_agreement(real, out, p)["labeller_agreement_background"] == 1.0
 
 
 def test_builtin_features_are_fixed_and_finite(posters) -> None:
