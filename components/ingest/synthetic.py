@@ -197,7 +197,7 @@ def render(index: int, seed: int, size: int, brand: Brand, synth: Synthetic,
     logo = bool(rng.random() < synth.logo_share) and bool(brand.logos)
     corner = ""
     if logo:
-        s = synth.logo_size * side
+        s = min(synth.logo_size * (w * h) ** 0.5, 0.3 * side)  # one area in every format
         m = 0.04 * side
         boxes = {"top-left": (m, m, m + s, m + s),
                  "top-right": (w - m - s, m, w - m, m + s),
