@@ -6,6 +6,7 @@ read at the larger size. Trains on random crops; validates against a Lanczos res
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -63,6 +64,22 @@ def format_pairs(vae, paths: list[str], formats: list[str], sizes: dict, factor:
             for f, rows in groups(formats).items()]
 
 
+def stored_size(path: str) -> tuple[int, int]:
+    """An image file's (width, height) as displayed (EXIF rotation applied), from its
+    header."""
+    with Image.open(path) as im:
+        w, h = im.size
+        return (h, w) if im.getexif().get(0x0112) in (5, 6, 7, 8) else (w, h)
+
+
+def large_enough(paths: list[str], formats: list[str], sizes: dict, factor: int
+                 ) -> list[int]:
+    """Indices of the images stored at least factor x their format's size: the others'
+    targets would be upsampled, teaching blur."""
+    return [i for i, (p, f) in enumerate(zip(paths, formats, strict=True))
+            if all(s >= factor * n for s, n in zip(stored_size(p), sizes[f], strict=True))]
+
+
 def psnr(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     """On [-1, 1] images (one tensor per format), as PSNR on [0, 1] over all of their
     pixels (torchmetrics)."""
@@ -115,7 +132,14 @@ def train_upscaler(cfg: UpscalerCfg, vae_dir: Path, train: list[str], val: list[
     sizes = format_sizes(buckets or {"square": (1, 1)}, vae.cfg)
     train_f, val_f = formats or ([next(iter(sizes))] * len(train),
                                  [next(iter(sizes))] * len(val))
-    data = format_pairs(vae, train, train_f, sizes, f, rt)
+    keep = large_enough(train, train_f, sizes, f)
+    if not keep:
+        print(f"upscaler: no train image is stored at {f}x the native size; training on "
+              "upsampled targets (it learns little): add larger images or lower "
+              "upscaler.factor", file=sys.stderr)
+        keep = list(range(len(train)))
+    data = format_pairs(vae, [train[i] for i in keep], [train_f[i] for i in keep], sizes,
+                        f, rt)
     held = format_pairs(vae, val[:VAL_IMAGES], val_f[:VAL_IMAGES], sizes, f, rt)
     model, loss = fit(cfg, rt, data)
     seconds = time.monotonic() - t0
@@ -128,7 +152,8 @@ def train_upscaler(cfg: UpscalerCfg, vae_dir: Path, train: list[str], val: list[
                    "val_psnr_lanczos": round(psnr([lanczos(vx, f) for vx, _ in held],
                                                   truth), 3)}
     metrics |= {"final_loss": round(loss, 5), "steps": cfg.steps, "factor": f,
-                "native_size": native, "output_size": native * f, "train_images": len(train),
+                "native_size": native, "output_size": native * f, "train_images": len(keep),
+                "train_images_too_small": len(train) - len(keep),
                 "precision": rt.precision, "device": rt.device.type,
                 "seconds": round(seconds, 1)}
     with atomic_dir(out_dir) as tmp:

@@ -83,6 +83,27 @@ def test_the_stage_writes_a_model_that_loads(tmp_path: Path, posters) -> None:
     assert "val_psnr" not in empty and empty["train_images"] == 8
 
 
+def test_images_too_small_for_a_sharp_target_are_left_out(tmp_path: Path, posters,
+                                                          capsys) -> None:
+    """A target is the stored image at factor x the native size: one stored smaller
+    would be upsampled (blur to learn), so it is left out and counted; with none large
+    enough, all train, and one line says so."""
+    vae = VAE(Vae(image_size=32, base_channels=8, channel_mult=[1, 2, 2]))
+    save_vae(vae, vae.cfg, tmp_path / "vae")
+    small = []
+    for i, p in enumerate(posters[:3]):  # 48 px: under 2 x 32
+        small.append(str(tmp_path / f"small{i}.png"))
+        Image.open(p).resize((48, 48)).save(small[-1])
+    cfg = UpscalerCfg(factor=2, width=8, depth=2, steps=2, batch_size=4, bf16=False)
+    m = train_upscaler(cfg, tmp_path / "vae", [str(p) for p in posters[:5]] + small, [],
+                       tmp_path / "up")
+    assert (m["train_images"], m["train_images_too_small"]) == (5, 3)
+    assert capsys.readouterr().err == ""
+    m = train_upscaler(cfg, tmp_path / "vae", small, [], tmp_path / "up2")
+    assert (m["train_images"], m["train_images_too_small"]) == (3, 0)
+    assert "no train image is stored at 2x the native size" in capsys.readouterr().err
+
+
 def test_generate_sizes_go_through_the_upscaler_only_when_larger(monkeypatch) -> None:
     """Generator.to_size: above the native size the upscaler runs first, then Lanczos to
     exactly the size asked (odd ones too); at or below it, Lanczos alone."""
