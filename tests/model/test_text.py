@@ -99,6 +99,7 @@ def test_a_prompt_without_a_layout_word_takes_the_trainings_usual_one() -> None:
     gen = Generator.__new__(Generator)
     gen.layout_stats = fit_layouts([("top", top), ("top", top), ("bottom", bottom)])
     gen.font_path, gen.latent_shape, gen.vae = FONT, (4, 16, 16), SimpleNamespace(down_factor=4)
+    gen.formats = {}  # squares only
     plain, asked = gen.text_layouts(['a poster reading "SALE"',
                                      'a poster, text at the bottom, reading "SALE"'])
     assert plain[0]["box"][3] <= 0.5 and asked[0]["box"][1] >= 0.5
