@@ -39,7 +39,7 @@ VALID_MANIFEST = VALIDATED / "manifest.parquet"
 QUARANTINE = VALIDATED / "quarantine.parquet"
 LABELS = DATA / "labels"
 CAPTIONS = LABELS / "captions.parquet"
-SPLIT = DATA / "split" / "split.parquet"  # id, path, split: what the VAE needs of the labels
+SPLIT = DATA / "split" / "split.parquet"  # id, path, split, format: what the VAE needs
 LS_TASKS = LABELS / "labelstudio_tasks.json"
 LS_CONFIG = LABELS / "labelstudio_config.xml"
 DISAGREEMENTS = LABELS / "disagreements.csv"  # manual labels overruling confident auto ones
@@ -183,6 +183,15 @@ def read_table(path: Path, table: str) -> pd.DataFrame:
     df = pq.read_table(path).to_pandas()
     check_schema(df, table)
     return df
+
+
+def split_sets(path: Path = SPLIT) -> tuple[list[str], list[str], tuple[list[str], list[str]]]:
+    """The split table's train and val image paths, and their formats (aspect buckets):
+    what the image trainers (vae, upscaler) read."""
+    split = read_table(path, "split")
+    train, val = (split[split["split"] == s] for s in ("train", "val"))
+    return (train["path"].tolist(), val["path"].tolist(),
+            (train["format"].tolist(), val["format"].tolist()))
 
 
 # ------------------------------------------------------------------ hashing

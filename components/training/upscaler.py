@@ -18,13 +18,12 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 from components.config import Params
 from components.config import Upscaler as UpscalerCfg
 from components.contracts import (
-    SPLIT,
     UPSCALER_DIR,
     VAE_DIR,
     atomic_dir,
     progress,
-    read_table,
     results_only,
+    split_sets,
     write_json,
 )
 from components.models.buckets import draw, format_sizes, groups
@@ -164,9 +163,6 @@ def train_upscaler(cfg: UpscalerCfg, vae_dir: Path, train: list[str], val: list[
 
 def upscaler(params: Params) -> dict:
     """The stage: train on the train split, compare with Lanczos on val."""
-    split = read_table(SPLIT, "split")
-    train, val = (split[split["split"] == s] for s in ("train", "val"))
-    return train_upscaler(params.upscaler, VAE_DIR, train["path"].tolist(),
-                          val["path"].tolist(), UPSCALER_DIR,
-                          (train["format"].tolist(), val["format"].tolist()),
+    train, val, formats = split_sets()
+    return train_upscaler(params.upscaler, VAE_DIR, train, val, UPSCALER_DIR, formats,
                           params.formats.buckets)

@@ -15,14 +15,13 @@ from components import tracking
 from components.config import Params
 from components.config import Vae as VaeCfg
 from components.contracts import (
-    SPLIT,
     TRAINING_CURVE,
     VAE_DIR,
     UserError,
     atomic_dir,
     progress,
-    read_table,
     results_only,
+    split_sets,
     write_csv,
     write_json,
 )
@@ -261,8 +260,6 @@ def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_d
 
 def vae(params: Params) -> dict:
     """The stage: train on the train split, validate on val."""
-    split = read_table(SPLIT, "split")
-    train, val = (split[split["split"] == s] for s in ("train", "val"))
-    return train_vae(params.vae, train["path"].tolist(), val["path"].tolist(), VAE_DIR,
-                     (train["format"].tolist(), val["format"].tolist()),
+    train, val, formats = split_sets()
+    return train_vae(params.vae, train, val, VAE_DIR, formats,
                      format_sizes(params.formats.buckets, params.vae))
