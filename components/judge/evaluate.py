@@ -42,6 +42,7 @@ from components.contracts import (
 from components.judge.fidelity import detail_ratio, distances, feature_extractor, to_tensor
 from components.judge.report import training_curves, write_report
 from components.judge.text import text_metrics
+from components.labelling import text_boxes
 from components.labelling.captions import caption
 from components.labelling.labeller import (
     FIGURE_SIZES,
@@ -53,6 +54,7 @@ from components.labelling.labeller import (
 )
 from components.models.buckets import format_sizes, nearest
 from components.models.generator import Generator
+from components.models.glyphs import glyph_batch
 from components.models.images import image_grid, load_batch, to_pil
 from components.models.vae import load_vae
 
@@ -67,7 +69,9 @@ def vae_quality(vae_dir: Path, rows: pd.DataFrame, params: Params) -> dict:
     rows, a, b, ssim, shown = by_format(rows), [], [], [], []
     for f, group in rows.groupby("format", sort=False):  # each at its format's size
         x = load_batch(group["path"].tolist(), sizes[f])
-        rec = vae.decode(vae.encode(x)[0]).clamp(-1, 1)
+        glyphs = glyph_batch([text_boxes.loads(b) for b in group["text_boxes"]], *sizes[f],
+                             params.brand.font) if vae.reads_glyphs else None
+        rec = vae.decode(vae.encode(x, glyphs)[0], glyphs).clamp(-1, 1)
         a.append((rec.flatten() + 1) / 2)
         b.append((x.flatten() + 1) / 2)
         ssim.append(structural_similarity_index_measure((rec + 1) / 2, (x + 1) / 2,
@@ -281,8 +285,8 @@ def measure(params: Params, vae_dir: Path = VAE_DIR, unet_dir: Path = UNET_DIR,
     metrics |= {k: round(v, 5) for k, v in distances(real, fake, extractor, cfg.seed).items()}
     metrics["fid_images"] = len(fake)
     square = pairs["format"].map(lambda f: sizes[f][0] == sizes[f][1])  # at 800 x 800
-    metrics |= detail(gen, [im for im in fake if im.width == im.height],
-                      pairs.loc[square, "path"].tolist())
+    metrics |= detail(gen, pairs.loc[square, "caption"].tolist(),
+                      pairs.loc[square, "path"].tolist(), cfg.seed)
     bar.update()
     bar.set_postfix_str("text")
     text, text_grid = text_metrics(gen, params, caps[caps["split"] == "train"], val)
@@ -306,14 +310,16 @@ def measure(params: Params, vae_dir: Path = VAE_DIR, unet_dir: Path = UNET_DIR,
                       text_grid, format_rows)
 
 
-def detail(gen: Generator, fake: list[Image.Image], real_paths: list[str],
+def detail(gen: Generator, captions: list[str], real_paths: list[str], seed: int,
            n: int = 16, side: int = 800) -> dict:
-    """Detail ratio (fidelity.detail_ratio) of generated images as `generate` delivers them
-    at side x side, and of real val images from their stored files resized the same way
-    (what the collection has): means over `n` of each."""
+    """Detail ratio (fidelity.detail_ratio) of images `generate` delivers at side x side
+    from the first `n` square val captions (the same samples as the fidelity part's), and
+    of those val images from their stored files resized the same way (what the collection
+    has): means over `n` of each."""
     real = [open_rgb(p).resize((side, side), Image.Resampling.LANCZOS) for p in real_paths[:n]]
+    fake = gen.generate(captions[:n], seed=seed, width=side, height=side)
     return {f"detail_ratio_{side}": round(float(np.mean(
-                [detail_ratio(im) for im in gen.to_size(fake[:n], side, side)])), 3),
+                [detail_ratio(im) for im in fake])), 3),
             f"detail_ratio_{side}_real": round(float(np.mean(
                 [detail_ratio(im) for im in real])), 3)}
 

@@ -3,12 +3,14 @@
 Held-out text prompts (the captions' own words, attributes cycling as in the adherence
 prompts) ask for one or two words: half from the words the training images show, half
 from evaluate.text_unseen, words no training image has. Each generated image is read by
-the pipeline's OCR at the model's native size, and compared with the requested text:
-word recall (share of requested words read), whole-text exact share, and CER. The same
-OCR on real val images at the same size, against their own text (text_boxes), is the
-ceiling this OCR allows at that size: `text_recall_ratio` = generated / real. The same
-images through the VAE (encoded, decoded) give `text_*_vae`: what any U-Net can reach
-through this VAE.
+the pipeline's OCR at the size the model draws (`text_side`: the native size through the
+learned upscaler, as `generate` delivers that size; the native size without one), and
+compared with the requested text: word recall (share of requested words read), whole-text
+exact share, and CER. The same OCR on real val images at the same size, against their own
+text (text_boxes), is the ceiling this OCR allows at that size: `text_recall_ratio` =
+generated / real. The same images through the VAE (encoded, decoded, upscaled) give
+`text_*_vae`: what any U-Net can reach through these decoders. `text_word_recall_native`
+and `_real_native` read the samples and the real images at the native size itself.
 `text_exact_typeset` checks the typeset option: the same images at 800 x 800 with their
 text typeset over them, read whole.
 """
@@ -107,46 +109,60 @@ def text_metrics(gen: Generator, params: Params, train: pd.DataFrame, val: pd.Da
     if n == 0:
         return {}, None
     cases = text_cases(params, shown_words(train))
-    metrics: dict = {}
-    fake: list[Image.Image] = []
+    native = gen.native_size
+    side = native * (gen.upscaler.factor if gen.upscaler is not None else 1)
+    metrics: dict = {"text_side": side}
+    small: list[Image.Image] = []  # at the native size
+    fake: list[Image.Image] = []  # at `side`, as generate delivers that size
     typeset_800: list[Image.Image] = []
     if cases:
         prompts = [c["prompt"] for c in cases]
         layouts = gen.text_layouts(prompts, params.evaluate.seed)
-        fake = gen.generate(prompts, seed=params.evaluate.seed, layouts=layouts)
+        small = gen.generate(prompts, seed=params.evaluate.seed, layouts=layouts)
+        fake = gen.to_size(small, side, side, layouts)
         if gen.font_path:  # the typeset option's check: exact words at 800 x 800
             typeset_800 = [typeset(im.resize((TYPESET_SIDE, TYPESET_SIDE),
                                              Image.Resampling.LANCZOS), lines, gen.font_path)
                            for im, lines in zip(fake, layouts, strict=True)]
     square = val["format"] == nearest(1, 1, params.formats.buckets)  # as the prompts are
     with_text = val[square & val["text_boxes"].map(lambda b: bool(text_boxes.loads(b)))].head(n)
-    real, through_vae = [], []
+    lines = [text_boxes.loads(b) for b in with_text["text_boxes"]]
+    real, real_small, through_vae = [], [], []
     if len(with_text):
-        x = load_batch(with_text["path"].tolist(), gen.native_size)
-        real = to_pil(x)
+        x = load_batch(with_text["path"].tolist(), native)
+        real_small = to_pil(x)
+        real = to_pil(load_batch(with_text["path"].tolist(), side))
         with torch.no_grad():
-            through_vae = to_pil(gen.vae.decode(gen.vae.encode(x)[0]))
-    reads = read_texts(fake + real + through_vae + typeset_800, params.ocr)
-    n_fake, n_real = len(fake), len(real)
+            glyphs = gen.glyph_maps(lines, (native, native))
+            through_vae = gen.to_size(to_pil(gen.vae.decode(gen.vae.encode(x, glyphs)[0],
+                                                            glyphs)), side, side, lines)
+    parts = {"fake": fake, "real": real, "vae": through_vae, "typeset": typeset_800,
+             "native": small, "real_native": real_small}
+    reads = iter(read_texts([im for ims in parts.values() for im in ims], params.ocr))
+    read = {k: [next(reads) for _ in ims] for k, ims in parts.items()}
+    wanted = [c["text"] for c in cases]
     for kind in ("seen", "unseen"):
         pick = [i for i, c in enumerate(cases) if c["kind"] == kind]
-        got = scores([reads[i] for i in pick], [cases[i]["text"] for i in pick])
+        got = scores([read["fake"][i] for i in pick], [wanted[i] for i in pick])
         suffix = "" if kind == "seen" else "_unseen"
         metrics |= {f"text_{k}{suffix}": v for k, v in got.items()}
-    truth = [" ".join(ln["text"] for ln in text_boxes.loads(b))
-             for b in with_text["text_boxes"]]
-    metrics |= {f"text_{k}_real": v for k, v in
-                scores(reads[n_fake:n_fake + n_real], truth).items()}
-    metrics |= {f"text_{k}_vae": v for k, v in
-                scores(reads[n_fake + n_real:n_fake + 2 * n_real], truth).items()}
+        if kind == "seen" and side != native:  # the same images at the native size
+            metrics["text_word_recall_native"] = scores(
+                [read["native"][i] for i in pick], [wanted[i] for i in pick]).get("word_recall")
+    truth = [" ".join(ln["text"] for ln in ls) for ls in lines]
+    for part, suffix in (("real", "_real"), ("vae", "_vae"), ("real_native", "_real_native")):
+        if part == "real_native" and side == native:
+            continue
+        got = scores(read[part], truth)
+        metrics |= ({f"text_{k}{suffix}": v for k, v in got.items()} if part != "real_native"
+                    else {"text_word_recall_real_native": got.get("word_recall")})
     if typeset_800:
-        metrics["text_exact_typeset"] = scores(reads[n_fake + 2 * n_real:],
-                                               [c["text"] for c in cases])["exact"]
+        metrics["text_exact_typeset"] = scores(read["typeset"], wanted)["exact"]
     real_recall = metrics.get("text_word_recall_real")
     for suffix in ("", "_unseen"):
         if real_recall and f"text_word_recall{suffix}" in metrics:
             metrics[f"text_recall_ratio{suffix}"] = round(
                 metrics[f"text_word_recall{suffix}"] / real_recall, 4)
     metrics["text_images"] = len(fake)
-    grid = labelled_grid(fake, [c["text"] for c in cases]) if fake else None
+    grid = labelled_grid(fake, wanted) if fake else None
     return metrics, grid

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 
+from components.contracts import CAPTIONS, read_table
+
 Box = list[float]
 
 
@@ -77,3 +79,10 @@ def dumps(lines: list[dict]) -> str:
 
 def loads(text: str | None) -> list[dict]:
     return json.loads(text) if text else []
+
+
+def of_images(*path_lists: list[str]) -> tuple[list[list[dict]], ...]:
+    """Each image's lines (the captions table's `text_boxes`), for lists of image paths
+    (an image the table lacks: no text): what the image trainers draw glyph maps from."""
+    boxes = read_table(CAPTIONS, "captions").set_index("path")["text_boxes"]
+    return tuple([loads(boxes.get(p)) for p in paths] for paths in path_lists)

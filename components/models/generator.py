@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -25,7 +24,7 @@ from components.config import TextEncoder as TextEncoderCfg
 from components.contracts import UserError
 from components.models.buckets import nearest, size_at, stretch
 from components.models.diffusion import NoiseSchedule, make_sampler, sample
-from components.models.glyphs import glyph_map
+from components.models.glyphs import glyph_batch
 from components.models.images import to_pil
 from components.models.layout import QUOTED, layout_of, plan, quoted_text
 from components.models.typeset import typeset as text_typeset
@@ -168,28 +167,35 @@ class Generator:
     def glyph_maps(self, layouts: list[list[dict]], size: tuple[int, int] | None = None
                    ) -> torch.Tensor | None:
         """(B, 1, H, W) in 0..1 at `size` (w, h; default the native square), through the
-        one glyph renderer; None for a U-Net without glyph input."""
-        if not self.unet.glyph_channels:
+        one glyph renderer; None when neither the U-Net nor the VAE's decoder reads them."""
+        if not self.unet.glyph_channels and not self.vae.reads_glyphs:
             return None
         w, h = size or (self.native_size, self.native_size)
-        maps = [np.asarray(glyph_map(lines, w, h, self.font_path)) for lines in layouts]
-        return torch.from_numpy(np.stack(maps)).unsqueeze(1).float().div_(255)
+        return glyph_batch(layouts, w, h, self.font_path)
 
     @torch.no_grad()
-    def decode_latents(self, z: torch.Tensor) -> list[Image.Image]:
-        return to_pil(self.vae.decode(z / self.scale_factor))
+    def decode_latents(self, z: torch.Tensor, glyphs: torch.Tensor | None = None
+                       ) -> list[Image.Image]:
+        return to_pil(self.vae.decode(z / self.scale_factor, glyphs))
 
     def to_size(self, images: list[Image.Image], width: int | None = None,
-                height: int | None = None) -> list[Image.Image]:
+                height: int | None = None, layouts: list[list[dict]] | None = None
+                ) -> list[Image.Image]:
         """Native-size samples at width x height (either may be None: the native size),
         the way generate delivers them: larger than the native size through the upscaler
-        when there is one, then LANCZOS for the remainder."""
+        when there is one (given each image's text `layouts`, an upscaler that reads glyph
+        maps draws their letters), then LANCZOS for the remainder."""
         if width is None and height is None:
             return images
         size = (int(width or self.native_size), int(height or self.native_size))
         if self.upscaler is not None and images and (
                 size[0] > images[0].width or size[1] > images[0].height):
-            images = self.upscaler.upscale(images)
+            glyphs = None
+            if self.upscaler.glyphs and layouts is not None:
+                f = self.upscaler.factor
+                glyphs = glyph_batch(layouts, images[0].width * f, images[0].height * f,
+                                     self.font_path)
+            images = self.upscaler.upscale(images, glyphs)
         return [im if im.size == size else im.resize(size, Image.Resampling.LANCZOS)
                 for im in images]
 
@@ -231,10 +237,11 @@ class Generator:
                 for i in range(len(prompts))]
         sampler = make_sampler(cfg, self.schedule)
         df = self.vae.down_factor
+        glyphs = self.glyph_maps(layouts, (w, h))
         z = sample(self.unet, self.schedule, sampler, context,
                    (self.latent_shape[0], h // df, w // df), g, gens,
-                   self.glyph_maps(layouts, (w, h)))
-        images = self.to_size(self.decode_latents(z), width, height)
+                   glyphs if self.unet.glyph_channels else None)
+        images = self.to_size(self.decode_latents(z, glyphs), width, height, layouts)
         if typeset:
             if self.font_path is None:
                 raise UserError("typeset: this model was trained without glyph maps (no "

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from components.contracts import UserError
@@ -62,3 +64,12 @@ def glyph_map(lines: list[dict], width: int, height: int, font_path: str) -> Ima
         y = y0 + (y1 - y0 - (box[3] - box[1])) / 2 - box[1]
         draw.text((x, y), text, font=f, fill=255)
     return im
+
+
+def glyph_batch(layouts: list[list[dict]], width: int, height: int, font_path: str
+                ) -> torch.Tensor:
+    """(B, 1, height, width) float in 0..1: each image's lines through `glyph_map`."""
+    maps = [np.asarray(glyph_map(lines, width, height, font_path)) for lines in layouts]
+    if not maps:
+        return torch.zeros(0, 1, height, width)
+    return torch.from_numpy(np.stack(maps)).unsqueeze(1).float().div_(255)

@@ -26,7 +26,9 @@ from components.contracts import (
     split_sets,
     write_json,
 )
+from components.labelling import text_boxes
 from components.models.buckets import draw, format_sizes, groups
+from components.models.glyphs import glyph_batch
 from components.models.images import from_pil, load_batch, to_pil
 from components.models.upscaler import Upscaler, save_upscaler
 from components.models.vae import load_vae
@@ -35,31 +37,44 @@ from components.training.runtime import Runtime, adamw, cosine_with_warmup, runt
 VAL_IMAGES = 32
 
 
-Pair = tuple[torch.Tensor, torch.Tensor]
+# (the images through the VAE, their targets at factor x the size, the targets' glyph maps
+# (None without text))
+Pair = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+Text = tuple[list[list[dict]], str] | None  # each image's text lines, the font's path
 
 
 @torch.no_grad()
 def pairs(vae, paths: list[str], size: tuple[int, int], factor: int, rt: Runtime,
-          batch: int = 64) -> Pair:
+          text: Text = None, batch: int = 64) -> Pair:
     """(the images through the VAE at size (w, h), float in [-1, 1]; the images at
-    factor x that size, uint8 to keep a large collection in memory)."""
+    factor x that size, uint8 to keep a large collection in memory; with `text` (each
+    image's text lines, the font) their glyph maps at that size, uint8). A VAE that reads
+    glyph maps gets them at its size."""
     (w, h), f = size, factor
     ins = [torch.zeros(0, 3, h, w)]  # no paths (an empty val split): no pairs
     outs = [torch.zeros(0, 3, h * f, w * f, dtype=torch.uint8)]
+    maps = [torch.zeros(0, 1, h * f, w * f, dtype=torch.uint8)]
     for i in range(0, len(paths), batch):
         chunk = paths[i : i + batch]
+        lines = text[0][i : i + batch] if text else []
+        g = (glyph_batch(lines, w, h, text[1]).to(rt.device)
+             if text and vae.reads_glyphs else None)
         with rt.autocast():
-            rec = vae.decode(vae.encode(load_batch(chunk, size).to(rt.device))[0])
+            rec = vae.decode(vae.encode(load_batch(chunk, size).to(rt.device), g)[0], g)
         ins.append(rec.float().clamp(-1, 1).cpu())
         big = load_batch(chunk, (w * f, h * f))
         outs.append(((big + 1) * 127.5).round().to(torch.uint8))
-    return torch.cat(ins), torch.cat(outs)
+        if text:
+            maps.append((glyph_batch(lines, w * f, h * f, text[1]) * 255).round()
+                        .to(torch.uint8))
+    return torch.cat(ins), torch.cat(outs), torch.cat(maps) if text else None
 
 
 def format_pairs(vae, paths: list[str], formats: list[str], sizes: dict, factor: int,
-                 rt: Runtime) -> list[Pair]:
+                 rt: Runtime, text: Text = None) -> list[Pair]:
     """`pairs` of each format (aspect bucket) at its size."""
-    return [pairs(vae, [paths[i] for i in rows.tolist()], sizes[f], factor, rt)
+    return [pairs(vae, [paths[i] for i in rows.tolist()], sizes[f], factor, rt,
+                  text and ([text[0][i] for i in rows.tolist()], text[1]))
             for f, rows in groups(formats).items()]
 
 
@@ -105,7 +120,7 @@ def fit(cfg: UpscalerCfg, rt: Runtime, data: list[Pair]) -> tuple[Upscaler, floa
     gen = torch.Generator().manual_seed(cfg.seed)
     loss = torch.zeros(())
     for _ in progress(range(cfg.steps), desc="upscaler", unit="step"):
-        x, y = data[draw([len(x) for x, _ in data], gen)]
+        x, y, g = data[draw([len(x) for x, _, _ in data], gen)]
         (h, w), idx = x.shape[-2:], torch.randint(0, len(x), (cfg.batch_size,), generator=gen)
         ch, cw = min(cfg.crop, h), min(cfg.crop, w)
         i, j = (torch.randint(0, h - ch + 1, (2,), generator=gen).tolist() if h == w else
@@ -114,20 +129,28 @@ def fit(cfg: UpscalerCfg, rt: Runtime, data: list[Pair]) -> tuple[Upscaler, floa
         xb = x[idx, :, i : i + ch, j : j + cw].to(rt.device)
         yb = y[idx, :, i * f : (i + ch) * f, j * f : (j + cw) * f].to(rt.device)
         yb = yb.float() / 127.5 - 1
-        loss = train_step(rt, lambda xb=xb, yb=yb: F.l1_loss(model(xb).float(), yb), opt,
-                          sched, params)
+        gb = (g[idx, :, i * f : (i + ch) * f, j * f : (j + cw) * f].to(rt.device).float()
+              / 255 if cfg.glyphs else None)
+        loss = train_step(rt, lambda xb=xb, yb=yb, gb=gb: F.l1_loss(model(xb, gb).float(), yb),
+                          opt, sched, params)
     return model.eval(), float(loss.detach())
 
 
 def train_upscaler(cfg: UpscalerCfg, vae_dir: Path, train: list[str], val: list[str],
                    out_dir: Path, formats: tuple[list[str], list[str]] | None = None,
-                   buckets: dict | None = None) -> dict:
+                   buckets: dict | None = None,
+                   text: tuple[list[list[dict]], list[list[dict]]] | None = None,
+                   font_path: str | None = None) -> dict:
     """Train on `train`, compare with Lanczos on the first VAL_IMAGES of `val`; `formats`:
-    their aspect buckets (params formats.buckets: `buckets`), default all square."""
+    their aspect buckets (params formats.buckets: `buckets`), default all square; `text`:
+    their text lines, drawn in `font_path` for a VAE or an upscaler (cfg.glyphs) that reads
+    glyph maps (default: none has text)."""
     t0 = time.monotonic()
     rt = runtime(cfg.device, cfg.bf16, "upscaler")
     vae = load_vae(vae_dir).to(rt.device)
     native, f = vae.cfg.image_size, cfg.factor
+    if text is None and cfg.glyphs:
+        text = ([[]] * len(train), [[]] * len(val))
     sizes = format_sizes(buckets or {"square": (1, 1)}, vae.cfg)
     train_f, val_f = formats or ([next(iter(sizes))] * len(train),
                                  [next(iter(sizes))] * len(val))
@@ -138,17 +161,20 @@ def train_upscaler(cfg: UpscalerCfg, vae_dir: Path, train: list[str], val: list[
               "upscaler.factor", file=sys.stderr)
         keep = list(range(len(train)))
     data = format_pairs(vae, [train[i] for i in keep], [train_f[i] for i in keep], sizes,
-                        f, rt)
-    held = format_pairs(vae, val[:VAL_IMAGES], val_f[:VAL_IMAGES], sizes, f, rt)
+                        f, rt, text and ([text[0][i] for i in keep], font_path))
+    held = format_pairs(vae, val[:VAL_IMAGES], val_f[:VAL_IMAGES], sizes, f, rt,
+                        text and (text[1][:VAL_IMAGES], font_path))
     model, loss = fit(cfg, rt, data)
     seconds = time.monotonic() - t0
     metrics: dict = {}
     if held:
         with torch.no_grad(), rt.autocast():
-            up = [model(vx.to(rt.device)).float().clamp(-1, 1).cpu() for vx, _ in held]
-        truth = [vy.float() / 127.5 - 1 for _, vy in held]
+            up = [model(vx.to(rt.device), None if vg is None or not cfg.glyphs else
+                        vg.to(rt.device).float() / 255).float().clamp(-1, 1).cpu()
+                  for vx, _, vg in held]
+        truth = [vy.float() / 127.5 - 1 for _, vy, _ in held]
         metrics = {"val_psnr": round(psnr(up, truth), 3),
-                   "val_psnr_lanczos": round(psnr([lanczos(vx, f) for vx, _ in held],
+                   "val_psnr_lanczos": round(psnr([lanczos(vx, f) for vx, _, _ in held],
                                                   truth), 3)}
     metrics |= {"final_loss": round(loss, 5), "steps": cfg.steps, "factor": f,
                 "native_size": native, "output_size": native * f, "train_images": len(keep),
@@ -165,4 +191,6 @@ def upscaler(params: Params) -> dict:
     """The stage: train on the train split, compare with Lanczos on val."""
     train, val, formats = split_sets()
     return train_upscaler(params.upscaler, VAE_DIR, train, val, UPSCALER_DIR, formats,
-                          params.formats.buckets)
+                          params.formats.buckets, (text_boxes.of_images(train, val)
+                          if params.vae.glyph_channels or params.upscaler.glyphs else None),
+                          params.brand.font)
