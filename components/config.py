@@ -247,8 +247,6 @@ class Vae(Section):
     scale_reg: float = Field(0.0, ge=0)  # weight of the scale-equivariance term (0: off)
     crop: int = Field(32, ge=0)  # train on random square crops this side; 0: whole images
     text_weight: float = Field(0.0, ge=0)  # extra loss weight on ink (text, marks) pixels
-    glyph_channels: int = Field(0, ge=0, le=256)  # the decoder also reads the glyph map (0: off)
-    glyph_blur: int = Field(0, ge=0, le=63)  # the encoder sees the letters blurred (window, px)
     epochs: int = Field(44, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(2e-3, gt=0)
@@ -268,11 +266,6 @@ class Vae(Section):
         if 0 < self.crop < self.image_size and self.crop % down:
             raise ValueError(f"crop: {self.crop} is not a multiple of the down factor {down} "
                              "(0 or image_size: train on whole images)")
-        if self.glyph_blur and self.glyph_blur % 2 == 0:
-            raise ValueError(f"glyph_blur: {self.glyph_blur} is even; use an odd window")
-        if self.glyph_blur and not self.glyph_channels:
-            raise ValueError("glyph_blur: the letters are blurred for a decoder that draws "
-                             "them from the glyph map; set glyph_channels too (or 0 here)")
         return self
 
 
@@ -397,7 +390,7 @@ class Upscaler(Section):
     factor: Literal[2, 4] = 4
     width: int = Field(48, ge=8, le=512)
     depth: int = Field(4, ge=1, le=16)  # 3x3 convolutions at the input size
-    glyphs: bool = False  # also reads the glyph map at the output size (sharp letters)
+    glyphs: bool = True  # also reads the glyph map at the output size (sharp letters)
     steps: int = Field(2000, ge=1)
     batch_size: int = Field(32, ge=1)
     crop: int = Field(16, ge=4)  # input crop side (native pixels)

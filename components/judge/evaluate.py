@@ -42,7 +42,6 @@ from components.contracts import (
 from components.judge.fidelity import detail_ratio, distances, feature_extractor, to_tensor
 from components.judge.report import training_curves, write_report
 from components.judge.text import text_metrics
-from components.labelling import text_boxes
 from components.labelling.captions import caption
 from components.labelling.labeller import (
     FIGURE_SIZES,
@@ -54,7 +53,6 @@ from components.labelling.labeller import (
 )
 from components.models.buckets import format_sizes, nearest
 from components.models.generator import Generator
-from components.models.glyphs import glyph_batch
 from components.models.images import image_grid, load_batch, to_pil
 from components.models.vae import load_vae
 
@@ -69,9 +67,7 @@ def vae_quality(vae_dir: Path, rows: pd.DataFrame, params: Params) -> dict:
     rows, a, b, ssim, shown = by_format(rows), [], [], [], []
     for f, group in rows.groupby("format", sort=False):  # each at its format's size
         x = load_batch(group["path"].tolist(), sizes[f])
-        glyphs = glyph_batch([text_boxes.loads(b) for b in group["text_boxes"]], *sizes[f],
-                             params.brand.font) if vae.reads_glyphs else None
-        rec = vae.decode(vae.encode(x, glyphs)[0], glyphs).clamp(-1, 1)
+        rec = vae.decode(vae.encode(x)[0]).clamp(-1, 1)
         a.append((rec.flatten() + 1) / 2)
         b.append((x.flatten() + 1) / 2)
         ssim.append(structural_similarity_index_measure((rec + 1) / 2, (x + 1) / 2,

@@ -133,9 +133,8 @@ def text_metrics(gen: Generator, params: Params, train: pd.DataFrame, val: pd.Da
         real_small = to_pil(x)
         real = to_pil(load_batch(with_text["path"].tolist(), side))
         with torch.no_grad():
-            glyphs = gen.glyph_maps(lines, (native, native))
-            through_vae = gen.to_size(to_pil(gen.vae.decode(gen.vae.encode(x, glyphs)[0],
-                                                            glyphs)), side, side, lines)
+            through_vae = gen.to_size(to_pil(gen.vae.decode(gen.vae.encode(x)[0])), side, side,
+                                      lines)
     parts = {"fake": fake, "real": real, "vae": through_vae, "typeset": typeset_800,
              "native": small, "real_native": real_small}
     reads = iter(read_texts([im for ims in parts.values() for im in ims], params.ocr))

@@ -167,16 +167,15 @@ class Generator:
     def glyph_maps(self, layouts: list[list[dict]], size: tuple[int, int] | None = None
                    ) -> torch.Tensor | None:
         """(B, 1, H, W) in 0..1 at `size` (w, h; default the native square), through the
-        one glyph renderer; None when neither the U-Net nor the VAE's decoder reads them."""
-        if not self.unet.glyph_channels and not self.vae.reads_glyphs:
+        one glyph renderer; None for a U-Net without glyph input."""
+        if not self.unet.glyph_channels:
             return None
         w, h = size or (self.native_size, self.native_size)
         return glyph_batch(layouts, w, h, self.font_path)
 
     @torch.no_grad()
-    def decode_latents(self, z: torch.Tensor, glyphs: torch.Tensor | None = None
-                       ) -> list[Image.Image]:
-        return to_pil(self.vae.decode(z / self.scale_factor, glyphs))
+    def decode_latents(self, z: torch.Tensor) -> list[Image.Image]:
+        return to_pil(self.vae.decode(z / self.scale_factor))
 
     def to_size(self, images: list[Image.Image], width: int | None = None,
                 height: int | None = None, layouts: list[list[dict]] | None = None
@@ -237,11 +236,10 @@ class Generator:
                 for i in range(len(prompts))]
         sampler = make_sampler(cfg, self.schedule)
         df = self.vae.down_factor
-        glyphs = self.glyph_maps(layouts, (w, h))
         z = sample(self.unet, self.schedule, sampler, context,
                    (self.latent_shape[0], h // df, w // df), g, gens,
-                   glyphs if self.unet.glyph_channels else None)
-        images = self.to_size(self.decode_latents(z, glyphs), width, height, layouts)
+                   self.glyph_maps(layouts, (w, h)))
+        images = self.to_size(self.decode_latents(z), width, height, layouts)
         if typeset:
             if self.font_path is None:
                 raise UserError("typeset: this model was trained without glyph maps (no "

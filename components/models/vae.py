@@ -5,18 +5,6 @@ twice) per resolution, a stride-2 conv between resolutions on the way down and
 nearest-upsample + conv on the way up. `channel_mult` has one entry per resolution, so
 the down factor is 2^(len(channel_mult) - 1): [1, 2, 2] turns 64x64x3 into 16x16xC.
 
-With `glyph_channels` > 0 the decoder also reads the image's glyph map (models/glyphs.py:
-its words drawn in brand.font where they are, at full resolution): before each of its
-blocks and its output, a small conv stack adds the map, resized to that level, to the
-features. The latents then need not carry the letters' shapes (a 16x16 latent cannot: OCR
-read 0.065 of the words of a plain decoder's reconstructions); they carry where the ink
-is and its colour, and the decoder draws the letters from the map. Generation draws the
-map from the prompt's text and its planned layout through the same renderer. With
-`glyph_blur` (a window of k pixels) the encoder sees the text's area (the map's strokes
-grown by the window) replaced by the image's mean over the window around each pixel: the
-latents then hold a smooth patch of the ink's colour where text is, never the letters'
-shapes, so the U-Net has no letters to draw and none can come out misaligned with the map.
-
 Loss = reconstruction (mse / l1 on [-1, 1], or bce on logits vs [0, 1] targets) +
 beta * KL, with the KL summed over latent elements and divided by the image's element
 count, so beta means the same thing at any image size."""
@@ -107,32 +95,10 @@ class Encoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-class GlyphInput(nn.Module):
-    """The glyph map (B, 1, H, W in 0..1), area-resized to a feature map's size, through
-    3x3 conv, SiLU, 3x3 conv to its channels (zero-initialised: training starts from the
-    plain decoder's function)."""
-
-    def __init__(self, width: int, ch: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.SiLU(),
-                                 nn.Conv2d(width, ch, 3, padding=1))
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
-
-    def forward(self, h: torch.Tensor, glyphs: torch.Tensor) -> torch.Tensor:
-        g = glyphs if glyphs.shape[-2:] == h.shape[-2:] else F.interpolate(
-            glyphs, size=h.shape[-2:], mode="area")
-        return h + self.net(g.to(h.dtype))
-
-
 class Decoder(nn.Module):
-    def __init__(self, base: int, mult: list[int], latent: int, kind: str = "group",
-                 glyph: int = 0):
+    def __init__(self, base: int, mult: list[int], latent: int, kind: str = "group"):
         super().__init__()
         chs = [base * m for m in reversed(mult)]
-        # the glyph map into each block's input and the output (0: none)
-        self.glyph = nn.ModuleList([GlyphInput(glyph, ch) for ch in [chs[0], *chs]]
-                                   if glyph else [])
         self.conv_in = nn.Conv2d(latent, chs[0], 3, padding=1)
         self.mid = ResBlock(chs[0], chs[0], kind)
         self.blocks = nn.ModuleList()
@@ -147,14 +113,10 @@ class Decoder(nn.Module):
         self.norm_out = norm(cin, kind)
         self.conv_out = nn.Conv2d(cin, 3, 3, padding=1)
 
-    def forward(self, z: torch.Tensor, glyphs: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))
-        if self.glyph and glyphs is None:  # no map: an image without text
-            glyphs = z.new_zeros(len(z), 1, 1, 1)
-        for i, (block, up) in enumerate(zip(self.blocks, self.ups, strict=True)):
-            h = up(block(self.glyph[i](h, glyphs) if self.glyph else h))
-        if self.glyph:
-            h = self.glyph[-1](h, glyphs)
+        for block, up in zip(self.blocks, self.ups, strict=True):
+            h = up(block(h))
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -166,57 +128,40 @@ class VAE(nn.Module):
         self.encoder = Encoder(cfg.base_channels, cfg.channel_mult, cfg.latent_channels,
                                cfg.norm)
         self.decoder = Decoder(cfg.base_channels, cfg.channel_mult, cfg.latent_channels,
-                               cfg.norm, cfg.glyph_channels)
+                               cfg.norm)
 
     def latent_shape(self, image_size: int | None = None) -> tuple[int, int, int]:
         s = (image_size or self.cfg.image_size) // self.down_factor
         return (self.cfg.latent_channels, s, s)
 
-    def encoder_input(self, x: torch.Tensor, glyphs: torch.Tensor | None) -> torch.Tensor:
-        """x with its letters blurred (cfg.glyph_blur, where the glyph map has strokes)."""
-        k = self.cfg.glyph_blur
-        if not k or glyphs is None:
-            return x
-        area = F.max_pool2d((glyphs > 0).to(x.dtype), k, 1, k // 2)  # letters' surroundings
-        local = F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False)
-        return x + area * (local - x)
-
-    def encode(self, x: torch.Tensor, glyphs: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x in [-1, 1] -> (mean, logvar) of the latent posterior; `glyphs`: x's glyph maps
-        (its letters are blurred first, with cfg.glyph_blur)."""
-        mean, logvar = self.encoder(self.encoder_input(x, glyphs)).chunk(2, dim=1)
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x in [-1, 1] -> (mean, logvar) of the latent posterior."""
+        mean, logvar = self.encoder(x).chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
-    @property
-    def reads_glyphs(self) -> bool:
-        return bool(self.cfg.glyph_channels)
+    def decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+        """What the reconstruction loss sees: logits for bce, [-1, 1] values otherwise."""
+        return self.decoder(z)
 
-    def decode_raw(self, z: torch.Tensor, glyphs: torch.Tensor | None = None) -> torch.Tensor:
-        """What the reconstruction loss sees: logits for bce, [-1, 1] values otherwise.
-        `glyphs`: (B, 1, H, W) glyph maps in 0..1 (a decoder without glyph input ignores
-        them; one with it reads None as no text)."""
-        return self.decoder(z, glyphs) if self.reads_glyphs else self.decoder(z)
-
-    def decode(self, z: torch.Tensor, glyphs: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z -> image in [-1, 1] whatever the training loss."""
-        raw = self.decode_raw(z, glyphs)
+        raw = self.decoder(z)
         if self.cfg.loss == "bce":
             return torch.sigmoid(raw) * 2 - 1
         return raw.clamp(-1, 1)
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
-                part: tuple[int, int] = (0, 1), glyphs: torch.Tensor | None = None
+                part: tuple[int, int] = (0, 1)
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`part` = (rank, processes): x is that slice of a global batch (training.py);
         the noise is drawn for the whole batch on the CPU generator and sliced alike, so
         the stream is the same on any device and process count."""
-        mean, logvar = self.encode(x, glyphs)
+        mean, logvar = self.encode(x)
         rank, world = part
         eps = torch.randn((len(mean) * world, *mean.shape[1:]), generator=generator,
                           dtype=mean.dtype)[rank::world].to(mean.device)
         z = mean + torch.exp(0.5 * logvar) * eps
-        return self.decode_raw(z, glyphs), mean, logvar
+        return self.decode_raw(z), mean, logvar
 
 
 def reconstruction_loss(raw: torch.Tensor, x: torch.Tensor, name: str,
@@ -233,22 +178,21 @@ def reconstruction_loss(raw: torch.Tensor, x: torch.Tensor, name: str,
 
 
 def vae_loss(model: VAE, x: torch.Tensor, generator: torch.Generator | None = None,
-             part: tuple[int, int] = (0, 1), weight: torch.Tensor | None = None,
-             glyphs: torch.Tensor | None = None) -> torch.Tensor:
+             part: tuple[int, int] = (0, 1), weight: torch.Tensor | None = None
+             ) -> torch.Tensor:
     """Reconstruction (weighted per pixel by `weight`, (B, 1, H, W), when given) + beta KL
     (per image element) + scale_reg times the scale-equivariance term (Skorokhodov et al.
     2025, "Improving the diffusability of autoencoders"): the decoder must also turn the
     2x-downsampled latent into the 2x-downsampled image, which takes from the latents the
     fine detail that the image does not have and that a diffusion model cannot learn to
-    draw in the same steps. `glyphs`: the images' glyph maps, for a decoder that reads them."""
-    raw, mean, logvar = model(x, generator, part, glyphs)
+    draw in the same steps."""
+    raw, mean, logvar = model(x, generator, part)
     inner = getattr(model, "module", model)  # model may be wrapped in DDP
     cfg = inner.cfg
     raw, logvar = raw.float(), logvar.float()
     recon = reconstruction_loss(raw, x, cfg.loss, weight)
     if cfg.scale_reg:
-        small = inner.decode_raw(F.avg_pool2d(mean, 2), None if glyphs is None else
-                                 F.avg_pool2d(glyphs, 2)).float()
+        small = inner.decode_raw(F.avg_pool2d(mean, 2)).float()
         target = F.avg_pool2d(x, 2)[..., : small.shape[-2], : small.shape[-1]]
         recon = recon + cfg.scale_reg * reconstruction_loss(small, target, cfg.loss)
     mean = mean.float()
@@ -272,9 +216,8 @@ def load_vae(model_dir: Path) -> VAE:
     if not (model_dir / WEIGHTS).exists() or not (model_dir / CONFIG).exists():
         raise UserError(f"{model_dir}: no trained VAE there (needs {WEIGHTS} and {CONFIG}); "
                         "run the vae stage first")
-    # a VAE saved before vae.norm (vae.glyph_channels) existed has GroupNorm (no glyph input)
-    saved = json.loads((model_dir / CONFIG).read_text())["vae"]
-    cfg = VaeCfg(**{"norm": "group", "glyph_channels": 0} | saved)
+    # a VAE saved before vae.norm existed has GroupNorm (same weight names and shapes)
+    cfg = VaeCfg(**{"norm": "group"} | json.loads((model_dir / CONFIG).read_text())["vae"])
     model = VAE(cfg)
     model.load_state_dict(load_file(str(model_dir / WEIGHTS)))
     return model.eval()

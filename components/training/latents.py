@@ -213,13 +213,9 @@ def latents(params: Params) -> dict:
     # an image's latent depends on its bytes (the id is their sha256), the VAE weights and
     # the size it is resized to (its format's); a caption's vector on the caption and the
     # encoder
-    glyphs = glyph_maps(caps, sizes, params.brand.font)
-    # ... and, for a VAE that blurs an image's letters before encoding, its glyph map
-    glyph_keys = [sha256_bytes(g.tobytes())[:16] if vae.cfg.glyph_blur else "" for g in glyphs]
     image_keys = [sha256_bytes(f"{i}|{vae_hash}|{sizes[b][0]}x{sizes[b][1]}"
-                               f"{'|flip' if f else ''}{'|' + k if k else ''}".encode())
-                  for i, f, b, k in zip(caps["id"], caps["flip"], caps["format"], glyph_keys,
-                                        strict=True)]
+                               f"{'|flip' if f else ''}".encode())
+                  for i, f, b in zip(caps["id"], caps["flip"], caps["format"], strict=True)]
     texts = caps["caption"].tolist()
     plain = attributes_only(caps, params.labels.caption_template)
     n_rows = len(texts)
@@ -238,8 +234,7 @@ def latents(params: Params) -> dict:
                 x = load_batch(rows["path"].tolist(), sizes[f])
                 flip = torch.tensor(rows["flip"].tolist(), dtype=torch.bool)
                 x[flip] = x[flip].flip(-1)
-                g = torch.from_numpy(np.stack([glyphs[i] for i in chunk]))[:, None] / 255
-                mean, logvar = vae.encode(x, g)
+                mean, logvar = vae.encode(x)
                 out |= dict(zip(chunk, torch.stack([mean, logvar], 1).float().numpy(),
                                 strict=True))
         return [out[i] for i in todo]
@@ -255,6 +250,7 @@ def latents(params: Params) -> dict:
                 out.extend(t[np.abs(t).max(-1) > 0].astype(np.float16) for t in enc.tokens)
         return out
 
+    glyphs = glyph_maps(caps, sizes, params.brand.font)
     train = caps[(caps["split"] == "train") & ~caps["flip"]]  # as the images were drawn
     layout_stats = layout_statistics(train)
     posteriors, n_images = _encode_missing(image_keys, "image", encode_images)

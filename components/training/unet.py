@@ -220,13 +220,13 @@ def preview_grid(model: ContextUnet, vae: nn.Module, schedule, cache, scale: flo
     context = torch.from_numpy(np.ascontiguousarray(cache.text[rows])).float()
     arrays = cache.formats[f]
     glyph = glyph_batch(torch.from_numpy(np.ascontiguousarray(arrays["glyphs"][frows])),
-                        torch.arange(len(rows)))
+                        torch.arange(len(rows))) if model.glyph_channels else None
     sampler = DDIMSampler(schedule, 0.0)
     sampler.set_timesteps(25)
     gens = [torch.Generator().manual_seed(i) for i in range(len(rows))]
     z = sample(model, schedule, sampler, context, tuple(arrays["mean"].shape[1:]), 2.0, gens,
-               glyph if model.glyph_channels else None)
-    return image_grid([to_pil(vae.decode(z / scale, glyph))], cell=64)
+               glyph)
+    return image_grid([to_pil(vae.decode(z / scale))], cell=64)
 
 
 def unet(params: Params) -> dict:

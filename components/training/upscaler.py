@@ -48,25 +48,21 @@ def pairs(vae, paths: list[str], size: tuple[int, int], factor: int, rt: Runtime
           text: Text = None, batch: int = 64) -> Pair:
     """(the images through the VAE at size (w, h), float in [-1, 1]; the images at
     factor x that size, uint8 to keep a large collection in memory; with `text` (each
-    image's text lines, the font) their glyph maps at that size, uint8). A VAE that reads
-    glyph maps gets them at its size."""
+    image's text lines, the font) their glyph maps at that size, uint8)."""
     (w, h), f = size, factor
     ins = [torch.zeros(0, 3, h, w)]  # no paths (an empty val split): no pairs
     outs = [torch.zeros(0, 3, h * f, w * f, dtype=torch.uint8)]
     maps = [torch.zeros(0, 1, h * f, w * f, dtype=torch.uint8)]
     for i in range(0, len(paths), batch):
         chunk = paths[i : i + batch]
-        lines = text[0][i : i + batch] if text else []
-        g = (glyph_batch(lines, w, h, text[1]).to(rt.device)
-             if text and vae.reads_glyphs else None)
         with rt.autocast():
-            rec = vae.decode(vae.encode(load_batch(chunk, size).to(rt.device), g)[0], g)
+            rec = vae.decode(vae.encode(load_batch(chunk, size).to(rt.device))[0])
         ins.append(rec.float().clamp(-1, 1).cpu())
         big = load_batch(chunk, (w * f, h * f))
         outs.append(((big + 1) * 127.5).round().to(torch.uint8))
         if text:
-            maps.append((glyph_batch(lines, w * f, h * f, text[1]) * 255).round()
-                        .to(torch.uint8))
+            maps.append((glyph_batch(text[0][i : i + batch], w * f, h * f, text[1]) * 255)
+                        .round().to(torch.uint8))
     return torch.cat(ins), torch.cat(outs), torch.cat(maps) if text else None
 
 
@@ -107,6 +103,17 @@ def lanczos(images: torch.Tensor, factor: int) -> torch.Tensor:
                                Image.Resampling.LANCZOS) for im in to_pil(images)])
 
 
+def smudged(x: torch.Tensor, glyphs: torch.Tensor, factor: int, which: torch.Tensor
+            ) -> torch.Tensor:
+    """x with its text areas (where the glyph map, at factor x its size, has ink, grown by
+    a pixel) blurred (5x5 mean) in the images `which` selects: what a diffusion sample
+    gives the upscaler there (ink in the right place and colour, letters not quite), so
+    that it learns to take the letters' shapes from the map."""
+    area = F.max_pool2d((F.avg_pool2d(glyphs, factor) > 0).to(x.dtype), 3, 1, 1)
+    area = area * which.view(-1, 1, 1, 1).to(x.device, x.dtype)
+    return x + area * (F.avg_pool2d(x, 5, 1, 2, count_include_pad=False) - x)
+
+
 def fit(cfg: UpscalerCfg, rt: Runtime, data: list[Pair]) -> tuple[Upscaler, float]:
     """An upscaler trained to turn each x (N, 3, h, w in [-1, 1]) into its y (uint8, factor
     x the size) on random crops of cfg.crop input pixels, each batch from one format;
@@ -129,8 +136,10 @@ def fit(cfg: UpscalerCfg, rt: Runtime, data: list[Pair]) -> tuple[Upscaler, floa
         xb = x[idx, :, i : i + ch, j : j + cw].to(rt.device)
         yb = y[idx, :, i * f : (i + ch) * f, j * f : (j + cw) * f].to(rt.device)
         yb = yb.float() / 127.5 - 1
-        gb = (g[idx, :, i * f : (i + ch) * f, j * f : (j + cw) * f].to(rt.device).float()
-              / 255 if cfg.glyphs else None)
+        gb = None
+        if cfg.glyphs and g is not None:
+            gb = g[idx, :, i * f : (i + ch) * f, j * f : (j + cw) * f].to(rt.device).float() / 255
+            xb = smudged(xb, gb, f, torch.rand(len(xb), generator=gen) < 0.5)
         loss = train_step(rt, lambda xb=xb, yb=yb, gb=gb: F.l1_loss(model(xb, gb).float(), yb),
                           opt, sched, params)
     return model.eval(), float(loss.detach())
@@ -143,8 +152,8 @@ def train_upscaler(cfg: UpscalerCfg, vae_dir: Path, train: list[str], val: list[
                    font_path: str | None = None) -> dict:
     """Train on `train`, compare with Lanczos on the first VAL_IMAGES of `val`; `formats`:
     their aspect buckets (params formats.buckets: `buckets`), default all square; `text`:
-    their text lines, drawn in `font_path` for a VAE or an upscaler (cfg.glyphs) that reads
-    glyph maps (default: none has text)."""
+    their text lines, drawn in `font_path` as the glyph maps of an upscaler that reads them
+    (cfg.glyphs; default: none has text)."""
     t0 = time.monotonic()
     rt = runtime(cfg.device, cfg.bf16, "upscaler")
     vae = load_vae(vae_dir).to(rt.device)
@@ -192,5 +201,4 @@ def upscaler(params: Params) -> dict:
     train, val, formats = split_sets()
     return train_upscaler(params.upscaler, VAE_DIR, train, val, UPSCALER_DIR, formats,
                           params.formats.buckets, (text_boxes.of_images(train, val)
-                          if params.vae.glyph_channels or params.upscaler.glyphs else None),
-                          params.brand.font)
+                          if params.upscaler.glyphs else None), params.brand.font)

@@ -25,9 +25,7 @@ from components.contracts import (
     write_csv,
     write_json,
 )
-from components.labelling import text_boxes
-from components.models.buckets import epoch_batches, format_sizes, groups
-from components.models.glyphs import glyph_batch
+from components.models.buckets import epoch_batches, format_sizes
 from components.models.images import image_grid, load_formats, to_pil
 from components.models.vae import VAE, save_vae, vae_loss
 from components.training.runtime import (
@@ -64,15 +62,14 @@ def evaluate_recon(model: VAE, images: torch.Tensor | list[torch.Tensor], batch_
     for group in [images] if isinstance(images, torch.Tensor) else images:
         recons = []
         for i in range(0, len(group), batch_size):
-            x, g = split_channels(group[i : i + batch_size], model.cfg)[:2]
+            x = group[i : i + batch_size]
             with rt.autocast():
-                g = None if g is None else g.to(rt.device)
-                rec = model.decode(model.encode(x.to(rt.device), g)[0], g)
+                rec = model.decode(model.encode(x.to(rt.device))[0])
             rec = rec.float().clamp(-1, 1).cpu()
             psnr.update((rec + 1) / 2, (x + 1) / 2)
             ssim.update((rec + 1) / 2, (x + 1) / 2)
             recons.append(rec)
-        out.append(torch.cat(recons) if recons else group[:, :3].clone())
+        out.append(torch.cat(recons) if recons else group.clone())
     model.train(was_training)
     return (float(psnr.compute()), float(ssim.compute()),
             out[0] if isinstance(images, torch.Tensor) else out)
@@ -94,26 +91,6 @@ def ink_weights(images: torch.Tensor, weight: float) -> torch.Tensor:
     return 1 + weight * F.max_pool2d(torch.stack(maps), 3, 1, 1)
 
 
-def with_glyphs(images: dict[str, torch.Tensor], formats: list[str],
-                layouts: list[list[dict]], sizes: dict[str, tuple[int, int]],
-                font_path: str | None) -> dict[str, torch.Tensor]:
-    """Each format's images (`load_formats`) with their glyph maps (labelling/text_boxes.py
-    lines, `layouts[i]` for image i) as a fourth channel, so a map travels with its image
-    through the crops."""
-    rows = groups(formats)
-    return {f: torch.cat([x, glyph_batch([layouts[i] for i in rows[f].tolist()], *sizes[f],
-                                         font_path)], 1) for f, x in images.items()}
-
-
-def split_channels(x: torch.Tensor, cfg: VaeCfg
-                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """A training batch's channels: the image, its glyph map (when the decoder reads one),
-    its ink weight (vae.text_weight)."""
-    g = 3 + bool(cfg.glyph_channels)
-    return (x[:, :3], x[:, 3:g] if cfg.glyph_channels else None,
-            x[:, g:g + 1] if cfg.text_weight else None)
-
-
 def random_crop(x: torch.Tensor, side: int, grid: int, gen: torch.Generator) -> torch.Tensor:
     """One random side x side window of the batch (narrower where an image is), on the
     latent grid (0: the whole images). The VAE is convolutional, so it learns the same
@@ -133,16 +110,12 @@ def random_crop(x: torch.Tensor, side: int, grid: int, gen: torch.Generator) -> 
 
 def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_dir: Path,
               formats: tuple[list[str], list[str]] | None = None,
-              sizes: dict[str, tuple[int, int]] | None = None,
-              text: tuple[list[list[dict]], list[list[dict]]] | None = None,
-              font_path: str | None = None) -> dict:
+              sizes: dict[str, tuple[int, int]] | None = None) -> dict:
     """The vae stage: train on train_paths, measure on val_paths, write out_dir whole.
 
     `formats`: each train and val image's aspect bucket, `sizes` each bucket's (w, h)
     (models/buckets.py); a batch is drawn from one bucket. Default: all square at
-    cfg.image_size. `text`: each train and val image's text lines (text_boxes), drawn in
-    `font_path` as the glyph maps a decoder with cfg.glyph_channels reads (default: none
-    has text).
+    cfg.image_size.
 
     With `ema` > 0 an exponential moving average of the weights is kept, validated and
     saved. With `early_stop_patience` > 0 training stops once val PSNR has not improved
@@ -159,20 +132,12 @@ def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_d
     train_f, val_f = formats or ([next(iter(sizes))] * len(train_paths),
                                  [next(iter(sizes))] * len(val_paths))
     train = load_formats(list(train_paths), train_f, sizes)  # format -> images
-    val = load_formats(list(val_paths), val_f, sizes)
-    if cfg.glyph_channels:
-        text = text or ([[]] * len(train_paths), [[]] * len(val_paths))
-        train = with_glyphs(train, train_f, text[0], sizes, font_path)
-        val = with_glyphs(val, val_f, text[1], sizes, font_path)
     if cfg.text_weight:  # the weight map travels with the image through the crops
-        train = {f: torch.cat([x, ink_weights(x[:, :3], cfg.text_weight)], 1)
+        train = {f: torch.cat([x, ink_weights(x, cfg.text_weight)], 1)
                  for f, x in train.items()}
+    val = list(load_formats(list(val_paths), val_f, sizes).values())
     k = cfg.val_per_epoch or len(val_paths)  # the per-epoch curve and early stopping
-    # the first k val images, each format's in order
-    watch = [x[: int((rows < k).sum())] for x, rows in zip(val.values(),
-                                                           groups(val_f).values(), strict=True)]
-    watch = [x for x in watch if len(x)]
-    val = list(val.values())
+    watch = list(load_formats(list(val_paths[:k]), val_f[:k], sizes).values())
     rows = {f: torch.arange(len(x)) for f, x in train.items()}
     n_train, n_val = len(train_paths), len(val_paths)
     model = VAE(cfg).train()
@@ -194,8 +159,7 @@ def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_d
                                                               "processes"}),
                               "train": [str(p) for p in train_paths],
                               "val": [str(p) for p in val_paths],
-                              "formats": [train_f, val_f, sizes],
-                              **({"text": text} if cfg.glyph_channels else {})})
+                              "formats": [train_f, val_f, sizes]})
     if (state := ckpt.load()) is not None:
         model.load_state_dict(state["model"])
         if ema is not None:
@@ -219,9 +183,10 @@ def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_d
         for f, idx in batches:
             x = random_crop(train[f][idx], cfg.crop, model.down_factor, gen)
             (x,) = rt.shard(x)
-            x, g, w = (None if t is None else t.to(rt.device) for t in split_channels(x, cfg))
-            loss = train_step(rt, lambda x=x, g=g, w=w: vae_loss(
-                net, x, gen, (rt.rank, rt.world), w, g), opt, sched, params, ema_params,
+            x, w = x[:, :3], (x[:, 3:] if cfg.text_weight else None)
+            loss = train_step(rt, lambda x=x, w=w: vae_loss(
+                net, x.to(rt.device), gen, (rt.rank, rt.world),
+                None if w is None else w.to(rt.device)), opt, sched, params, ema_params,
                 cfg.ema, step)
             step += 1
             seen += len(x)
@@ -278,10 +243,9 @@ def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_d
     if rt.world > 1:
         metrics["process_weight_spread"] = spread
     if rt.main:
-        shown, g, _ = split_channels((val[0] if n_val else next(iter(train.values())))[:8],
-                                     cfg)
+        shown = (val[0] if n_val else next(iter(train.values()))[:, :3])[:8]
         with torch.no_grad():
-            recons = kept.decode(kept.encode(shown, g)[0], g)
+            recons = kept.decode(kept.encode(shown)[0])
         with atomic_dir(Path(out_dir)) as tmp:
             save_vae(kept, cfg, tmp)
             recon_grid(shown, recons).save(tmp / "recon.png")
@@ -297,6 +261,5 @@ def train_vae(cfg: VaeCfg, train_paths: list[Path], val_paths: list[Path], out_d
 def vae(params: Params) -> dict:
     """The stage: train on the train split, validate on val."""
     train, val, formats = split_sets()
-    text = text_boxes.of_images(train, val) if params.vae.glyph_channels else None
     return train_vae(params.vae, train, val, VAE_DIR, formats,
-                     format_sizes(params.formats.buckets, params.vae), text, params.brand.font)
+                     format_sizes(params.formats.buckets, params.vae))

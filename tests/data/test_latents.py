@@ -212,37 +212,3 @@ def test_each_image_is_encoded_in_its_bucket_and_the_key_holds_the_bucket(workdi
                                    "formats.buckets.banner=[5, 2]"])
     again = latents(wider)
     assert again["images_encoded"] == (idx["format"] == "banner").sum() < first["images"]
-
-
-def test_a_vae_that_blurs_the_letters_encodes_each_image_with_its_own_glyph_map(
-        workdir) -> None:
-    """vae.glyph_blur: the vae stage trains on the captions' text boxes, the latents stage
-    encodes each image with its glyph map (its latent is vae.encode(image, map)), and a
-    corrected text box re-encodes exactly that image."""
-    from components.labelling import text_boxes
-
-    params = load_params(overrides=[*TINY, "vae.glyph_channels=4", "vae.glyph_blur=5"])
-    for stage in (scrape, ocr, validate, labels, vae):
-        stage(params)
-    assert load_vae(VAE_DIR).reads_glyphs
-    first = latents(params)
-    cache = LatentCache(LATENTS)
-    caps = read_table(CAPTIONS, "captions").set_index("id")
-    maps = cache.formats["poster"]["glyphs"]  # the row with the most text
-    row = cache.index.set_index("format_row").loc[int(np.argmax(maps.sum((1, 2))))]
-    glyphs = torch.from_numpy(np.array(maps[row.name]))
-    assert glyphs.max() > 0
-    x = load_batch([caps.loc[row["id"], "path"]], 32)
-    with torch.no_grad():
-        want = load_vae(VAE_DIR).encode(x, glyphs[None, None] / 255)[0][0]
-        plain = load_vae(VAE_DIR).encode(x)[0][0]
-    got = torch.from_numpy(np.array(cache.formats["poster"]["mean"][row.name]))
-    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, plain, atol=1e-3)
-
-    table = read_table(CAPTIONS, "captions")
-    at = table.index[table["id"] == row["id"]][0]
-    lines = text_boxes.loads(table.loc[at, "text_boxes"])
-    lines[0]["box"] = [0.1, 0.1, 0.9, 0.3]  # the text is elsewhere
-    table.loc[at, "text_boxes"] = text_boxes.dumps(lines)
-    write_table(table, CAPTIONS, "captions")
-    assert latents(params)["images_encoded"] == 1 < first["images"]

@@ -102,103 +102,39 @@ def test_changing_only_the_word_changes_the_text_region_not_the_background(glyph
         assert corr > 0.8, (word, corr)
 
 
-def _text_posters(root, n: int = 24) -> tuple[list, list[list[dict]]]:
-    """n 32 px posters, each a colour with one of WORDS in white in BOX, and their lines."""
-    from PIL import Image
-
-    root.mkdir(parents=True, exist_ok=True)
-    paths, texts = [], []
-    for i in range(n):
-        lines = [{"text": WORDS[i % len(WORDS)], "box": BOX, "words": []}]
-        im = Image.new("RGB", (32, 32), (40 + 8 * i, 200 - 6 * i, 90))
-        im.paste(Image.new("RGB", (32, 32), "white"), (0, 0), glyph_map(lines, 32, 32, FONT))
-        im.save(path := root / f"{i}.png")
-        paths.append(path)
-        texts.append(lines)
-    return paths, texts
-
-
-def test_a_glyph_decoder_draws_the_letters_from_the_glyph_map(tmp_path) -> None:
-    """vae.glyph_channels: trained with each image's glyph map, the decoder draws the text
-    band from it: reconstructions with the image's own map are closer in the band than
-    with another word's map or none (no map = no text)."""
-    from components.config import Vae
-    from components.models.glyphs import glyph_batch
-    from components.models.images import load_batch
-    from components.models.vae import load_vae
-    from components.training.vae import train_vae
-
-    paths, texts = _text_posters(tmp_path / "images")
-    cfg = Vae(image_size=32, base_channels=8, channel_mult=[1, 2, 2], latent_channels=4,
-              epochs=30, batch_size=8, bf16=False, crop=0, glyph_channels=8,
-              checkpoint_every=0, val_per_epoch=0)
-    train_vae(cfg, paths[:20], paths[20:], tmp_path / "vae", None, None,
-              (texts[:20], texts[20:]), FONT)
-    vae = load_vae(tmp_path / "vae")
-    assert vae.reads_glyphs
-    x = load_batch(paths, 32)
-    own = glyph_batch(texts, 32, 32, FONT)
-    other = glyph_batch(texts[1:] + texts[:1], 32, 32, FONT)
-    with torch.no_grad():
-        z = vae.encode(x)[0]
-        band = slice(9, 23)  # the pixel rows of BOX
-
-        def error(glyphs):
-            return float((vae.decode(z, glyphs) - x)[..., band, :].abs().mean())
-
-        assert torch.equal(vae.decode(z), vae.decode(z, torch.zeros_like(own)))
-        assert error(own) < 0.75 * error(other)
-        assert error(own) < 0.75 * error(None)
-
-
-def test_the_generator_hands_the_prompts_glyph_map_to_a_glyph_decoder(tmp_path) -> None:
-    """generate draws each prompt's glyph map once and gives the same map to the U-Net and
-    to a decoder that reads glyph maps (the words the user asked for, where planned)."""
+def test_the_generator_hands_the_prompts_glyph_map_to_a_glyph_upscaler(tmp_path) -> None:
+    """generate plans each prompt's text once: the U-Net gets its glyph map at the sample
+    size, an upscaler that reads glyph maps the same layout drawn at its output size."""
     from test_models import StubEncoder, write_tiny_cache
 
     from components.config import Sampler, Unet, Vae
     from components.models.generator import Generator
+    from components.models.glyphs import glyph_batch
+    from components.models.upscaler import Upscaler
     from components.models.vae import VAE, save_vae
     from components.training.unet import train_unet
 
     cache = write_tiny_cache(tmp_path / "latents")
-    vae = VAE(Vae(image_size=32, base_channels=8, channel_mult=[1, 2, 2], glyph_channels=4))
+    vae = VAE(Vae(image_size=32, base_channels=8, channel_mult=[1, 2, 2]))
     save_vae(vae, vae.cfg, tmp_path / "vae")
     train_unet(Unet(n_feat=8, steps=3, batch_size=4, warmup=1, bf16=False),
                Diffusion(timesteps=50), cache, tmp_path / "unet", "stub", tmp_path / "vae")
     gen = Generator.load(tmp_path / "vae", tmp_path / "unet", Sampler(steps=2),
                          text_encoder=StubEncoder())
+    gen.upscaler = Upscaler(factor=4, width=4, depth=1, glyphs=True)
     seen = {}
-    unet_forward, decode = gen.unet.forward, gen.vae.decode
+    unet_forward, upscale = gen.unet.forward, gen.upscaler.upscale
     gen.unet.forward = lambda x, t, c, glyph=None: (seen.setdefault("unet", glyph),
                                                    unet_forward(x, t, c, glyph))[1]
-    gen.vae.decode = lambda z, glyphs=None: (seen.setdefault("vae", glyphs),
-                                             decode(z, glyphs))[1]
+    gen.upscaler.upscale = lambda images, glyphs=None: (seen.setdefault("upscaler", glyphs),
+                                                        upscale(images, glyphs))[1]
     prompt = 'red poster, text at the centre, reading "SALE"'
     box = (0.1, 0.3, 0.8, 0.4)  # x, y, w, h
-    gen.generate([prompt], seed=3, text_box=box)
-    want = gen.glyph_maps(gen.text_layouts([prompt], 3, box))
-    assert want.amax() == 1.0  # the word is drawn
-    assert torch.equal(seen["vae"], want)
-    assert torch.equal(seen["unet"][:1], want)  # the conditional half of guidance
-
-
-def test_glyph_blur_replaces_the_texts_area_by_its_local_mean_known_answer() -> None:
-    """vae.glyph_blur = 3: pixels within the window of a stroke take the mean of their 3x3
-    neighbourhood (inside the image), all others stay; no glyph map: the image itself."""
-    from components.config import Vae
-    from components.models.vae import VAE
-
-    vae = VAE(Vae(image_size=16, base_channels=8, channel_mult=[1, 2], glyph_channels=2,
-                  glyph_blur=3))
-    x = torch.zeros(1, 3, 8, 8)
-    x[..., 4, 4] = 0.9  # one bright pixel: the letter
-    glyphs = torch.zeros(1, 1, 8, 8)
-    glyphs[..., 4, 4] = 1.0
-    out = vae.encoder_input(x, glyphs)
-    want = x.clone()
-    want[..., 3:6, 3:6] = 0.1  # 0.9 over 9 pixels
-    assert torch.allclose(out, want)
-    assert torch.equal(vae.encoder_input(x, None), x)
-    assert torch.equal(VAE(Vae(image_size=16, base_channels=8, channel_mult=[1, 2],
-                               glyph_channels=2)).encoder_input(x, glyphs), x)
+    assert gen.generate([prompt], seed=3, text_box=box, width=100, height=100)[0].size \
+        == (100, 100)
+    layouts = gen.text_layouts([prompt], 3, box)
+    small, big = glyph_batch(layouts, 32, 32, gen.font_path), glyph_batch(layouts, 128, 128,
+                                                                          gen.font_path)
+    assert small.amax() == 1.0  # the word is drawn
+    assert torch.equal(seen["unet"][:1], small)  # the conditional half of guidance
+    assert torch.equal(seen["upscaler"], big)

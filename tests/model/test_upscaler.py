@@ -56,7 +56,7 @@ def test_trained_on_a_collection_it_beats_lanczos_on_held_out_images(posters) ->
     train, held = posters[:20], posters[20:]
     y = ((at(train, 128) + 1) * 127.5).round().to(torch.uint8)
     cfg = UpscalerCfg(factor=2, width=32, depth=4, steps=800, batch_size=8, crop=16,
-                      bf16=False, device="cpu")
+                      bf16=False, device="cpu", glyphs=False)
     model, _loss = fit(cfg, runtime("cpu", False), [(at(train, 64), y, None)])
     vx, truth = at(held, 64), at(held, 128)
     with torch.no_grad():
@@ -160,3 +160,20 @@ def test_a_glyph_upscaler_draws_the_letters_of_the_map_it_is_given(tmp_path: Pat
     own, other = g[20:], torch.roll(g[20:], 1, 0)
     assert error(own) < 0.6 * error(other)
     assert error(own) < 0.6 * error(None)
+
+
+def test_smudged_blurs_only_the_text_areas_of_the_chosen_images() -> None:
+    """Known answer: a glyph map with ink in one 4x4 block at factor 4 marks one input
+    pixel, grown to its 3x3 neighbourhood; those pixels of the chosen image take their
+    5x5 mean, everything else (and the other image) stays."""
+    from components.training.upscaler import smudged
+
+    x = torch.zeros(2, 3, 8, 8)
+    x[:, :, 4, 4] = 1.0
+    glyphs = torch.zeros(2, 1, 32, 32)
+    glyphs[:, :, 16:20, 16:20] = 1.0  # input pixel (4, 4)
+    out = smudged(x, glyphs, 4, torch.tensor([True, False]))
+    assert torch.equal(out[1], x[1])
+    want = x[0].clone()
+    want[:, 3:6, 3:6] = 1 / 25  # every 5x5 window there holds the one bright pixel
+    assert torch.allclose(out[0], want)

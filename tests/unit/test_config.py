@@ -17,8 +17,6 @@ def test_defaults_load_and_cover_every_section(workdir):
     ("vae.epochs=-1", "vae.epochs: Input should be greater than or equal to 1"),
     ("vae.epochs=many", "vae.epochs: Input should be a valid integer"),
     ("vae.crop=30", "vae: crop: 30 is not a multiple of the down factor 4"),
-    ("vae.glyph_blur=9", "vae: glyph_blur: the letters are blurred for a decoder that draws"),
-    ("vae.glyph_blur=4", "vae: glyph_blur: 4 is even"),
     ("scrape.sources=[{kind: synthetic, n: 0}]", "scrape.sources.0.n: Input should be greater"),
     ("scrape.sources=[{kind: synthetic, bogus: 1}]",
      "unknown key 'scrape.sources.0.bogus'; allowed here: kind, n, seed, size"),
