@@ -11,6 +11,9 @@ text (text_boxes), is the ceiling this OCR allows at that size: `text_recall_rat
 generated / real. The same images through the VAE (encoded, decoded, upscaled) give
 `text_*_vae`: what any U-Net can reach through these decoders. `text_word_recall_native`
 and `_real_native` read the samples and the real images at the native size itself.
+`text_word_recall_map_only` is the control for an upscaler that reads glyph maps: the
+same prompts sampled with an empty glyph map (the U-Net puts no ink where the text goes),
+upscaled with the prompts' maps: the words the upscaler writes on its own.
 `text_exact_typeset` checks the typeset option: the same images at 800 x 800 with their
 text typeset over them, read whole.
 """
@@ -115,11 +118,17 @@ def text_metrics(gen: Generator, params: Params, train: pd.DataFrame, val: pd.Da
     small: list[Image.Image] = []  # at the native size
     fake: list[Image.Image] = []  # at `side`, as generate delivers that size
     typeset_800: list[Image.Image] = []
+    blind: list[Image.Image] = []  # the control below
     if cases:
         prompts = [c["prompt"] for c in cases]
         layouts = gen.text_layouts(prompts, params.evaluate.seed)
         small = gen.generate(prompts, seed=params.evaluate.seed, layouts=layouts)
         fake = gen.to_size(small, side, side, layouts)
+        if gen.upscaler is not None and gen.upscaler.glyphs:  # the control: no map for the
+            # U-Net (so no ink where the text goes), the map for the upscaler alone
+            blind = gen.to_size(gen.generate(prompts, seed=params.evaluate.seed,
+                                             layouts=[[] for _ in prompts]), side, side,
+                                layouts)
         if gen.font_path:  # the typeset option's check: exact words at 800 x 800
             typeset_800 = [typeset(im.resize((TYPESET_SIDE, TYPESET_SIDE),
                                              Image.Resampling.LANCZOS), lines, gen.font_path)
@@ -136,7 +145,7 @@ def text_metrics(gen: Generator, params: Params, train: pd.DataFrame, val: pd.Da
             through_vae = gen.to_size(to_pil(gen.vae.decode(gen.vae.encode(x)[0])), side, side,
                                       lines)
     parts = {"fake": fake, "real": real, "vae": through_vae, "typeset": typeset_800,
-             "native": small, "real_native": real_small}
+             "native": small, "real_native": real_small, "map_only": blind}
     reads = iter(read_texts([im for ims in parts.values() for im in ims], params.ocr))
     read = {k: [next(reads) for _ in ims] for k, ims in parts.items()}
     wanted = [c["text"] for c in cases]
@@ -157,6 +166,8 @@ def text_metrics(gen: Generator, params: Params, train: pd.DataFrame, val: pd.Da
                     else {"text_word_recall_real_native": got.get("word_recall")})
     if typeset_800:
         metrics["text_exact_typeset"] = scores(read["typeset"], wanted)["exact"]
+    if blind:
+        metrics["text_word_recall_map_only"] = scores(read["map_only"], wanted)["word_recall"]
     real_recall = metrics.get("text_word_recall_real")
     for suffix in ("", "_unseen"):
         if real_recall and f"text_word_recall{suffix}" in metrics:

@@ -32,7 +32,7 @@ WEIGHTS, CONFIG = "weights.safetensors", "config.json"
 
 
 class Upscaler(nn.Module):
-    def __init__(self, factor: int = 4, width: int = 48, depth: int = 4, glyphs: bool = False):
+    def __init__(self, factor: int = 4, width: int = 48, depth: int = 4, glyphs: bool = True):
         super().__init__()
         self.factor, self.glyphs = factor, glyphs
         cin = 3 + factor * factor if glyphs else 3

@@ -140,6 +140,9 @@ def fit(cfg: UpscalerCfg, rt: Runtime, data: list[Pair]) -> tuple[Upscaler, floa
         if cfg.glyphs and g is not None:
             gb = g[idx, :, i * f : (i + ch) * f, j * f : (j + cw) * f].to(rt.device).float() / 255
             xb = smudged(xb, gb, f, torch.rand(len(xb), generator=gen) < 0.5)
+            # a tenth get another crop's map: letters only where the sample has ink
+            other = (torch.rand(len(xb), generator=gen) < 0.1).to(rt.device)
+            gb = torch.where(other.view(-1, 1, 1, 1), gb.roll(1, 0), gb)
         loss = train_step(rt, lambda xb=xb, yb=yb, gb=gb: F.l1_loss(model(xb, gb).float(), yb),
                           opt, sched, params)
     return model.eval(), float(loss.detach())
