@@ -15,7 +15,7 @@ from PIL import Image
 
 from components.models.glyphs import glyph_map
 
-MARGIN = 0.25  # a line box grows by this share of its height before it is painted over
+MARGIN = 0.5  # a line box grows by this share of its height before it is painted over
 MIN_CONTRAST = 3.0  # WCAG contrast of ink on paper below which the text is drawn black/white
 
 
