@@ -144,6 +144,8 @@ def text_metrics(gen: Generator, params: Params, train: pd.DataFrame, val: pd.Da
         with torch.no_grad():
             through_vae = gen.to_size(to_pil(gen.vae.decode(gen.vae.encode(x)[0])), side, side,
                                       lines)
+    if side == native:  # read once
+        small, real_small = [], []
     parts = {"fake": fake, "real": real, "vae": through_vae, "typeset": typeset_800,
              "native": small, "real_native": real_small, "map_only": blind}
     reads = iter(read_texts([im for ims in parts.values() for im in ims], params.ocr))
@@ -154,16 +156,15 @@ def text_metrics(gen: Generator, params: Params, train: pd.DataFrame, val: pd.Da
         got = scores([read["fake"][i] for i in pick], [wanted[i] for i in pick])
         suffix = "" if kind == "seen" else "_unseen"
         metrics |= {f"text_{k}{suffix}": v for k, v in got.items()}
-        if kind == "seen" and side != native:  # the same images at the native size
+        if kind == "seen" and small and pick:  # the same images at the native size
             metrics["text_word_recall_native"] = scores(
-                [read["native"][i] for i in pick], [wanted[i] for i in pick]).get("word_recall")
+                [read["native"][i] for i in pick], [wanted[i] for i in pick])["word_recall"]
     truth = [" ".join(ln["text"] for ln in ls) for ls in lines]
-    for part, suffix in (("real", "_real"), ("vae", "_vae"), ("real_native", "_real_native")):
-        if part == "real_native" and side == native:
-            continue
-        got = scores(read[part], truth)
-        metrics |= ({f"text_{k}{suffix}": v for k, v in got.items()} if part != "real_native"
-                    else {"text_word_recall_real_native": got.get("word_recall")})
+    for part in ("real", "vae"):
+        metrics |= {f"text_{k}_{part}": v for k, v in scores(read[part], truth).items()}
+    if real_small:
+        metrics["text_word_recall_real_native"] = scores(read["real_native"],
+                                                         truth)["word_recall"]
     if typeset_800:
         metrics["text_exact_typeset"] = scores(read["typeset"], wanted)["exact"]
     if blind:

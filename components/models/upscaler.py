@@ -10,8 +10,8 @@ With `glyphs` it also reads the glyph map at the output size (models/glyphs.py: 
 the image shows or the prompt asks for, in brand.font, where they go), folded into the input
 grid (each factor x factor block of it as channels): the sample says where the ink is and
 its colour, the map the letters' exact shapes, so text comes out sharp at the output size
-(a cascaded model's text-conditioned super-resolution stage; the model, not a paste: with
-no ink in the sample there, it draws none).
+(a cascaded model's text-conditioned super-resolution stage, not a paste: it is trained
+to draw no letters where the sample has no ink; training/upscaler.py).
 """
 
 from __future__ import annotations

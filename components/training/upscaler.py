@@ -2,7 +2,12 @@
 at the native size into the collection's own images at `factor` x that size, so a large
 output gets edges and strokes instead of an interpolated blur. Inputs are the train
 images through the VAE (what generation decodes, blur included); targets the same images
-read at the larger size. Trains on random crops; validates against a Lanczos resize."""
+read at the larger size. Trains on random crops; validates against a Lanczos resize.
+
+With upscaler.glyphs each target also comes with its glyph map at that size (the captions'
+text boxes): half the inputs get their text areas smudged (`smudged`), as diffusion samples
+draw them, so that the letters' shapes are taken from the map; a tenth of the crops get
+another crop's map, so that where the sample has no ink no letters are drawn."""
 
 from __future__ import annotations
 

@@ -103,3 +103,51 @@ def test_a_prompt_without_a_layout_word_takes_the_trainings_usual_one() -> None:
     plain, asked = gen.text_layouts(['a poster reading "SALE"',
                                      'a poster, text at the bottom, reading "SALE"'])
     assert plain[0]["box"][3] <= 0.5 and asked[0]["box"][1] >= 0.5
+
+
+class _Perfect:
+    """A stand-in generator that writes exactly the requested words where its layouts say,
+    white on red, at the native size (64 px) and, through a stand-in upscaler, sharp at 4x
+    the size where the sample has ink: known answers for the text metrics."""
+
+    native_size, font_path = 64, FONT
+    upscaler = type("Up", (), {"factor": 4, "glyphs": True})()
+    vae = type("Vae", (), {"encode": lambda self, x: (x, None), "decode": lambda self, z: z})()
+
+    def text_layouts(self, prompts, seed):
+        return [[{"text": p.split('"')[1], "box": [0.05, 0.35, 0.95, 0.65], "words": []}]
+                for p in prompts]
+
+    @staticmethod
+    def draw(lines, side):
+        im = Image.new("RGB", (side, side), RED)
+        im.paste(Image.new("RGB", im.size, "white"), (0, 0), glyph_map(lines, side, side, FONT))
+        return im
+
+    def generate(self, prompts, seed, layouts):
+        return [self.draw(lines, self.native_size) for lines in layouts]
+
+    def to_size(self, images, width, height, layouts):
+        inked = [np.asarray(im).reshape(-1, 3).std(0).max() > 0 for im in images]
+        return [self.draw(lines if ink else [], width)
+                for ink, lines in zip(inked, layouts, strict=True)]
+
+
+def test_text_metrics_known_answers_with_a_perfect_generator(params) -> None:
+    """Every requested word read at text_side (256 px); the control (no ink from the
+    U-Net, the map for the upscaler) reads nothing; the typeset outputs read exactly."""
+    import pandas as pd
+
+    from components.judge.text import text_metrics
+
+    params = params.model_copy(update={"evaluate": params.evaluate.model_copy(
+        update={"text_images": 8})})
+    train = pd.DataFrame({"text_boxes": ['[{"text": "SALE NOW", "box": [0, 0, 1, 1]}]']})
+    val = pd.DataFrame({"text_boxes": ["[]"], "format": ["poster"], "path": ["none.png"]})
+    metrics, grid = text_metrics(_Perfect(), params, train, val)
+    assert metrics["text_side"] == 256 and metrics["text_images"] == 8
+    assert metrics["text_word_recall"] == 1.0 and metrics["text_exact"] == 1.0
+    assert metrics["text_word_recall_unseen"] == 1.0
+    assert metrics["text_word_recall_map_only"] == 0.0
+    assert metrics["text_exact_typeset"] == 1.0
+    assert grid is not None
