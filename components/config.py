@@ -161,6 +161,7 @@ class Ocr(Section):
     upscale_below: int = Field(512, ge=0, le=4096)
     invert_dark: bool = True
     autocontrast: bool = False
+    denoise: int = Field(7, ge=0, le=31)  # median filter (px, odd) on busy images; 0: off
     flatten: bool = False  # subtract the per-row background: dark text on white, any colours
     remove_shapes: float = Field(0.0, ge=0, le=0.5)  # paint over solids thicker than this
     # share of the short side (filled shapes read as letters); 0: off
@@ -212,8 +213,10 @@ class Labels(Section):
     split: Split = Split()
     caption_template: str
     gradient_threshold: float = Field(40, ge=0)
-    texture_threshold: float = Field(25, gt=0)
-    logo_threshold: float = Field(0.5, gt=0, lt=1)
+    texture_share: float = Field(0.03, gt=0, lt=1)
+    texture_share_small: float = Field(0.7, gt=0, lt=1)
+    logo_threshold: float = Field(0.7, gt=0, lt=1)
+    logo_threshold_small: float = Field(0.5, gt=0, lt=1)
     saturation_levels: dict[str, float]
 
     @model_validator(mode="after")

@@ -49,13 +49,18 @@ from components.contracts import (
     write_table,
 )
 from components.fanout import Mapper, check_worker, fan_out
+from components.ingest.text_blocks import holds_a_word, inside, letters, text_blocks
+from components.labelling.labeller import busy_share
 
 CACHE = Path(".cache") / "ocr"
 # How read_words turns Tesseract's output into a reading; bump it when that logic changes,
 # so cached readings of the old logic are not served as new ones.
 READER = 2  # 2: poor or large-type readings read again, the best kept
+DENOISE_BUSY = 0.03  # busy_share of the edges above which ocr.denoise applies (a texture)
+
 # Knobs that change what Tesseract reads; workers/timeout only change how fast.
 OUTPUT_SETTINGS = {"lang", "psm", "min_conf", "upscale_below", "invert_dark", "autocontrast",
+                   "denoise",
                    "oem", "binarize", "flatten", "remove_shapes", "max_height_ratio",
                    "retry_below_conf", "large_type_side"}
 
@@ -150,6 +155,16 @@ def _clean(grey: Image.Image, cfg: Ocr) -> Image.Image:
     return Image.fromarray(a.clip(0, 255).astype(np.uint8))
 
 
+def _denoised(rgb: Image.Image, cfg: Ocr) -> Image.Image | None:
+    """ocr.denoise's median filter where the edges are busy (halftone, grain, a photo; or
+    large type reaching them); None where they are not. read_words reads a busy image
+    both ways and keeps the raw reading only where it is confident (ocr.retry_below_conf)
+    and more so than the filtered one: the filter also thins small letters."""
+    if cfg.denoise and busy_share(rgb) > DENOISE_BUSY:
+        return rgb.filter(ImageFilter.MedianFilter(cfg.denoise))
+    return None
+
+
 def preprocess(im: Image.Image, cfg: Ocr) -> tuple[Image.Image, float]:
     """Greyscale, dark text on light, contrast stretched, upscaled; returns (image, scale)."""
     rgb = to_rgb(im)
@@ -203,13 +218,14 @@ def _mean_conf(words: list[dict]) -> float:
     return mean(w["conf"] for w in words) if words else 0.0
 
 
-def _confident_letters(words: list[dict]) -> float:
+def _confidentletters(words: list[dict]) -> float:
     """How a reading ranks: its letters, each weighted by its word's confidence squared
     (a whole text read at 90 beats one of its words read at 95 and a page of noise read
     at 50)."""
     return sum(len(w["text"]) * (w["conf"] / 100) ** 2 for w in words)
 
 
+BLOCK_SIDE = 150  # a block read alone is upscaled to at least this short side
 WORD_PX = 40  # word height (pixels) Tesseract reads best; large type is shrunk to it
 
 
@@ -218,7 +234,7 @@ def _alternatives(im: Image.Image, cfg: Ocr, prepared: Image.Image, scale: float
     """Other ways to read an image the first pass read badly or found large type in:
     shrunk so its words are WORD_PX high (Tesseract misses letters far taller), shrunk to
     ocr.large_type_side when it found nothing to measure, the other text polarity, and
-    sparse-text segmentation (psm 11)."""
+    the background flattened row by row, and sparse-text segmentation (psm 11)."""
     grey, _ = preprocess(im, cfg.model_copy(update={"upscale_below": 0}))
     sizes = []
     if words:
@@ -231,6 +247,8 @@ def _alternatives(im: Image.Image, cfg: Ocr, prepared: Image.Image, scale: float
                                max(1, round(grey.height * small))),
                               Image.Resampling.LANCZOS), small, cfg.psm
     yield ImageOps.invert(prepared), scale, cfg.psm
+    if not cfg.flatten:  # a gradient Tesseract's one threshold cuts through
+        yield preprocess(im, cfg.model_copy(update={"flatten": True}))[0], scale, cfg.psm
     if cfg.psm != 11:
         yield prepared, scale, 11
 
@@ -243,7 +261,7 @@ def _better(other: list[dict], words: list[dict]) -> bool:
     of the text read, not the same text plus shapes read as words."""
     if not words:
         return bool(other)
-    return (_confident_letters(other) > _confident_letters(words)
+    return (_confidentletters(other) > _confidentletters(words)
             and _mean_conf(other) >= _mean_conf(words) - CONF_SLACK)
 
 
@@ -252,18 +270,55 @@ def _large_type(words: list[dict], scale: float) -> bool:
     return any(w["box"][3] * scale > 2 * WORD_PX for w in words)
 
 
+def _read_blocks(rgb: Image.Image, cfg: Ocr, blocks: list[tuple[int, int, int, int]]
+                 ) -> list[dict]:
+    """Each block read alone (its own polarity and scale), boxes in the image's pixels;
+    blocks in reading order, top to bottom."""
+    alone = cfg.model_copy(update={"upscale_below": BLOCK_SIDE})
+    words = []
+    for i, block in enumerate(blocks):
+        x0, y0, x1, y1 = inside(rgb, block)
+        prepared, scale = preprocess(rgb.crop((x0, y0, x1, y1)), alone)
+        read = _tesseract(prepared, scale, cfg, cfg.psm)
+        if sum(c.isalnum() for w in read for c in w["text"]) < 2:
+            continue  # a shape read as a glyph (a ring as "O", a triangle as "A")
+        for word in read:
+            word["box"] = [word["box"][0] + x0, word["box"][1] + y0, *word["box"][2:]]
+            word["line"] = [i, *word["line"]]
+            words.append(word)
+    return words
+
+
 def read_words(im: Image.Image, cfg: Ocr) -> dict:
     """OCR one decoded image -> {text, mean_conf, n_words, words}; boxes in original pixels.
     A first reading under ocr.retry_below_conf mean confidence (or none), or of large
     type, is read again the `_alternatives` ways; the most confident reading is kept."""
-    prepared, scale = preprocess(im, cfg)
+    rgb = to_rgb(im)
+    prepared, scale = preprocess(rgb, cfg)
     words = _tesseract(prepared, scale, cfg, cfg.psm)
-    if cfg.retry_below_conf and (_mean_conf(words) < cfg.retry_below_conf
-                                 or _large_type(words, scale)):
-        for alt, alt_scale, psm in _alternatives(im, cfg, prepared, scale, words):
+    smooth = _denoised(rgb, cfg)
+    if smooth is not None:  # texture (its grain read as letters) or large type
+        smooth_prepared, _ = preprocess(smooth, cfg)
+        other = _tesseract(smooth_prepared, scale, cfg, cfg.psm)
+        confident = min(_mean_conf(words), cfg.retry_below_conf or 100)
+        if _mean_conf(other) >= confident or _mean_conf(words) < cfg.retry_below_conf:
+            rgb, prepared, words = smooth, smooth_prepared, other
+    if not cfg.retry_below_conf:
+        return _reading(words)
+    if _mean_conf(words) < cfg.retry_below_conf or _large_type(words, scale):
+        for alt, alt_scale, psm in _alternatives(rgb, cfg, prepared, scale, words):
             other = _tesseract(alt, alt_scale, cfg, psm)
             if _better(other, words):
                 words = other
+    blocks = [b for b in text_blocks(rgb) if letters(rgb.crop(b)) >= 3]
+    if any(not holds_a_word(b, words) for b in blocks):  # a card or a line unread
+        other = _read_blocks(rgb, cfg, blocks)
+        if _better(other, words):
+            words = other
+    return _reading(words)
+
+
+def _reading(words: list[dict]) -> dict:
     lines: dict[tuple[int, ...], list[str]] = {}
     for w in words:
         lines.setdefault(tuple(w["line"]), []).append(w["text"])
@@ -272,11 +327,16 @@ def read_words(im: Image.Image, cfg: Ocr) -> dict:
             "n_words": len(words), "words": json.dumps(words)}
 
 
-def read_texts(images: list[Image.Image], cfg: Ocr) -> list[str]:
-    """OCR decoded images in parallel, uncached (evaluate reads generated images)."""
+def read_many(images: list[Image.Image], cfg: Ocr) -> list[dict]:
+    """OCR decoded images in parallel, uncached: read_words of each."""
     workers = cfg.workers or os.cpu_count() or 1
     with _single_threaded_tesseract(), ThreadPoolExecutor(workers) as pool:
-        return [r["text"] for r in pool.map(lambda im: read_words(im, cfg), images)]
+        return list(pool.map(lambda im: read_words(im, cfg), images))
+
+
+def read_texts(images: list[Image.Image], cfg: Ocr) -> list[str]:
+    """The text alone of each image (evaluate reads generated images)."""
+    return [r["text"] for r in read_many(images, cfg)]
 
 
 @dataclass(frozen=True)

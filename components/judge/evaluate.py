@@ -47,7 +47,7 @@ from components.labelling.labeller import (
     FIGURE_SIZES,
     LAYOUTS,
     auto_labels,
-    find_logo,
+    find_brand_logo,
     segment,
     text_block,
 )
@@ -149,7 +149,8 @@ def block_aspect(im: Image.Image, params: Params) -> float | None:
     """The text block's width over its height in pixels (labeller.text_block, the logo
     left out); None when no block is found."""
     seg = segment(im)
-    _found, _conf, logo_box = find_logo(seg, params.brand.logos, params.labels.logo_threshold)
+    _found, _conf, logo_box = find_brand_logo(im, seg, params.brand.logos,
+                                             params.labels)
     b = text_block(seg, logo_box)
     return None if b is None else (b[2] - b[0]) * im.width / ((b[3] - b[1]) * im.height)
 

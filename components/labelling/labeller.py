@@ -40,7 +40,11 @@ WORK = 128  # side of the square the image-based labellers look at (also for 64 
 FIG_DIFF = 15  # lower for figures: soft shapes on a gradient differ little from it
 INK_DIFF = 30  # ink: this far from the background...
 INK_COS = 0.95  # ...in the direction of white or black (cosine of the angle)
+INK_CHROMA = 40  # ...and at most this much more colourful (max - min of RGB) than it
 LOGO_FULL = 120  # colour distance from the background at which a pixel is wholly logo
+CLEAR_SPACE = 0.25  # the logo's clear space: a band this share of its side around it...
+CROWDED = 0.08  # ...of which at most this share may be marked
+HOLE_FILL = 0.5  # a logo's holes at most this share as marked as the mark itself
 
 
 def scale_saturation(rgb: tuple[int, int, int], factor: float) -> tuple[int, int, int]:
@@ -54,10 +58,16 @@ def _hsv(rgb: np.ndarray) -> tuple[float, float, float]:
     return colorsys.rgb_to_hsv(*(float(c) / 255 for c in rgb))
 
 
-def _lch_hue(rgb: np.ndarray) -> float:
-    """Hue angle (0..1) in CIE LCh: perceptual hue, so a muted red is still red."""
+def _lch(rgb: np.ndarray) -> tuple[float, float, float]:
+    """CIE LCh: lightness (0-100), chroma, hue angle (0..1): perceptual hue, so a muted
+    red is still red."""
     lab = cv2.cvtColor(np.asarray(rgb, np.float32).reshape(1, 1, 3) / 255, cv2.COLOR_RGB2Lab)
-    return (np.degrees(np.arctan2(lab[0, 0, 2], lab[0, 0, 1])) % 360) / 360
+    lightness, a, b = (float(v) for v in lab[0, 0])
+    return lightness, float(np.hypot(a, b)), (np.degrees(np.arctan2(b, a)) % 360) / 360
+
+
+def _lch_hue(rgb: np.ndarray) -> float:
+    return _lch(rgb)[2]
 
 
 def _hue_distance(a: float, b: float) -> float:
@@ -78,16 +88,60 @@ def _level_hue(rgb: tuple[int, int, int], factor: float) -> float:
     return _lch_hue(np.array(scale_saturation(rgb, factor)))
 
 
+BUSY = 12.0  # colour distance from its row's median at which an edge pixel is busy
+ACHROMATIC = 10.0  # a palette colour with less LCh chroma than this is a grey (black, white)
+
+
+def _greys(palette: dict[str, tuple[int, int, int]], levels: list[float]
+           ) -> tuple[dict[str, float], float]:
+    """The palette's greys (name: lightness) and the chroma under which a pixel is grey:
+    halfway between the greys' chroma and the least coloured colour at any level."""
+    greys = {n: _lch(np.array(c))[0] for n, c in palette.items()
+             if _lch(np.array(c))[1] < ACHROMATIC}
+    if not greys or len(greys) == len(palette):  # none, or nothing else: hue decides
+        return {}, 0.0
+    grey_c = max(_lch(np.array(palette[n]))[1] for n in greys)
+    least = min(_lch(np.array(scale_saturation(c, f)))[1] for n, c in palette.items()
+                if n not in greys for f in levels)
+    return greys, (grey_c + least) / 2
+
+
 def nearest_colour(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]],
                    levels: list[float]) -> tuple[str, float]:
     """The palette colour nearest by perceptual hue at any of the saturation levels (a
     desaturated red drifts 11 degrees toward pink: compared with full red only, it sits
-    near the red/pink boundary), and a confidence (0-1)."""
-    hue = _lch_hue(rgb)
-    dists = sorted((min(_hue_distance(hue, _level_hue(c, f)) for f in levels), name)
-                   for name, c in palette.items())
+    near the red/pink boundary), and a confidence (0-1). A palette with greys (black,
+    white) gives a grey pixel the grey nearest in lightness, a coloured one a colour."""
+    lightness, chroma, hue = _lch(rgb)
+    greys, grey_below = _greys(palette, levels)
+    if chroma < grey_below:
+        dists = sorted((abs(lightness - v) / 100, n) for n, v in greys.items())
+    else:
+        dists = sorted((min(_hue_distance(hue, _level_hue(c, f)) for f in levels), name)
+                       for name, c in palette.items() if name not in greys)
+    if len(dists) == 1:
+        return dists[0][1], 1.0
     (d1, name), (d2, _) = dists[0], dists[1]
     return name, 1.0 - d1 / max(d1 + d2, 1e-9)
+
+
+def busy_share(img: Image.Image) -> float:
+    """Share of the edge bands' pixels (at the image's own size) more than BUSY in colour
+    from their row's median: 0 on a flat colour or a top-to-bottom gradient, a few % where
+    a shape reaches the edge, most of a photo, grain or halftone."""
+    a = np.asarray(img.convert("RGB"), dtype=np.float32)
+    band = max(1, round(0.03 * a.shape[0]))
+    rows = np.concatenate([a[:band], a[-band:]])
+    return float((np.linalg.norm(rows - np.median(rows, axis=1, keepdims=True), axis=2)
+                  > BUSY).mean())
+
+
+def _texture_share(img: Image.Image, cfg: Labels) -> float:
+    return cfg.texture_share_small if min(img.size) < WORK else cfg.texture_share
+
+
+def _textured(img: Image.Image, cfg: Labels) -> bool:
+    return busy_share(img) > _texture_share(img, cfg)
 
 
 def label_background(img: Image.Image, brand: Brand, cfg: Labels) -> dict:
@@ -98,12 +152,10 @@ def label_background(img: Image.Image, brand: Brand, cfg: Labels) -> dict:
     palette = brand.rgb()
     levels = list(cfg.saturation_levels.values())
     name, colour_conf = nearest_colour(top, palette, levels)
-    a = np.asarray(img.convert("RGB").resize((WORK, WORK)), dtype=np.float32)
-    band = max(1, round(0.03 * WORK))
-    noise = float(np.mean([a[:band].std(axis=(0, 1)).mean(), a[-band:].std(axis=(0, 1)).mean()]))
+    busy, limit = busy_share(img), _texture_share(img, cfg)
     spread = float(np.linalg.norm(top - bottom))
-    if noise > cfg.texture_threshold:  # busy edges: a photo or texture, not a flat colour
-        kind, kind_conf = "texture", min(1.0, noise / cfg.texture_threshold - 1.0)
+    if busy > limit:  # busy edges: a photo or texture, not a flat colour
+        kind, kind_conf = "texture", min(1.0, busy / limit - 1.0)
     else:
         kind = "gradient" if spread > cfg.gradient_threshold else "solid"
         kind_conf = min(1.0, abs(spread - cfg.gradient_threshold) / cfg.gradient_threshold)
@@ -111,7 +163,8 @@ def label_background(img: Image.Image, brand: Brand, cfg: Labels) -> dict:
                    else ("none", kind_conf))
     s = _hsv(top)[1]
     ref_s = _hsv(np.array(palette[name]))[1]
-    ratio = s / max(ref_s, 1e-6)
+    # a grey has no saturation to scale: drawn as it is (the level nearest 1)
+    ratio = 1.0 if name in _greys(palette, levels)[0] else s / max(ref_s, 1e-6)
     levels = sorted(cfg.saturation_levels.items(), key=lambda kv: abs(kv[1] - ratio))
     sat_name, sat_val = levels[0]
     gap = abs(levels[1][1] - sat_val) / 2 if len(levels) > 1 else 1.0
@@ -131,6 +184,7 @@ class Segmentation:
     residual: np.ndarray  # colour distance of each pixel from the background model
     ink: np.ndarray
     lighter: np.ndarray  # luminance minus the background model's (signed)
+    colourful: np.ndarray  # more colourful than the background: figures, not ink
 
 
 def work_size(img: Image.Image) -> tuple[int, int]:
@@ -140,13 +194,22 @@ def work_size(img: Image.Image) -> tuple[int, int]:
     return max(1, round(img.width * k)), max(1, round(img.height * k))
 
 
+def background_rows(a: np.ndarray) -> np.ndarray:
+    """Each row's background colour (h x 3): the median of the left and right edge strips
+    (3% of the width, which layouts keep clear), then a running median over a tenth of the
+    height against a mark that reaches an edge: any top-to-bottom gradient, eased or not."""
+    from scipy.ndimage import median_filter
+
+    edge = max(1, round(0.03 * a.shape[1]))
+    rows = np.median(np.concatenate([a[:, :edge], a[:, -edge:]], axis=1), axis=1)
+    k = max(3, round(0.1 * a.shape[0]) | 1)
+    return median_filter(rows, size=(k, 1), mode="nearest")
+
+
 def segment(img: Image.Image) -> Segmentation:
     a = np.asarray(img.convert("RGB").resize(work_size(img), Image.Resampling.BILINEAR),
                    dtype=np.float32)
-    band = max(1, round(0.03 * WORK))
-    top, bottom = np.median(a[:band].reshape(-1, 3), 0), np.median(a[-band:].reshape(-1, 3), 0)
-    t = np.linspace(0.0, 1.0, a.shape[0], dtype=np.float32)[:, None, None]
-    bg = top * (1 - t) + bottom * t
+    bg = background_rows(a)[:, None, :]
     diff = a - bg
     residual = np.sqrt((diff ** 2).sum(2))
     # Ink is achromatic: a pixel of it, blurred or not, mixes the background with white or
@@ -158,9 +221,12 @@ def segment(img: Image.Image) -> Segmentation:
         way = target - bg
         toward = np.maximum(toward, (diff * way).sum(2)
                             / (residual * np.sqrt((way ** 2).sum(2)) + 1e-6))
-    ink = (residual > INK_DIFF) & (toward > INK_COS)
+    # ...and it is no more colourful than the background it mixes with: a green disk on
+    # white departs toward black too, but it is a figure
+    colourful = a.max(2) - a.min(2) > bg.max(2) - bg.min(2) + INK_CHROMA
+    ink = (residual > INK_DIFF) & (toward > INK_COS) & ~colourful
     lighter = diff @ np.array([0.299, 0.587, 0.114], np.float32)
-    return Segmentation(a, residual, ink, lighter)
+    return Segmentation(a, residual, ink, lighter, colourful)
 
 
 @functools.lru_cache(maxsize=8)
@@ -183,7 +249,74 @@ def _logo_template(path: str, side: int) -> np.ndarray:
     return cv2.resize(mask, (side, side), interpolation=cv2.INTER_AREA)
 
 
-def find_logo(seg: Segmentation, logos: list[str], threshold: float
+def _above_texture(fg: np.ndarray, textured: bool) -> np.ndarray:
+    """A mark map less what the background's own texture reaches there: the level that
+    95% of the edge bands' pixels stay under (0 on flat colour: unchanged), so halftone
+    dots, grain, a photo's shading or a sample's wobble are neither mark nor the clear
+    space's clutter; on a texture (`textured`) its specks are smoothed away first."""
+    band = max(1, round(0.03 * fg.shape[0]))
+    floor = float(np.percentile(np.concatenate([fg[:band].ravel(), fg[-band:].ravel()]), 95))
+    if floor <= 0:
+        return fg
+    if textured:  # halftone dots, grain: their specks above the floor
+        fg = cv2.medianBlur(fg, 3)
+    return np.clip((fg - floor) / (1 - floor + 1e-6), 0, 1)
+
+
+def _crowded(fg: np.ndarray, side: int) -> np.ndarray:
+    """For each window of `side` (at its top-left corner): does the band around it (from
+    a tenth to CLEAR_SPACE of its side away; the gap forgives a window a little smaller
+    than the mark) hold marks? A logo stands in its clear space; a round letter inside a
+    word, a part of a card or of a larger shape does not."""
+    pad, gap = max(2, round(CLEAR_SPACE * side)), max(1, round(0.1 * side))
+    marked = np.pad((fg > 0.3).astype(np.float32), pad)
+    outer, inner = side + 2 * pad, side + 2 * gap
+    total = cv2.boxFilter(marked, -1, (outer, outer), anchor=(0, 0), normalize=False)
+    core = cv2.boxFilter(marked, -1, (inner, inner), anchor=(0, 0), normalize=False)
+    h, w = fg.shape
+    off = pad - gap
+    band = total[:h, :w] - core[off : off + h, off : off + w]
+    return band > CROWDED * (outer * outer - inner * inner)
+
+
+@functools.lru_cache(maxsize=64)
+def _logo_parts(path: str, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """The mark's pixels and its holes (inside its outline, not marked) at side x side."""
+    from scipy.ndimage import binary_fill_holes
+
+    mark = _logo_template(path, side) > 0.5
+    return mark, binary_fill_holes(mark) & ~mark
+
+
+def _holes_open(window: np.ndarray, path: str, side: int) -> bool:
+    """A logo with holes (a ring, a letter cut out) matches only where its holes are
+    background: a disk or a tile of its size correlates with it but has them filled."""
+    mark, holes = _logo_parts(path, side)
+    if holes.sum() < 4:
+        return True
+    return float(window[holes].mean()) < HOLE_FILL * float(window[mark].mean())
+
+
+def find_brand_logo(img: Image.Image, seg: Segmentation, logos: list[str], cfg: Labels,
+                    words: list[dict] | None = None
+                    ) -> tuple[str, float, tuple[int, int, int] | None]:
+    """find_logo with the rules for the image's size: under the work size (the model's
+    64 px samples) the mark is soft, matching 0.45-0.60 where a crisp one matches
+    0.8-0.95, and its holes blur shut, so logo_threshold_small applies and holes are not
+    checked. A mark centred in a word OCR read (two or more letters, confidence >= 50,
+    half as wide again as the mark) is a letter of it: a large "A" is a triangle with a
+    hole, an "O" a ring (a ring alone read as "oO" is not a word; a logo that is a word, a
+    wordmark, is not found by shape)."""
+    small = min(img.size) < WORK
+    k = seg.ink.shape[1] / img.width
+    boxes = [[round(v * k) for v in w["box"]] for w in words or []
+             if w.get("conf", 0) >= 50 and sum(c.isalnum() for c in w["text"]) >= 2]
+    return find_logo(seg, logos, cfg.logo_threshold_small if small else cfg.logo_threshold,
+                     holes=not small, words=boxes, textured=_textured(img, cfg))
+
+
+def find_logo(seg: Segmentation, logos: list[str], threshold: float, holes: bool = True,
+              words: list[list[int]] | None = None, textured: bool = False
               ) -> tuple[str, float, tuple[int, int, int] | None]:
     """Any of the logo files, at 8% to 30% of the image side, anywhere: normalised
     cross-correlation of its shape with how far each pixel departs from the background
@@ -193,11 +326,16 @@ def find_logo(seg: Segmentation, logos: list[str], threshold: float
     mark with a soft glow of the other sign around it (as our U-Net draws it) matches
     there, where the glow counts as background, and not in the colour distance, where it
     counts as mark (0.45-0.60 vs 0.35-0.44 on such images; threshold 0.5).
-    -> (yes/no, confidence, (x, y, side) of the best match)."""
+    A match counts only in the logo's clear space (_crowded), with its holes open
+    (`holes`), not centred on an OCR word's letters (`words`: boxes at the work size) and
+    above what the background's own texture reaches (_above_texture). The best match that
+    passes decides. -> (yes/no, confidence, (x, y, side) of the best match)."""
     maps = [np.minimum(seg.residual / LOGO_FULL, 1.0).astype(np.float32),
             np.clip(seg.lighter / LOGO_FULL, 0.0, 1.0).astype(np.float32),
             np.clip(-seg.lighter / LOGO_FULL, 0.0, 1.0).astype(np.float32)]
-    best, box = 0.0, None
+    maps = [_above_texture(m, textured) for m in maps]
+    marks = np.maximum.reduce(maps)  # any departure that the texture does not explain
+    candidates = []
     for fg, path in itertools.product(maps, logos):
         for share in np.linspace(0.08, 0.30, 12):
             side = int(round(share * WORK))
@@ -205,9 +343,19 @@ def find_logo(seg: Segmentation, logos: list[str], threshold: float
             # a window of flat background has no shape to correlate (0/0)
             energy = cv2.boxFilter(fg * fg, -1, (side, side), anchor=(0, 0))
             r = np.where(energy[: r.shape[0], : r.shape[1]] > 0.02, np.nan_to_num(r), 0.0)
+            r = np.where(_crowded(marks, side)[: r.shape[0], : r.shape[1]], 0.0, r)
+            for x, y, bw, bh in words or []:  # windows centred on a word's letters
+                if bw >= 1.5 * side:
+                    r[max(0, y - side // 2) : y + bh - side // 2,
+                      max(0, x - side // 2) : x + bw - side // 2] = 0.0
             _lo, score, _lo_at, at = cv2.minMaxLoc(r)
-            if score > best:
-                best, box = float(score), (at[0], at[1], side)
+            candidates.append((float(score), at[0], at[1], side, path, fg))
+    best, box = 0.0, None
+    for score, x, y, side, path, fg in sorted(candidates, key=lambda c: -c[0]):
+        if score <= threshold or not holes or _holes_open(fg[y : y + side, x : x + side],
+                                                          path, side):
+            best, box = score, (x, y, side)
+            break
     found = best > threshold
     conf = min(1.0, abs(best - threshold) / (1 - threshold if found else threshold))
     return ("yes" if found else "no"), conf, box if found else None
@@ -240,7 +388,9 @@ def label_figures(seg: Segmentation, logo_box: tuple[int, int, int] | None
     one colour, and keep clear of the text and the logo. -> (class, confidence)."""
     cand = cv2.morphologyEx((seg.residual > FIG_DIFF).astype(np.uint8), cv2.MORPH_OPEN,
                             np.ones((3, 3), np.uint8))
-    near_ink = cv2.dilate(seg.ink.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    # a figure's soft rim mixes its colour with the background toward black or white (ink)
+    rims = cv2.dilate(seg.colourful.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    near_ink = cv2.dilate((seg.ink & ~rims).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
     near = _block(near_ink, logo_box, 3)
     n, lab, stats, _ = cv2.connectedComponentsWithStats(cand, connectivity=8)
     touching = set(np.unique(lab[near & (lab > 0)]).tolist())
@@ -313,7 +463,7 @@ def dominant_colours(img: Image.Image, k: int = 4) -> str:
 def auto_labels(img: Image.Image, words: list[dict], brand: Brand, cfg: Labels) -> dict:
     """Every automatic field of one image with its confidence (evaluate calls this too)."""
     seg = segment(img)
-    logo, logo_conf, logo_box = find_logo(seg, brand.logos, cfg.logo_threshold)
+    logo, logo_conf, logo_box = find_brand_logo(img, seg, brand.logos, cfg, words)
     figures, figures_conf = label_figures(seg, logo_box)
     layout, layout_conf = label_layout(seg, logo_box, words, *img.size)
     return {**label_background(img, brand, cfg),
