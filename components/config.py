@@ -337,6 +337,7 @@ class Evaluate(Section):
     fid_images: int = Field(128, ge=8, le=10_000)
     text_images: int = Field(32, ge=0, le=10_000)  # held-out text prompts (and real images)
     text_unseen: list[str] = Field(default_factory=lambda: list(TEXT_UNSEEN))
+    free_prompts: list[dict[str, str]] = Field(default_factory=list)  # {prompt, fields}
     feature_extractor: str = "builtin"
     feature_image_size: int = Field(64, ge=16, le=1024)
 

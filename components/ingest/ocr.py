@@ -300,8 +300,7 @@ def read_words(im: Image.Image, cfg: Ocr) -> dict:
     if smooth is not None:  # texture (its grain read as letters) or large type
         smooth_prepared, _ = preprocess(smooth, cfg)
         other = _tesseract(smooth_prepared, scale, cfg, cfg.psm)
-        confident = min(_mean_conf(words), cfg.retry_below_conf or 100)
-        if _mean_conf(other) >= confident or _mean_conf(words) < cfg.retry_below_conf:
+        if _mean_conf(other) >= _mean_conf(words) or _mean_conf(words) < cfg.retry_below_conf:
             rgb, prepared, words = smooth, smooth_prepared, other
     if not cfg.retry_below_conf:
         return _reading(words)

@@ -48,6 +48,7 @@ from components.labelling.labeller import (
     LAYOUTS,
     auto_labels,
     find_brand_logo,
+    label_system,
     segment,
     text_block,
 )
@@ -130,16 +131,45 @@ def prompt_adherence(gen: Generator, params: Params, train: pd.DataFrame
             hits.setdefault(f"colour_{case['background']}", []).append(
                 got["background"] == case["background"])
 
-    def share(v: list[bool]) -> float:
-        return round(sum(v) / len(v), 4)
-
-    metrics = {f"prompt_adherence_{f}": share(hits[f]) for f in ADHERENCE_FIELDS}
-    metrics |= {f"prompt_adherence_{k}": share(v) for k, v in hits.items()
+    metrics = {f"prompt_adherence_{f}": _share(hits[f]) for f in ADHERENCE_FIELDS}
+    metrics |= {f"prompt_adherence_{k}": _share(v) for k, v in hits.items()
                 if k.startswith("unseen_")}
-    metrics |= {f"adherence_{k.removeprefix('colour_')}": share(v) for k, v in hits.items()
+    metrics |= {f"adherence_{k.removeprefix('colour_')}": _share(v) for k, v in hits.items()
                 if k.startswith("colour_")}
     metrics["adherence_images"] = len(hits["background"])
     return metrics, rows
+
+
+def _share(v: list[bool]) -> float:
+    return round(sum(v) / len(v), 4)
+
+
+def free_cases(params: Params) -> list[dict]:
+    """evaluate.free_prompts, each checked: a prompt and label values of the label system."""
+    system = label_system(params)
+    for case in params.evaluate.free_prompts:
+        bad = {k: v for k, v in case.items() if k != "prompt" and v not in system.get(k, [])}
+        if "prompt" not in case or bad or len(case) < 2:
+            raise UserError(f"evaluate.free_prompts: {case!r} needs a prompt and at least one "
+                            f"label field with an allowed value (not {bad}); fields and "
+                            f"values: {system}")
+    return params.evaluate.free_prompts
+
+
+def free_adherence(gen: Generator, params: Params) -> tuple[dict, list[list[Image.Image]]]:
+    """Adherence to prompts in a user's own words (evaluate.free_prompts), per label field
+    a prompt asks for: prompt_adherence_free_<field>, beside the template prompts'."""
+    cfg = params.evaluate
+    hits: dict[str, list[bool]] = {}
+    rows = []
+    for case in free_cases(params):
+        ims = gen.generate([case["prompt"]] * cfg.adherence_seeds, seed=cfg.seed)
+        rows.append(ims)
+        for im in ims:
+            got = auto_labels(im, [], params.brand, params.labels)
+            for f in case.keys() - {"prompt"}:
+                hits.setdefault(f, []).append(got[f] == case[f])
+    return {f"prompt_adherence_free_{f}": _share(v) for f, v in sorted(hits.items())}, rows
 
 
 FORMATS = {"banner": (800, 400), "story": (450, 800)}  # output sizes measured besides square
@@ -220,6 +250,7 @@ class Evaluation:
     colour_rows: list[list[Image.Image]]
     text_grid: Image.Image | None = None
     format_rows: list[list[Image.Image]] | None = None
+    free_rows: list[list[Image.Image]] | None = None
 
 
 def eval_set(params: Params, val: pd.DataFrame, feature_space: str) -> str:
@@ -293,7 +324,8 @@ def measure(params: Params, vae_dir: Path = VAE_DIR, unet_dir: Path = UNET_DIR,
     bar.set_postfix_str("prompt adherence")
     adherence, colour_rows = prompt_adherence(gen, params, caps[caps["split"] == "train"])
     formats, format_rows = format_adherence(gen, params)
-    metrics |= adherence | formats | labeller_agreement(real, pairs, params)
+    free, free_rows = free_adherence(gen, params)
+    metrics |= adherence | free | formats | labeller_agreement(real, pairs, params)
     bar.update()
     bar.set_postfix_str("sample grids")
     prompt_rows = [gen.generate([prompt] * cfg.prompt_seeds, seed=cfg.seed)
@@ -304,7 +336,7 @@ def measure(params: Params, vae_dir: Path = VAE_DIR, unet_dir: Path = UNET_DIR,
     bar.update()
     bar.close()
     return Evaluation(metrics, real, fake, pairs["caption"].tolist(), prompt_rows, colour_rows,
-                      text_grid, format_rows)
+                      text_grid, format_rows, free_rows)
 
 
 def detail(gen: Generator, captions: list[str], real_paths: list[str], seed: int,
@@ -335,6 +367,9 @@ def evaluate(params: Params) -> dict:
         grids["formats.png"] = (image_grid(ev.format_rows, cell=192), "the first 8 held-out "
                                 "adherence prompts as banners (800 x 400, top) and stories "
                                 "(450 x 800), sampled in that aspect")
+    if ev.free_rows:
+        grids["free_prompts.png"] = (image_grid(ev.free_rows), "prompts in a user's own words "
+                                     "(evaluate.free_prompts, rows in order)")
     if ev.text_grid is not None:
         grids["text.png"] = (ev.text_grid, "held-out text prompts: the requested text under "
                              "each image (training words and unseen words alternate)")
@@ -348,5 +383,6 @@ def evaluate(params: Params) -> dict:
             im.save(tmp / name)
     write_report(EVAL_REPORT, ev.metrics,
                  [(EVAL_GRIDS / n, c) for n, (_im, c) in grids.items()],
-                 cases=adherence_cases(params), real_captions=ev.captions[:n_show])
+                 cases=adherence_cases(params), real_captions=ev.captions[:n_show],
+                 free=params.evaluate.free_prompts)
     return ev.metrics

@@ -58,6 +58,9 @@ auto-label equals what the prompt asked.</p>
 {% endfor %}
 <details><summary>Held-out adherence prompts (rows of adherence.png)</summary><ol>
 {% for c in cases %}<li>{{ c }}</li>{% endfor %}</ol></details>
+{% if free %}<details><summary>Prompts in users' own words (rows of free_prompts.png) and what
+each asks for</summary><ol>
+{% for c in free %}<li>{{ c }}</li>{% endfor %}</ol></details>{% endif %}
 <details><summary>Captions of the real_vs_generated.png columns</summary><ol>
 {% for c in real_captions %}<li>{{ c }}</li>{% endfor %}</ol></details>
 </body></html>
@@ -81,7 +84,8 @@ def grouped(metrics: dict) -> list[tuple[str, list[tuple[str, str]]]]:
 
 
 def write_report(path: Path, metrics: dict, images: list[tuple[Path, str]],
-                 cases: Iterable[dict], real_captions: Iterable[str]) -> None:
+                 cases: Iterable[dict], real_captions: Iterable[str],
+                 free: Iterable[dict] = ()) -> None:
     """The report as one self-contained HTML file. It holds what a re-run reproduces (no
     date, no timings: `dvc repro --force` writes the same bytes); the run's facts are in
     reports/metrics/evaluate.json and MLflow."""
@@ -89,7 +93,9 @@ def write_report(path: Path, metrics: dict, images: list[tuple[Path, str]],
         feature_space=metrics.get("feature_space", "?"),
         groups=grouped(results_only(metrics)),
         images=[(_data_uri(p), c) for p, c in images],
-        cases=[c["prompt"] for c in cases], real_captions=list(real_captions))
+        cases=[c["prompt"] for c in cases], real_captions=list(real_captions),
+        free=[f"{c['prompt']} ({', '.join(f'{k}: {v}' for k, v in c.items() if k != 'prompt')})"
+              for c in free])
     atomic_write_text(path, html)
 
 

@@ -185,6 +185,7 @@ class Segmentation:
     ink: np.ndarray
     lighter: np.ndarray  # luminance minus the background model's (signed)
     colourful: np.ndarray  # more colourful than the background: figures, not ink
+    textured: bool = False  # the background is a texture (labels' test; segment's argument)
 
 
 def work_size(img: Image.Image) -> tuple[int, int]:
@@ -202,11 +203,13 @@ def background_rows(a: np.ndarray) -> np.ndarray:
 
     edge = max(1, round(0.03 * a.shape[1]))
     rows = np.median(np.concatenate([a[:, :edge], a[:, -edge:]], axis=1), axis=1)
-    k = max(3, round(0.1 * a.shape[0]) | 1)
+    k = max(3, round(0.45 * a.shape[0]) | 1)
     return median_filter(rows, size=(k, 1), mode="nearest")
 
 
-def segment(img: Image.Image) -> Segmentation:
+def segment(img: Image.Image, textured: bool = False) -> Segmentation:
+    """`textured` (labels' texture test): ink must also depart further from the background
+    than the texture does along the edges (halftone dots head toward black too)."""
     a = np.asarray(img.convert("RGB").resize(work_size(img), Image.Resampling.BILINEAR),
                    dtype=np.float32)
     bg = background_rows(a)[:, None, :]
@@ -224,9 +227,14 @@ def segment(img: Image.Image) -> Segmentation:
     # ...and it is no more colourful than the background it mixes with: a green disk on
     # white departs toward black too, but it is a figure
     colourful = a.max(2) - a.min(2) > bg.max(2) - bg.min(2) + INK_CHROMA
-    ink = (residual > INK_DIFF) & (toward > INK_COS) & ~colourful
+    floor = INK_DIFF
+    if textured:
+        edge = max(1, round(0.03 * a.shape[1]))
+        floor = max(floor, float(np.percentile(np.concatenate(
+            [residual[:, :edge], residual[:, -edge:]], axis=1), 95)) + INK_DIFF / 2)
+    ink = (residual > floor) & (toward > INK_COS) & ~colourful
     lighter = diff @ np.array([0.299, 0.587, 0.114], np.float32)
-    return Segmentation(a, residual, ink, lighter, colourful)
+    return Segmentation(a, residual, ink, lighter, colourful, textured)
 
 
 @functools.lru_cache(maxsize=8)
@@ -312,7 +320,7 @@ def find_brand_logo(img: Image.Image, seg: Segmentation, logos: list[str], cfg: 
     boxes = [[round(v * k) for v in w["box"]] for w in words or []
              if w.get("conf", 0) >= 50 and sum(c.isalnum() for c in w["text"]) >= 2]
     return find_logo(seg, logos, cfg.logo_threshold_small if small else cfg.logo_threshold,
-                     holes=not small, words=boxes, textured=_textured(img, cfg))
+                     holes=not small, words=boxes, textured=seg.textured)
 
 
 def find_logo(seg: Segmentation, logos: list[str], threshold: float, holes: bool = True,
@@ -462,7 +470,7 @@ def dominant_colours(img: Image.Image, k: int = 4) -> str:
 
 def auto_labels(img: Image.Image, words: list[dict], brand: Brand, cfg: Labels) -> dict:
     """Every automatic field of one image with its confidence (evaluate calls this too)."""
-    seg = segment(img)
+    seg = segment(img, _textured(img, cfg))
     logo, logo_conf, logo_box = find_brand_logo(img, seg, brand.logos, cfg, words)
     figures, figures_conf = label_figures(seg, logo_box)
     layout, layout_conf = label_layout(seg, logo_box, words, *img.size)

@@ -53,9 +53,9 @@ def test_the_second_collection_is_its_own_and_deterministic() -> None:
 def test_labels_and_ocr_on_forty_images_of_the_second_collection(tmp_path, params,
                                                                   brand) -> None:
     """Measured on these 40 (seed 0): background, kind, gradient colour, saturation and
-    logo 1.0 (logo precision and recall 1.0), layout 0.925, figure size 0.80, OCR CER 0.143
+    logo 1.0 (logo precision and recall 1.0), layout 0.95, figure size 0.80, OCR CER 0.136
     (bench/bench_second_collection.py, 150 images of seed 1: docs/lab). The floors
-    leave one image of slack."""
+    leave an image or two of slack."""
     rows = write_collection(tmp_path / "images", 40, 0)
     images = [Image.open(r["path"]).convert("RGB") for r in rows]
     reads = read_many(images, params.ocr)
@@ -64,11 +64,11 @@ def test_labels_and_ocr_on_forty_images_of_the_second_collection(tmp_path, param
     acc = {f: sum(g[f] == r[f] for g, r in zip(got, rows, strict=True)) / 40 for f in FIELDS}
     for f in ["background", "background_kind", "gradient_to", "saturation", "logo"]:
         assert acc[f] >= 0.95, (f, acc)
-    assert acc["layout"] >= 0.9 and acc["figure_size"] >= 0.75, acc
+    assert acc["layout"] >= 0.92 and acc["figure_size"] >= 0.75, acc
     said = Counter((r["logo"], g["logo"]) for g, r in zip(got, rows, strict=True))
     assert said[("no", "yes")] == 0 and said[("yes", "no")] <= 1, said
     errors = [cer(o["text"], r["text"]) for o, r in zip(reads, rows, strict=True)]
-    assert sum(errors) / 40 <= 0.17, errors
+    assert sum(errors) / 40 <= 0.16, errors
 
 
 def _poster(size: tuple[int, int], colour: str) -> Image.Image:
@@ -90,7 +90,8 @@ def test_round_letters_and_circles_are_not_the_ring_logo_but_the_ring_is(params,
     ImageDraw.Draw(im).ellipse((280, 290, 340, 350), fill=(255, 255, 255))  # a disk
     ImageDraw.Draw(im).ellipse((40, 290, 100, 350), outline=(255, 255, 255), width=3)
     words = json.loads(read_words(im, params.ocr)["words"])
-    assert auto_labels(im, words, brand, params.labels)["logo"] == "no"
+    for read in ([], words):  # letters crowd each other; OCR also says they are a word
+        assert auto_labels(im, read, brand, params.labels)["logo"] == "no"
     _ring(im, (300, 24), 60, (255, 255, 255))
     assert auto_labels(im, words, brand, params.labels)["logo"] == "yes"
 
@@ -137,3 +138,20 @@ def test_text_on_a_card_a_footer_and_text_on_grain_are_read(params) -> None:
                             .astype(np.uint8))
     _text(grain, (70, 150), "POTTERY", 56, (255, 255, 255))
     assert read_words(grain, params.ocr)["text"] == "POTTERY"
+
+
+@pytest.mark.parametrize("shape", ["disk", "tile"])
+def test_a_shape_without_the_logos_holes_is_not_the_logo(shape, brand) -> None:
+    """A white disk correlates with the ring, a rounded tile with the monogram (0.6-0.7,
+    above the 0.5 threshold): only the holes tell them apart."""
+    from components.labelling.labeller import find_logo, segment
+
+    im = _poster((256, 256), "blue")
+    box = (150, 150, 200, 200)
+    if shape == "disk":
+        ImageDraw.Draw(im).ellipse(box, fill="white")
+    else:
+        ImageDraw.Draw(im).rounded_rectangle(box, radius=8, fill="white")
+    seg = segment(im)
+    assert find_logo(seg, brand.logos, 0.5, holes=False)[0] == "yes"
+    assert find_logo(seg, brand.logos, 0.5)[0] == "no"

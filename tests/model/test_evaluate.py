@@ -177,3 +177,28 @@ def test_report_is_self_contained(tmp_path: Path, posters) -> None:
     assert "data:image/png;base64," in html and "a &lt;caption&gt;" in html
     assert "sample_images_per_s" not in html  # a timing: the report reproduces exactly
     assert not re.search(r"(src|href)=\"https?:", html)  # nothing fetched when opened
+
+
+def test_free_prompts_are_scored_on_the_fields_each_asks_for() -> None:
+    """A stand-in generator paints every image solid red: the red prompt gets its
+    background, the blue one does not (background 0.5); no logo is drawn, and the one
+    prompt that asks for none gets it (logo 1.0); a field nobody asks for is not reported."""
+    from components.judge.evaluate import free_adherence
+
+    p = load_params(PARAMS, overrides=[
+        'evaluate.free_prompts=[{prompt: "a red one", background: red}, '
+        '{prompt: "blue, no logo", background: blue, logo: "no"}]',
+        "evaluate.adherence_seeds=2"])
+
+    class Red:
+        def generate(self, prompts, seed=0, width=64, height=64):
+            return [Image.new("RGB", (64, 64), p.brand.rgb()["red"]) for _ in prompts]
+
+    metrics, rows = free_adherence(Red(), p)
+    assert metrics == {"prompt_adherence_free_background": 0.5,
+                       "prompt_adherence_free_logo": 1.0}
+    assert [len(r) for r in rows] == [2, 2]
+    bad = load_params(PARAMS, overrides=[
+        'evaluate.free_prompts=[{prompt: "mauve", background: mauve}]'])
+    with pytest.raises(UserError, match="mauve"):
+        free_adherence(Red(), bad)
