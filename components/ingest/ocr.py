@@ -55,13 +55,13 @@ from components.labelling.labeller import busy_share
 CACHE = Path(".cache") / "ocr"
 # How read_words turns Tesseract's output into a reading; bump it when that logic changes,
 # so cached readings of the old logic are not served as new ones.
-READER = 2  # 2: poor or large-type readings read again, the best kept
+READER = 3  # 2: poor or large-type readings read again, the best kept; 3: busy images
+# also read median-filtered, unread text blocks read alone
 DENOISE_BUSY = 0.03  # busy_share of the edges above which ocr.denoise applies (a texture)
 
 # Knobs that change what Tesseract reads; workers/timeout only change how fast.
 OUTPUT_SETTINGS = {"lang", "psm", "min_conf", "upscale_below", "invert_dark", "autocontrast",
-                   "denoise",
-                   "oem", "binarize", "flatten", "remove_shapes", "max_height_ratio",
+                   "denoise", "oem", "binarize", "flatten", "remove_shapes", "max_height_ratio",
                    "retry_below_conf", "large_type_side"}
 
 
@@ -218,7 +218,7 @@ def _mean_conf(words: list[dict]) -> float:
     return mean(w["conf"] for w in words) if words else 0.0
 
 
-def _confidentletters(words: list[dict]) -> float:
+def _confident_letters(words: list[dict]) -> float:
     """How a reading ranks: its letters, each weighted by its word's confidence squared
     (a whole text read at 90 beats one of its words read at 95 and a page of noise read
     at 50)."""
@@ -261,7 +261,7 @@ def _better(other: list[dict], words: list[dict]) -> bool:
     of the text read, not the same text plus shapes read as words."""
     if not words:
         return bool(other)
-    return (_confidentletters(other) > _confidentletters(words)
+    return (_confident_letters(other) > _confident_letters(words)
             and _mean_conf(other) >= _mean_conf(words) - CONF_SLACK)
 
 
@@ -291,8 +291,10 @@ def _read_blocks(rgb: Image.Image, cfg: Ocr, blocks: list[tuple[int, int, int, i
 
 def read_words(im: Image.Image, cfg: Ocr) -> dict:
     """OCR one decoded image -> {text, mean_conf, n_words, words}; boxes in original pixels.
-    A first reading under ocr.retry_below_conf mean confidence (or none), or of large
-    type, is read again the `_alternatives` ways; the most confident reading is kept."""
+    A busy image is also read median-filtered (_denoised). A first reading under
+    ocr.retry_below_conf mean confidence (or none), or of large type, is read again the
+    `_alternatives` ways; text blocks holding letters but no word of the reading (a card,
+    a footer) are read alone. The most confident reading is kept each time."""
     rgb = to_rgb(im)
     prepared, scale = preprocess(rgb, cfg)
     words = _tesseract(prepared, scale, cfg, cfg.psm)

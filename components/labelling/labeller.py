@@ -96,14 +96,18 @@ def _greys(palette: dict[str, tuple[int, int, int]], levels: list[float]
            ) -> tuple[dict[str, float], float]:
     """The palette's greys (name: lightness) and the chroma under which a pixel is grey:
     halfway between the greys' chroma and the least coloured colour at any level."""
-    greys = {n: _lch(np.array(c))[0] for n, c in palette.items()
-             if _lch(np.array(c))[1] < ACHROMATIC}
-    if not greys or len(greys) == len(palette):  # none, or nothing else: hue decides
+    return _greys_of(tuple(palette.items()), tuple(levels))
+
+
+@functools.lru_cache(maxsize=16)
+def _greys_of(palette: tuple, levels: tuple) -> tuple[dict[str, float], float]:
+    lch = {n: _lch(np.array(c)) for n, c in palette}
+    greys = {n: v[0] for n, v in lch.items() if v[1] < ACHROMATIC}
+    if not greys or len(greys) == len(lch):  # none, or nothing else: hue decides
         return {}, 0.0
-    grey_c = max(_lch(np.array(palette[n]))[1] for n in greys)
-    least = min(_lch(np.array(scale_saturation(c, f)))[1] for n, c in palette.items()
+    least = min(_lch(np.array(scale_saturation(c, f)))[1] for n, c in palette
                 if n not in greys for f in levels)
-    return greys, (grey_c + least) / 2
+    return greys, (max(lch[n][1] for n in greys) + least) / 2
 
 
 def nearest_colour(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]],
@@ -197,8 +201,9 @@ def work_size(img: Image.Image) -> tuple[int, int]:
 
 def background_rows(a: np.ndarray) -> np.ndarray:
     """Each row's background colour (h x 3): the median of the left and right edge strips
-    (3% of the width, which layouts keep clear), then a running median over a tenth of the
-    height against a mark that reaches an edge: any top-to-bottom gradient, eased or not."""
+    (3% of the width, which layouts keep clear), then a running median over 45% of the
+    height against a mark that reaches an edge: any top-to-bottom gradient, eased or not
+    (a running median keeps a monotonic profile)."""
     from scipy.ndimage import median_filter
 
     edge = max(1, round(0.03 * a.shape[1]))
@@ -320,11 +325,11 @@ def find_brand_logo(img: Image.Image, seg: Segmentation, logos: list[str], cfg: 
     boxes = [[round(v * k) for v in w["box"]] for w in words or []
              if w.get("conf", 0) >= 50 and sum(c.isalnum() for c in w["text"]) >= 2]
     return find_logo(seg, logos, cfg.logo_threshold_small if small else cfg.logo_threshold,
-                     holes=not small, words=boxes, textured=seg.textured)
+                     holes=not small, words=boxes)
 
 
 def find_logo(seg: Segmentation, logos: list[str], threshold: float, holes: bool = True,
-              words: list[list[int]] | None = None, textured: bool = False
+              words: list[list[int]] | None = None
               ) -> tuple[str, float, tuple[int, int, int] | None]:
     """Any of the logo files, at 8% to 30% of the image side, anywhere: normalised
     cross-correlation of its shape with how far each pixel departs from the background
@@ -341,7 +346,7 @@ def find_logo(seg: Segmentation, logos: list[str], threshold: float, holes: bool
     maps = [np.minimum(seg.residual / LOGO_FULL, 1.0).astype(np.float32),
             np.clip(seg.lighter / LOGO_FULL, 0.0, 1.0).astype(np.float32),
             np.clip(-seg.lighter / LOGO_FULL, 0.0, 1.0).astype(np.float32)]
-    maps = [_above_texture(m, textured) for m in maps]
+    maps = [_above_texture(m, seg.textured) for m in maps]
     marks = np.maximum.reduce(maps)  # any departure that the texture does not explain
     candidates = []
     for fg, path in itertools.product(maps, logos):
