@@ -349,18 +349,20 @@ def find_logo(seg: Segmentation, logos: list[str], threshold: float, holes: bool
     maps = [_above_texture(m, seg.textured) for m in maps]
     marks = np.maximum.reduce(maps)  # any departure that the texture does not explain
     candidates = []
-    for fg, path in itertools.product(maps, logos):
-        for share in np.linspace(0.08, 0.30, 12):
-            side = int(round(share * WORK))
+    for share in np.linspace(0.08, 0.30, 12):
+        side = int(round(share * WORK))
+        barred = _crowded(marks, side)
+        for x, y, bw, bh in words or []:  # windows centred on a word's letters
+            if bw >= 1.5 * side:
+                c = side // 2
+                barred[max(0, y - c) : max(0, y + bh - c),
+                       max(0, x - c) : max(0, x + bw - c)] = True
+        for fg, path in itertools.product(maps, logos):
             r = cv2.matchTemplate(fg, _logo_template(path, side), cv2.TM_CCOEFF_NORMED)
             # a window of flat background has no shape to correlate (0/0)
             energy = cv2.boxFilter(fg * fg, -1, (side, side), anchor=(0, 0))
             r = np.where(energy[: r.shape[0], : r.shape[1]] > 0.02, np.nan_to_num(r), 0.0)
-            r = np.where(_crowded(marks, side)[: r.shape[0], : r.shape[1]], 0.0, r)
-            for x, y, bw, bh in words or []:  # windows centred on a word's letters
-                if bw >= 1.5 * side:
-                    r[max(0, y - side // 2) : y + bh - side // 2,
-                      max(0, x - side // 2) : x + bw - side // 2] = 0.0
+            r = np.where(barred[: r.shape[0], : r.shape[1]], 0.0, r)
             _lo, score, _lo_at, at = cv2.minMaxLoc(r)
             candidates.append((float(score), at[0], at[1], side, path, fg))
     best, box = 0.0, None

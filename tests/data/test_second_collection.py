@@ -94,6 +94,8 @@ def test_round_letters_and_circles_are_not_the_ring_logo_but_the_ring_is(params,
         assert auto_labels(im, read, brand, params.labels)["logo"] == "no"
     _ring(im, (300, 24), 60, (255, 255, 255))
     assert auto_labels(im, words, brand, params.labels)["logo"] == "yes"
+    edge = [{"text": "TOP", "conf": 90, "box": [0, 0, 384, 4]}]  # a word at the very top
+    assert auto_labels(im, edge, brand, params.labels)["logo"] == "yes"  # bars only itself
 
 
 def test_a_logo_on_a_halftone_is_found(params, brand) -> None:
