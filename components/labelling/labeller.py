@@ -66,10 +66,6 @@ def _lch(rgb: np.ndarray) -> tuple[float, float, float]:
     return lightness, float(np.hypot(a, b)), (np.degrees(np.arctan2(b, a)) % 360) / 360
 
 
-def _lch_hue(rgb: np.ndarray) -> float:
-    return _lch(rgb)[2]
-
-
 def _hue_distance(a: float, b: float) -> float:
     d = abs(a - b) % 1.0
     return min(d, 1.0 - d)
@@ -85,7 +81,7 @@ def background_bands(img: Image.Image) -> tuple[np.ndarray, np.ndarray]:
 
 @functools.lru_cache(maxsize=256)
 def _level_hue(rgb: tuple[int, int, int], factor: float) -> float:
-    return _lch_hue(np.array(scale_saturation(rgb, factor)))
+    return _lch(np.array(scale_saturation(rgb, factor)))[2]
 
 
 BUSY = 12.0  # colour distance from its row's median at which an edge pixel is busy
@@ -144,11 +140,8 @@ def _texture_share(img: Image.Image, cfg: Labels) -> float:
     return cfg.texture_share_small if min(img.size) < WORK else cfg.texture_share
 
 
-def _textured(img: Image.Image, cfg: Labels) -> bool:
-    return busy_share(img) > _texture_share(img, cfg)
-
-
-def label_background(img: Image.Image, brand: Brand, cfg: Labels) -> dict:
+def label_background(img: Image.Image, brand: Brand, cfg: Labels,
+                     busy: float | None = None) -> dict:
     """Background colour name (nearest palette colour by perceptual hue, at the top),
     solid / gradient / texture, the colour a gradient fades to (at the bottom; "none" for
     the others), saturation level."""
@@ -156,7 +149,8 @@ def label_background(img: Image.Image, brand: Brand, cfg: Labels) -> dict:
     palette = brand.rgb()
     levels = list(cfg.saturation_levels.values())
     name, colour_conf = nearest_colour(top, palette, levels)
-    busy, limit = busy_share(img), _texture_share(img, cfg)
+    busy = busy_share(img) if busy is None else busy  # auto_labels measures it once
+    limit = _texture_share(img, cfg)
     spread = float(np.linalg.norm(top - bottom))
     if busy > limit:  # busy edges: a photo or texture, not a flat colour
         kind, kind_conf = "texture", min(1.0, busy / limit - 1.0)
@@ -477,11 +471,12 @@ def dominant_colours(img: Image.Image, k: int = 4) -> str:
 
 def auto_labels(img: Image.Image, words: list[dict], brand: Brand, cfg: Labels) -> dict:
     """Every automatic field of one image with its confidence (evaluate calls this too)."""
-    seg = segment(img, _textured(img, cfg))
+    busy = busy_share(img)
+    seg = segment(img, busy > _texture_share(img, cfg))
     logo, logo_conf, logo_box = find_brand_logo(img, seg, brand.logos, cfg, words)
     figures, figures_conf = label_figures(seg, logo_box)
     layout, layout_conf = label_layout(seg, logo_box, words, *img.size)
-    return {**label_background(img, brand, cfg),
+    return {**label_background(img, brand, cfg, busy),
             "layout": layout, "layout_conf": round(layout_conf, 4),
             "figure_size": figures, "figure_size_conf": figures_conf,
             "logo": logo, "logo_conf": round(logo_conf, 4)}
