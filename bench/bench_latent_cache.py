@@ -63,7 +63,7 @@ def main() -> int:
         optimizer and LR schedule as the unet stage builds them, and its step:
         components.training.runtime.train_step (gradient clipping and EMA included)."""
         torch.manual_seed(0)
-        model = ContextUnet.from_config(cfg, shape[0], cache.text.shape[-1], shape[1]).train()
+        model = ContextUnet.from_config(cfg, shape[0], cache.captions.shape[-1], shape[1]).train()
         net = rt.wrap(model)
         ema = ContextUnet(**model.config()).eval()
         ema.load_state_dict(model.state_dict())
@@ -91,7 +91,8 @@ def main() -> int:
                     [t[np.abs(t).max(-1) > 0] for t in enc.tokens])
                 context = torch.from_numpy(states).float()
             else:
-                context = torch.from_numpy(np.ascontiguousarray(cache.text[rows[idx]])).float()
+                context = torch.from_numpy(cache.captions[cache.caption_rows[rows[idx], 0, 0]]
+                                           ).float()
             context = context.to(rt.device)
             loss = train_step(rt, lambda x0=x0, c=context: training_loss(
                                   net, schedule, x0, c, cfg.cond_drop, gen, (rt.rank, rt.world)),

@@ -212,6 +212,7 @@ class Split(Section):
 class Labels(Section):
     split: Split = Split()
     caption_template: str
+    caption_variants: int = Field(4, ge=1, le=16)  # captions per image (the template's first)
     gradient_threshold: float = Field(40, ge=0)
     texture_share: float = Field(0.03, gt=0, lt=1)
     texture_share_small: float = Field(0.7, gt=0, lt=1)
@@ -291,6 +292,7 @@ class Sampler(Section):
     steps: int = Field(20, ge=1, le=4000)
     guidance: float = Field(2.0, ge=0, le=50)
     eta: float = Field(0.0, ge=0, le=1)
+    normalise: bool = True  # prompts read into the captions' canonical words (models/prompts.py)
 
 
 class Unet(Section):

@@ -158,18 +158,22 @@ def free_cases(params: Params) -> list[dict]:
 
 def free_adherence(gen: Generator, params: Params) -> tuple[dict, list[list[Image.Image]]]:
     """Adherence to prompts in a user's own words (evaluate.free_prompts), per label field
-    a prompt asks for: prompt_adherence_free_<field>, beside the template prompts'."""
-    cfg = params.evaluate
+    a prompt asks for: prompt_adherence_free_<field>, beside the template prompts'; and
+    how many of them the prompt normaliser rewrote (sampler.normalise)."""
+    cfg, cases = params.evaluate, free_cases(params)
     hits: dict[str, list[bool]] = {}
     rows = []
-    for case in free_cases(params):
+    for case in cases:
         ims = gen.generate([case["prompt"]] * cfg.adherence_seeds, seed=cfg.seed)
         rows.append(ims)
         for im in ims:
             got = auto_labels(im, [], params.brand, params.labels)
             for f in case.keys() - {"prompt"}:
                 hits.setdefault(f, []).append(got[f] == case[f])
-    return {f"prompt_adherence_free_{f}": _share(v) for f, v in sorted(hits.items())}, rows
+    rewritten = sum(r != c["prompt"] for c, r in zip(
+        cases, gen.read_prompts([c["prompt"] for c in cases]), strict=True))
+    return {**{f"prompt_adherence_free_{f}": _share(v) for f, v in sorted(hits.items())},
+            "free_prompts_rewritten": rewritten}, rows
 
 
 FORMATS = {"banner": (800, 400), "story": (450, 800)}  # output sizes measured besides square
@@ -251,6 +255,7 @@ class Evaluation:
     text_grid: Image.Image | None = None
     format_rows: list[list[Image.Image]] | None = None
     free_rows: list[list[Image.Image]] | None = None
+    read_free: list[str] | None = None  # the free prompts as the generator read them
 
 
 def eval_set(params: Params, val: pd.DataFrame, feature_space: str) -> str:
@@ -336,7 +341,8 @@ def measure(params: Params, vae_dir: Path = VAE_DIR, unet_dir: Path = UNET_DIR,
     bar.update()
     bar.close()
     return Evaluation(metrics, real, fake, pairs["caption"].tolist(), prompt_rows, colour_rows,
-                      text_grid, format_rows, free_rows)
+                      text_grid, format_rows, free_rows,
+                      gen.read_prompts([c["prompt"] for c in cfg.free_prompts]))
 
 
 def detail(gen: Generator, captions: list[str], real_paths: list[str], seed: int,
@@ -381,8 +387,12 @@ def evaluate(params: Params) -> dict:
     with atomic_dir(EVAL_GRIDS) as tmp:
         for name, (im, _caption) in grids.items():
             im.save(tmp / name)
+    free = params.evaluate.free_prompts  # each with what the normaliser read it as
+    read = ev.read_free or [c["prompt"] for c in free]
+    free = [c if r == c["prompt"] else {**c, "read as": r}
+            for c, r in zip(free, read, strict=True)]
     write_report(EVAL_REPORT, ev.metrics,
                  [(EVAL_GRIDS / n, c) for n, (_im, c) in grids.items()],
                  cases=adherence_cases(params), real_captions=ev.captions[:n_show],
-                 free=params.evaluate.free_prompts)
+                 free=free)
     return ev.metrics

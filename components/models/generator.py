@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,13 +25,17 @@ from components.models.buckets import nearest, size_at, stretch
 from components.models.diffusion import NoiseSchedule, make_sampler, sample
 from components.models.glyphs import glyph_batch
 from components.models.images import to_pil
-from components.models.layout import QUOTED, layout_of, plan, quoted_text
+from components.models.layout import plan
+from components.models.prompts import Vocabulary, normalise, read_prompt
 from components.models.typeset import typeset as text_typeset
 from components.models.unet import ContextUnet, load_unet, read_unet_config
 from components.models.upscaler import Upscaler, load_upscaler
 from components.models.vae import VAE, load_vae
 
 MIN_SIDE, MAX_SIDE = 8, 800  # output width/height limits of generate and the served model
+# what a prompt that places text but quotes none gets: greeked lines (bars where the words
+# go, a mock-up's placeholder), so the text block lands where it asked
+GREEKED = "\u2588\u2588\u2588\u2588"
 
 
 def check_size(width: int | None, height: int | None) -> None:
@@ -49,12 +52,15 @@ def prompt_seed(seed: int, i: int) -> int:
 class Generator:
     def __init__(self, vae: VAE, unet: ContextUnet, unet_config: dict, text_encoder: Any,
                  sampler: SamplerCfg, layout_stats: dict | None = None,
-                 font_path: str | None = None, upscaler: Upscaler | None = None):
+                 font_path: str | None = None, upscaler: Upscaler | None = None,
+                 vocabulary: Vocabulary | None = None):
         self.vae, self.unet, self.config = vae.eval(), unet.eval(), unet_config
         self.upscaler = upscaler  # native size -> factor x it, for larger outputs
         self.text_encoder = text_encoder
         # what draws a prompt's glyph map: the training data's layout statistics and font
         self.layout_stats, self.font_path = layout_stats, font_path
+        # the words its captions named things with (None: a model from before they were kept)
+        self.vocabulary = vocabulary
         self.sampler_cfg = sampler  # params.sampler (or what a logged model carries)
         self.schedule = NoiseSchedule(DiffusionCfg(**unet_config["diffusion"]))
         self.scale_factor = float(unet_config["scale_factor"])
@@ -79,12 +85,14 @@ class Generator:
                                        saved=Path(unet_dir) / "text_encoder")
         unet_dir = Path(unet_dir)
         layout, font = unet_dir / "layout.json", unet_dir / "font.ttf"
+        vocab = unet_dir / "vocabulary.json"
         up = Path(upscaler_dir) if upscaler_dir is not None else None
         return cls(load_vae(Path(vae_dir)), load_unet(unet_dir, ema=True), config,
                    text_encoder, sampler,
                    json.loads(layout.read_text()) if layout.exists() else None,
                    str(font) if font.exists() else None,
-                   load_upscaler(up) if up is not None and up.exists() else None)
+                   load_upscaler(up) if up is not None and up.exists() else None,
+                   Vocabulary(**json.loads(vocab.read_text())) if vocab.exists() else None)
 
     @property
     def native_size(self) -> int:
@@ -116,13 +124,22 @@ class Generator:
         f = nearest(width, height, ratios)
         return f if stretch(width, height, ratios[f]) <= self.max_stretch else None
 
+    def reading(self, prompt: str):
+        """What a prompt asks for (prompts.read_prompt) in this model's vocabulary."""
+        return read_prompt(prompt, self.vocabulary or Vocabulary(formats=list(self.formats)))
+
+    def read_prompts(self, prompts: list[str]) -> list[str]:
+        """The prompts as the U-Net gets them: in the captions' canonical words when
+        sampler.normalise is on and the model carries its vocabulary, else as written."""
+        if not (self.sampler_cfg.normalise and self.vocabulary):
+            return list(prompts)
+        return [normalise(p, self.vocabulary) for p in prompts]
+
     def named_format(self, prompts: list[str]) -> str | None:
         """The trained format all prompts name (their first format word outside the quoted
-        text, as captions name it: "solid banner,"); None when none does or they differ."""
-        named = set()
-        for p in prompts:
-            words = re.findall(r"[a-z]+(?:-[a-z]+)*", QUOTED.sub(" ", p).lower())
-            named.add(next((w for w in words if w in self.formats), None))
+        text: "solid banner,", "a web banner"); None when none does or they differ."""
+        named = {self.reading(p).fields.get("format") for p in prompts}
+        named = {f if f in self.formats else None for f in named}
         return named.pop() if len(named) == 1 else None
 
     def sample_size(self, width: int | None = None, height: int | None = None
@@ -143,8 +160,9 @@ class Generator:
                      size: tuple[int, int] | None = None) -> list[list[dict]]:
         """Where each prompt's quoted text goes (layout.plan: lines and boxes in units of
         the image's width and height, for an image of `size` (w, h; default the native
-        square); [] for a prompt that quotes nothing); prompt i plans with the seed its
-        noise uses. UserError naming the prompt when its text cannot be placed."""
+        square)); a prompt that names a layout but quotes nothing gets GREEKED lines there,
+        one that does neither []; prompt i plans with the seed its noise uses. UserError
+        naming the prompt when its text cannot be placed."""
         if self.layout_stats is None or self.font_path is None:
             return [[] for _ in prompts]
         # a prompt naming no layout gets the one the training text takes most often
@@ -155,10 +173,12 @@ class Generator:
         own = self.layout_stats.get("formats", {}).get(self.format_of(*w_h)) or {}
         out = []
         for i, p in enumerate(prompts):
-            layout = layout_of(p, usual)
+            reading = self.reading(p)
+            layout = reading.fields.get("layout", usual)
             stats = own if layout in own.get("blocks", {}) else self.layout_stats
             try:
-                out.append(plan(quoted_text(p), layout, stats, self.font_path,
+                text = reading.text or (GREEKED if "layout" in reading.fields else "")
+                out.append(plan(text, layout, stats, self.font_path,
                                 prompt_seed(seed, i), *w_h, text_box))
             except UserError as e:
                 raise UserError(f"prompt {p[:40]!r}: {e}") from None
@@ -228,7 +248,7 @@ class Generator:
         if steps is not None:
             cfg = cfg.model_copy(update={"steps": int(steps)})
         g = cfg.guidance if guidance is None else float(guidance)
-        enc = self.text_encoder.encode(list(prompts))
+        enc = self.text_encoder.encode(self.read_prompts(prompts))
         tokens = getattr(enc, "tokens", None)  # token states, for a cross-attention U-Net
         use_tokens = tokens is not None and (self.unet.cross_attention or self.unet.pool_queries)
         context = torch.from_numpy(tokens if use_tokens else enc.vectors).float()
@@ -244,6 +264,6 @@ class Generator:
             if self.font_path is None:
                 raise UserError("typeset: this model was trained without glyph maps (no "
                                 "font.ttf in its U-Net folder); retrain it")
-            images = [text_typeset(im, lines, self.font_path)
-                      for im, lines in zip(images, layouts, strict=True)]
+            images = [text_typeset(im, lines if self.reading(p).text else [], self.font_path)
+                      for im, lines, p in zip(images, layouts, prompts, strict=True)]
         return images

@@ -13,34 +13,13 @@ from __future__ import annotations
 
 import itertools
 import random
-import re
 from collections import Counter
 
 from components.contracts import UserError
 from components.models.glyphs import REFERENCE_PX, font
 
-QUOTED = re.compile(r"\"([^\"]+)\"|“([^”]+)”")
 MAX_BLOCKS = 256  # blocks kept per layout and line count (enough to draw from)
 SMALLEST_SHARE = 0.8  # a planned line under this share of the smallest training line fails
-
-
-def quoted_text(prompt: str) -> str:
-    """The text the prompt asks to show: its quoted part ("" when it quotes nothing)."""
-    m = QUOTED.search(prompt)
-    return " ".join((m.group(1) or m.group(2)).split()) if m else ""
-
-
-LAYOUT_WORDS = {"centre": "centre", "center": "centre", "centred": "centre",
-                "centered": "centre", "middle": "centre", "left": "left",
-                "right": "right", "top": "top", "bottom": "bottom"}
-_LAYOUT = re.compile(r"\b(" + "|".join(LAYOUT_WORDS) + r")\b", re.IGNORECASE)
-
-
-def layout_of(prompt: str, default: str = "centre") -> str:
-    """The layout a prompt asks for: its first layout word outside the quoted text
-    ("text at the top", "headline along the bottom", "centered"), else `default`."""
-    m = _LAYOUT.search(QUOTED.sub(" ", prompt))
-    return LAYOUT_WORDS[m.group(1).lower()] if m else default
 
 
 def parse_box(text: str) -> tuple[float, float, float, float]:

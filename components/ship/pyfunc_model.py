@@ -78,7 +78,9 @@ class GeneratorModel(PythonModel):
             width=width, height=height, typeset=bool(p.get("typeset", False)),
             layouts=layouts,
         )
-        return pd.DataFrame({"image": [png_b64(im) for im in images]})
+        # and each prompt as the U-Net read it (sampler.normalise), so a caller sees a rewrite
+        return pd.DataFrame({"image": [png_b64(im) for im in images],
+                             "prompt_read": self.generator.read_prompts(prompts)})
 
 
 mlflow.models.set_model(GeneratorModel())

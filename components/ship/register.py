@@ -168,7 +168,7 @@ def signature(params: Params) -> Any:
 
     return ModelSignature(
         inputs=Schema([ColSpec("string", "prompt")]),
-        outputs=Schema([ColSpec("string", "image")]),
+        outputs=Schema([ColSpec("string", "image"), ColSpec("string", "prompt_read")]),
         params=ParamSchema([
             ParamSpec("seed", "long", 0),
             ParamSpec("steps", "long", params.sampler.steps),

@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import re
+import sys
 from typing import Any
 
 import pandas as pd
@@ -97,6 +98,9 @@ def generate_png(uri: str, prompt: str, seed: int = 0, steps: int | None = None,
         if e.error_code != "INVALID_PARAMETER_VALUE":
             raise
         raise UserError(e.message) from None
+    read = out["prompt_read"].iloc[0] if "prompt_read" in out else prompt
+    if read != prompt:
+        print(f"generate: read the prompt as: {read}", file=sys.stderr)
     return base64.b64decode(out["image"].iloc[0])
 
 

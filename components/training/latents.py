@@ -1,8 +1,12 @@
-"""Encode every captioned image once: VAE posterior mean/log-variance + caption embedding
+"""Encode every captioned image once: VAE posterior mean/log-variance + caption embeddings
 (token-level states, float16, for cross-attention; one vector for an encoder without).
-Each image also gets its caption without the free text (OCR text, description): the U-Net
-trains on it for a share of steps (unet.text_drop), so that it learns the attributes'
-words rather than memorising each image by its unique text. With latents.flip, every
+Each image has labels.caption_variants captions (the template's, then other phrasings of
+its labels: models/prompts.py), each also without the free text (OCR text,
+description): the U-Net draws one phrasing per step, and trains on the text-free one for
+a share of steps (unet.text_drop), so that it learns the attributes' words in a user's
+many ways of saying them rather than memorising each image by its unique text. Every
+distinct caption is encoded once (captions.npy); caption_rows.npy gives each row's
+(with text, without) x variant positions there. With latents.flip, every
 train image also gets a mirrored copy whose caption says left where the original says
 right (and the other way round).
 
@@ -14,7 +18,8 @@ the font (font.ttf), so generation draws its glyph maps exactly as training did.
 Images keep their aspect: each row is encoded at its format's size (its aspect bucket,
 models/buckets.py), so the latents, posterior variances and glyph maps are stored per
 format (mean_<format>.npy, logvar_..., glyphs_...; index.parquet gives each row's format
-and its row there); the caption arrays are shared. Arrays are plain .npy files
+and its row there); the caption arrays are shared. The vocabulary its prompts are read
+with (vocabulary.json: models/prompts.py) travels with the model too. Arrays are plain .npy files
 (memory-mapped by the U-Net stage), rows indexed by index.parquet. Entries are also
 kept in a content-keyed store (.cache/latents): an image's key hashes its bytes, the VAE
 weights and its format's size; a caption's key hashes the caption and the text encoder.
@@ -37,7 +42,6 @@ from components.contracts import (
     CAPTION_FIELDS,
     CAPTIONS,
     LATENTS,
-    TEXT_FIELDS,
     VAE_DIR,
     UserError,
     atomic_dir,
@@ -51,18 +55,20 @@ from components.contracts import (
     write_table,
 )
 from components.labelling import text_boxes
-from components.labelling.captions import caption
+from components.labelling.captions import caption, vocabulary_json, without_text
 from components.models.buckets import format_sizes, groups
 from components.models.glyphs import REFERENCE_PX, font, glyph_map
 from components.models.images import load_batch
 from components.models.layout import fit_layouts
+from components.models.prompts import phrasings
 from components.models.text_encoders import get_encoder, save_encoder
 from components.models.vae import load_vae
 
 CACHE = Path(".cache") / "latents"  # content-keyed entries, kept across runs (DVC clears outs)
 TEXT_ENCODER = "text_encoder"  # a fitted encoder (tfidf) travels with the latents and model
-GLYPH_FILES = ["layout.json", "font.ttf"]  # what generation needs to draw glyph maps
-CACHE_FILES = ["text.npy", "text_attributes.npy", "index.parquet", "meta.json", *GLYPH_FILES]
+# what generation needs to draw glyph maps and read prompts (travels with the model)
+MODEL_FILES = ["layout.json", "font.ttf", "vocabulary.json"]
+CACHE_FILES = ["captions.npy", "caption_rows.npy", "index.parquet", "meta.json", *MODEL_FILES]
 FORMAT_ARRAYS = ["mean", "logvar", "glyphs"]  # per format: <name>_<format>.npy
 
 
@@ -75,8 +81,10 @@ class LatentCache:
         if missing:
             raise UserError(f"{d}: latent cache incomplete (missing {', '.join(missing)}); "
                             "run the latents stage first")
-        self.text = np.load(d / "text.npy", mmap_mode="r")
-        self.text_attributes = np.load(d / "text_attributes.npy", mmap_mode="r")
+        # every distinct caption's states (M, L, D) float16, or vectors (M, D); each row's
+        # positions there (N, 2, variants): [0] with its text, [1] without
+        self.captions = np.load(d / "captions.npy", mmap_mode="r")
+        self.caption_rows = np.load(d / "caption_rows.npy", mmap_mode="r")
         self.index = pd.read_parquet(d / "index.parquet")
         self.meta = read_json(d / "meta.json")
         files = {f: {a: d / f"{a}_{f}.npy" for a in FORMAT_ARRAYS} for f in self.meta["formats"]}
@@ -162,11 +170,17 @@ def mirrored(caps: pd.DataFrame, template: str) -> pd.DataFrame:
     return out
 
 
-def attributes_only(caps: pd.DataFrame, template: str) -> list[str]:
-    """Each caption written again without its free text (what the image reads, a
-    description): the attribute words alone."""
-    return [caption({**r, **dict.fromkeys(TEXT_FIELDS, "")}, template)
-            for r in caps[CAPTION_FIELDS].to_dict("records")]
+def variants(caps: pd.DataFrame, template: str, n: int) -> list[list[list[str]]]:
+    """Each row's [with its text, without] x n captions: its caption as stored (or the
+    template's without the text), then other phrasings of its labels (captions.phrasings;
+    a mirrored row phrases its own labels with its own seed)."""
+    out = []
+    for r, text, i, flip in zip(caps[CAPTION_FIELDS].to_dict("records"), caps["caption"],
+                                caps["id"], caps["flip"], strict=True):
+        seed, bare = f"{i}|flip" if flip else i, without_text(r)
+        out.append([[text, *phrasings(r, n - 1, seed)],
+                    [caption(bare, template), *phrasings(bare, n - 1, seed)]])
+    return out
 
 
 def glyph_maps(caps: pd.DataFrame, sizes: dict[str, tuple[int, int]], font_path: str
@@ -216,11 +230,12 @@ def latents(params: Params) -> dict:
     image_keys = [sha256_bytes(f"{i}|{vae_hash}|{sizes[b][0]}x{sizes[b][1]}"
                                f"{'|flip' if f else ''}".encode())
                   for i, f, b in zip(caps["id"], caps["flip"], caps["format"], strict=True)]
-    texts = caps["caption"].tolist()
-    plain = attributes_only(caps, params.labels.caption_template)
-    n_rows = len(texts)
-    text_keys = [sha256_bytes(f"{encoder.identity}|tokens|{c}".encode())
-                 for c in texts + plain]
+    per_row = variants(caps, params.labels.caption_template, params.labels.caption_variants)
+    texts = list(dict.fromkeys(c for row in per_row for kind in row for c in kind))
+    position = {c: i for i, c in enumerate(texts)}
+    caption_rows = np.array([[[position[c] for c in kind] for kind in row] for row in per_row],
+                            np.int32)  # (N, 2, variants)
+    text_keys = [sha256_bytes(f"{encoder.identity}|tokens|{c}".encode()) for c in texts]
 
     def encode_images(todo: list[int]) -> list[np.ndarray]:
         """Each row's (2, C, h, w) posterior, in batches of one format."""
@@ -240,15 +255,16 @@ def latents(params: Params) -> dict:
         return [out[i] for i in todo]
 
     def encode_texts(todo: list[int]) -> list[np.ndarray]:
-        """Each caption's token states without padding (L_i, D), or its vector (D,)."""
-        out, strings = [], texts + plain
-        for j in range(0, len(todo), 256):
-            enc = encoder.encode([strings[i] for i in todo[j : j + 256]])
-            if enc.tokens is None:
-                out.extend(enc.vectors)
-            else:
-                out.extend(t[np.abs(t).max(-1) > 0].astype(np.float16) for t in enc.tokens)
-        return out
+        """Each caption's token states without padding (L_i, D), or its vector (D,);
+        encoded shortest first, so a batch pads little."""
+        order, out = sorted(todo, key=lambda i: len(texts[i])), {}
+        for j in range(0, len(order), 256):
+            part = order[j : j + 256]
+            enc = encoder.encode([texts[i] for i in part])
+            out |= dict(zip(part, enc.vectors if enc.tokens is None else
+                            [t[np.abs(t).max(-1) > 0].astype(np.float16) for t in enc.tokens],
+                            strict=True))
+        return [out[i] for i in todo]
 
     glyphs = glyph_maps(caps, sizes, params.brand.font)
     train = caps[(caps["split"] == "train") & ~caps["flip"]]  # as the images were drawn
@@ -263,7 +279,7 @@ def latents(params: Params) -> dict:
     format_row = np.zeros(len(caps), np.int64)
     for r in rows.values():
         format_row[r] = np.arange(len(r))
-    text, text_attributes = pad_stack(vectors[:n_rows]), pad_stack(vectors[n_rows:])
+    states = pad_stack(vectors)
     every_mean = np.concatenate([p[:, 0].ravel() for p in post.values()])
     scale = float(1.0 / max(every_mean.std(), 1e-6))
     glyph_arrays = {f: np.stack([glyphs[i] for i in r]) for f, r in rows.items()}
@@ -274,8 +290,8 @@ def latents(params: Params) -> dict:
     index = pd.DataFrame({
         "id": caps["id"], "row": np.arange(len(caps), dtype=np.int64), "split": caps["split"],
         "caption": caps["caption"],
-        "key": [sha256_bytes(f"{a}|{b}".encode())[:16]
-                for a, b in zip(image_keys, text_keys[:n_rows], strict=True)],
+        "key": [sha256_bytes("|".join([a, *(text_keys[i] for i in r.ravel())]).encode())[:16]
+                for a, r in zip(image_keys, caption_rows, strict=True)],
         "flip": caps["flip"].astype(bool), "format": caps["format"], "format_row": format_row,
     })
     meta = {"scale_factor": scale, "latent_shape": native,
@@ -283,8 +299,9 @@ def latents(params: Params) -> dict:
                             "latent_shape": list(post[f].shape[2:]), "images": len(r)}
                         for f, r in rows.items()},
             "max_stretch": params.formats.max_stretch,
-            "text_dim": int(text.shape[-1]), "text_tokens": int(text.shape[1])
-            if text.ndim == 3 else 0, "text_encoder": encoder.name,
+            "text_dim": int(states.shape[-1]), "text_tokens": int(states.shape[1])
+            if states.ndim == 3 else 0, "text_encoder": encoder.name,
+            "caption_variants": params.labels.caption_variants,
             "vae_weights": vae_hash, "image_size": size,
             "glyphs": sha256_bytes(b"".join(a.tobytes() for a in glyph_arrays.values()))[:16],
             "font": sha256_file(Path(params.brand.font))[:16]}
@@ -293,14 +310,16 @@ def latents(params: Params) -> dict:
             np.save(tmp / f"mean_{f}.npy", post[f][:, 0])
             np.save(tmp / f"logvar_{f}.npy", post[f][:, 1])
             np.save(tmp / f"glyphs_{f}.npy", glyph_arrays[f])
-        np.save(tmp / "text.npy", text)
-        np.save(tmp / "text_attributes.npy", text_attributes)
+        np.save(tmp / "captions.npy", states)
+        np.save(tmp / "caption_rows.npy", caption_rows)
         write_json(tmp / "layout.json", layout_stats)
+        write_json(tmp / "vocabulary.json", vocabulary_json(params))
         shutil.copyfile(params.brand.font, tmp / "font.ttf")
         write_table(index, tmp / "index.parquet", "latent_index")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         save_encoder(encoder, tmp / TEXT_ENCODER)
-    return {"images": len(caps), "images_encoded": n_images, "captions_encoded": n_texts,
+    return {"images": len(caps), "images_encoded": n_images, "captions": len(texts),
+            "captions_encoded": n_texts,
             "glyph_maps_with_text": int(sum(g.max() > 0 for g in glyphs)),
             "scale_factor": round(scale, 5),
             "latent_shape": "x".join(map(str, native)),

@@ -37,7 +37,7 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
     """Train the Context U-Net on the cached train-split latents; write out_dir whole."""
     from components.models.diffusion import NoiseSchedule, training_loss
     from components.models.vae import load_vae
-    from components.training.latents import GLYPH_FILES, TEXT_ENCODER, LatentCache
+    from components.training.latents import MODEL_FILES, TEXT_ENCODER, LatentCache
     from components.training.runtime import (
         Checkpoint,
         adamw,
@@ -59,13 +59,11 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
                         f"not text_encoder.name={text_encoder_name!r}; re-run the latents "
                         "stage")
     vae = load_vae(vae_dir)
-    # caption token states (N, L, D), or vectors (N, D) for an encoder without tokens; and
-    # the same captions without their free text, padded to one length to mix the two
-    text, plain = (torch.from_numpy(np.ascontiguousarray(a[rows])).float()
-                   for a in (cache.text, cache.text_attributes))
-    if text.dim() == 3:
-        length = max(text.shape[1], plain.shape[1])
-        text, plain = (nn.functional.pad(t, (0, 0, 0, length - t.shape[1])) for t in (text, plain))
+    # every distinct caption's token states (M, L, D) float16, or vectors (M, D) for an
+    # encoder without tokens; each train row's positions there (N, 2: with its text or
+    # without, variants)
+    captions = torch.from_numpy(np.array(cache.captions))
+    choices = torch.from_numpy(np.ascontiguousarray(cache.caption_rows[rows])).long()
     scale = float(cache.meta["scale_factor"])
     latent_shape = tuple(cache.meta["latent_shape"])  # the native square's
     # the whole train split fits in memory at these sizes (960 x 4x16x16 floats = 4 MB);
@@ -81,14 +79,14 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     schedule = NoiseSchedule(diff)
-    model = ContextUnet.from_config(cfg, latent_shape[0], text.shape[-1], latent_shape[1],
+    model = ContextUnet.from_config(cfg, latent_shape[0], captions.shape[-1], latent_shape[1],
                                     glyph_down=glyph_down).train()
     net = rt.wrap(model)
     ema = ContextUnet(**model.config()).eval()
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False).to(rt.device)
     data = [d.to(rt.device) for d in data]
-    text, plain = text.to(rt.device), plain.to(rt.device)
+    captions, choices = captions.to(rt.device), choices.to(rt.device)
     opt = adamw(model.parameters(), cfg.lr, 0.0)
     sched = cosine_with_warmup(opt, cfg.warmup, cfg.steps)
     params, ema_params = list(model.parameters()), list(ema.parameters())
@@ -116,13 +114,14 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
         d = data[draw(counts, gen)]  # one format per batch, in proportion to its images
         idx = torch.randint(0, len(d.text_rows), (global_batch,), generator=gen)
         eps = torch.randn((global_batch, *d.mean.shape[1:]), generator=gen)
-        drop = torch.rand(global_batch, generator=gen) < cfg.text_drop
-        idx, eps, drop = rt.shard(idx, eps, drop)
+        drop = (torch.rand(global_batch, generator=gen) < cfg.text_drop).long()
+        variant = torch.randint(0, choices.shape[-1], (global_batch,), generator=gen)
+        idx, eps, drop, variant = rt.shard(idx, eps, drop, variant)
         # a fresh posterior sample each time
         x0 = (d.mean[idx] + d.std[idx] * eps.to(rt.device)) * scale
-        drop = drop.to(rt.device).view(-1, *[1] * (text.dim() - 1))
-        t_idx = d.text_rows[idx]
-        context = torch.where(drop, plain[t_idx], text[t_idx])
+        # one of the row's phrasings, with its text or (a text_drop share) without
+        context = captions[choices[d.text_rows[idx], drop.to(rt.device),
+                                   variant.to(rt.device)]].float()
         # the glyph map stays when the caption loses its free text: the letters come from it
         glyph = glyph_batch(d.glyphs, idx) if cfg.glyph_channels else None
         loss = train_step(rt, lambda x0=x0, c=context, g=glyph: training_loss(
@@ -152,7 +151,7 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
 
     config = {"diffusion": diff.model_dump(mode="json"), "scale_factor": scale,
               "latent_shape": list(latent_shape), "text_encoder": text_encoder_name,
-              "text_dim": int(text.shape[-1]), "image_size": vae.cfg.image_size,
+              "text_dim": int(captions.shape[-1]), "image_size": vae.cfg.image_size,
               # the formats it trained on (aspect buckets): what generation samples at
               "formats": {f: {**cache.meta["formats"][f], "train_images": n}
                           for f, n in zip(parts, counts, strict=True)},
@@ -173,7 +172,7 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
         save_unet(model, ema, config, tmp)
         if (Path(latents_dir) / TEXT_ENCODER).is_dir():
             shutil.copytree(Path(latents_dir) / TEXT_ENCODER, tmp / TEXT_ENCODER)
-        for name in GLYPH_FILES:  # the layout planner's statistics and the font
+        for name in MODEL_FILES:  # layout statistics, font, vocabulary
             shutil.copyfile(Path(latents_dir) / name, tmp / name)
         write_csv(tmp / TRAINING_CURVE, ["step", "loss"], [(s, f"{v:.6f}") for s, v in log])
         preview_grid(ema, vae, schedule, cache, scale).save(tmp / "samples.png")
@@ -217,7 +216,7 @@ def preview_grid(model: ContextUnet, vae: nn.Module, schedule, cache, scale: flo
     rows, frows = rows[:n], frows[:n]
     if next(model.parameters()).device.type != "cpu":  # mid-training on a GPU
         model = copy.deepcopy(model).cpu()
-    context = torch.from_numpy(np.ascontiguousarray(cache.text[rows])).float()
+    context = torch.from_numpy(cache.captions[cache.caption_rows[rows, 0, 0]]).float()
     arrays = cache.formats[f]
     glyph = glyph_batch(torch.from_numpy(np.ascontiguousarray(arrays["glyphs"][frows])),
                         torch.arange(len(rows))) if model.glyph_channels else None

@@ -23,7 +23,7 @@ from components.ingest.validate import validate
 from components.labelling.labels import labels
 from components.models.images import load_batch
 from components.models.vae import load_vae
-from components.training.latents import LatentCache, attributes_only, latents
+from components.training.latents import LatentCache, latents, variants
 from components.training.vae import vae
 
 TINY = ["scrape.sources=[{kind: synthetic, n: 12, seed: 2, size: 64}]", "ocr.workers=2",
@@ -46,28 +46,34 @@ def all_means(cache: LatentCache) -> np.ndarray:
                                      strict=True)])
 
 
-def _distinct_captions(params: Params) -> int:
-    """The train/val captions and their attributes-only versions, each string once."""
+def _distinct_captions(params: Params) -> set[str]:
+    """Every phrasing of the train/val captions, with their text and without."""
     caps = read_table(CAPTIONS, "captions")
-    caps = caps[caps["split"].isin(["train", "val"])]
-    return len(set(caps["caption"]) | set(attributes_only(caps,
-                                                          params.labels.caption_template)))
+    caps = caps[caps["split"].isin(["train", "val"])].assign(flip=False)
+    return {c for row in variants(caps, params.labels.caption_template,
+                                  params.labels.caption_variants) for kind in row for c in kind}
+
+
+def _caption_states(cache: LatentCache) -> np.ndarray:
+    """Each row's caption states: (N, 2, variants, ...)."""
+    return np.asarray(cache.captions)[np.asarray(cache.caption_rows)]
 
 
 def test_rerun_encodes_only_what_changed(collected: Params, workdir) -> None:
     params = collected
     first = latents(params)
     n = first["images"]
-    # every caption, and every caption without its free text (attributes only): each
-    # distinct string once (a caption whose image reads nothing is its own attributes-only
-    # caption)
-    distinct = _distinct_captions(params)
+    # every phrasing of every caption, with its free text and without: each distinct
+    # string once (a caption whose image reads nothing is its own text-free caption)
+    distinct = len(_distinct_captions(params))
     assert n == 12 and first["images_encoded"] == n and first["captions_encoded"] == distinct
-    assert distinct < 2 * n  # some of these images read nothing
+    k = params.labels.caption_variants
+    assert distinct < 2 * k * n  # some of these images read nothing
     before = LatentCache(LATENTS)
-    mean, text = all_means(before), np.array(before.text)
-    plain = np.array(before.text_attributes)  # the captions without what the image reads
-    assert len(plain) == n and not np.allclose(plain, text[:, : plain.shape[1]])
+    mean, text = all_means(before), _caption_states(before)
+    assert text.shape[:3] == (n, 2, k)
+    assert not np.allclose(text[:, 0], text[:, 1])  # without what the image reads
+    assert not np.allclose(text[:, 0, 0], text[:, 0, 1])  # in other words
 
     again = latents(params)
     assert again["images_encoded"] == 0 and again["captions_encoded"] == 0
@@ -81,9 +87,11 @@ def test_rerun_encodes_only_what_changed(collected: Params, workdir) -> None:
     assert m["images_encoded"] == 0 and m["captions_encoded"] == 1
     after = LatentCache(LATENTS)
     row = int(after.index.set_index("id").loc[edited, "row"])
-    assert not np.allclose(after.text[row], text[row])
+    now = _caption_states(after)
+    assert not np.allclose(now[row, 0, 0], text[row, 0, 0])  # the stored caption, edited
+    assert np.array_equal(now[row, :, 1:], text[row, :, 1:])  # phrased from its labels
     others = [i for i in range(n) if i != row]
-    assert np.array_equal(np.array(after.text)[others], text[others])
+    assert np.array_equal(now[others], text[others])
 
     vae(load_params(overrides=[*TINY, "vae.seed=1"]))  # a retrained VAE: new weights
     m = latents(params)
@@ -91,12 +99,11 @@ def test_rerun_encodes_only_what_changed(collected: Params, workdir) -> None:
     assert not np.allclose(all_means(LatentCache(LATENTS)), mean)
 
     m = latents(load_params(overrides=[*TINY, "text_encoder.max_tokens=16"]))
-    assert m["images_encoded"] == 0 and m["captions_encoded"] == _distinct_captions(params)
+    distinct = _distinct_captions(params)
+    assert m["images_encoded"] == 0 and m["captions_encoded"] == len(distinct)
     store = workdir / ".cache" / "latents"  # stale entries are dropped, the store stays small
     assert len(list((store / "image").rglob("*.npy"))) == n
-    assert len(list((store / "text").rglob("*.npy"))) == len(
-        set(LatentCache(LATENTS).index["caption"]) | set(attributes_only(
-            read_table(CAPTIONS, "captions"), params.labels.caption_template)))
+    assert len(list((store / "text").rglob("*.npy"))) == len(distinct)
     assert (VAE_DIR / "weights.safetensors").exists()
 
 

@@ -194,9 +194,12 @@ def test_free_prompts_are_scored_on_the_fields_each_asks_for() -> None:
         def generate(self, prompts, seed=0, width=64, height=64):
             return [Image.new("RGB", (64, 64), p.brand.rgb()["red"]) for _ in prompts]
 
+        def read_prompts(self, prompts):  # the normaliser rewrites the blue one
+            return [q.replace("blue, no logo", "blue, logo no.") for q in prompts]
+
     metrics, rows = free_adherence(Red(), p)
     assert metrics == {"prompt_adherence_free_background": 0.5,
-                       "prompt_adherence_free_logo": 1.0}
+                       "prompt_adherence_free_logo": 1.0, "free_prompts_rewritten": 1}
     assert [len(r) for r in rows] == [2, 2]
     bad = load_params(PARAMS, overrides=[
         'evaluate.free_prompts=[{prompt: "mauve", background: mauve}]'])

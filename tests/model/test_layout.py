@@ -10,7 +10,8 @@ from components.contracts import UserError
 from components.ingest.synthetic import render
 from components.labelling.text_boxes import loads
 from components.models.glyphs import glyph_map
-from components.models.layout import break_lines, fit_layouts, plan, quoted_text
+from components.models.layout import break_lines, fit_layouts, plan
+from components.models.prompts import quoted_text
 
 PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 

@@ -350,8 +350,7 @@ def write_tiny_cache(root: Path, n: int = 24, dim: int = 6, shape=(4, 8, 8),
             boxes[i], lw * 4, lh * 4, FONT)) for i in rows]))
         meta_formats[f] = {"ratio": [lw // lh, 1], "size": [lw * 4, lh * 4],
                            "latent_shape": [lh, lw], "images": len(rows)}
-    np.save(root / "text.npy", rng.normal(size=(n, dim)).astype(np.float32))
-    np.save(root / "text_attributes.npy", rng.normal(size=(n, dim)).astype(np.float32))
+    save_captions(root, rng.normal(size=(n, dim)), rng.normal(size=(n, dim)))
     split = ["train"] * (n - 8) + ["val"] * 4 + ["test"] * 4
     pd.DataFrame({"id": [f"i{i}" for i in range(n)], "row": np.arange(n), "split": split,
                   "caption": [f"caption {i}" for i in range(n)],
@@ -362,7 +361,18 @@ def write_tiny_cache(root: Path, n: int = 24, dim: int = 6, shape=(4, 8, 8),
         "text_encoder": encoder, "formats": meta_formats, "max_stretch": 1.25}))
     (root / "layout.json").write_text(json.dumps(fit_layouts([("centre", b) for b in boxes])))
     shutil.copyfile(FONT, root / "font.ttf")
+    (root / "vocabulary.json").write_text(json.dumps({
+        "colours": {c: c for c in ("red", "blue", "green")},
+        "saturation": ["vivid", "soft", "muted"], "formats": list(meta_formats)}))
     return root
+
+
+def save_captions(root: Path, with_text: np.ndarray, without: np.ndarray) -> None:
+    """One phrasing per row: its caption vector with its text, and without."""
+    n = len(with_text)
+    np.save(root / "captions.npy", np.concatenate([with_text, without]).astype(np.float32))
+    np.save(root / "caption_rows.npy", np.stack([np.arange(n), np.arange(n, 2 * n)], 1)
+            [:, :, None].astype(np.int32))
 
 
 def tiny_cache_and_vae(root: Path) -> Path:
@@ -546,8 +556,34 @@ def test_text_drop_trains_on_the_captions_without_their_free_text(tmp_path: Path
     never, always = run("never", 0.0), run("always", 1.0)
     assert not _same_weights(never, always)
     # with attribute captions equal to the full ones, dropping the text changes nothing
-    np.save(cache / "text_attributes.npy", np.load(cache / "text.npy"))
+    with_text = np.load(cache / "captions.npy")[:len(np.load(cache / "caption_rows.npy"))]
+    save_captions(cache, with_text, with_text)
     assert _same_weights(never, run("same", 1.0))
+
+
+def test_unet_draws_one_of_each_rows_phrasings_per_step(tmp_path: Path) -> None:
+    cache = write_tiny_cache(tmp_path / "latents")
+    vae = VAE(Vae(image_size=32, base_channels=8, channel_mult=[1, 2, 2]))
+    save_vae(vae, vae.cfg, tmp_path / "vae")
+    states, rows = np.load(cache / "captions.npy"), np.load(cache / "caption_rows.npy")
+
+    def run(name: str, second: np.ndarray | None) -> Path:
+        """Train with each row's one phrasing, or with a second one (states `second`)."""
+        if second is None:
+            np.save(cache / "caption_rows.npy", rows)
+            np.save(cache / "captions.npy", states)
+        else:
+            np.save(cache / "captions.npy", np.concatenate([states, second]))
+            extra = len(states) + np.arange(len(second)).reshape(rows.shape)
+            np.save(cache / "caption_rows.npy", np.concatenate([rows, extra], 2))
+        train_unet(Unet(n_feat=8, steps=6, batch_size=4, warmup=1, bf16=False,
+                        checkpoint_every=0), Diffusion(timesteps=50), cache, tmp_path / name,
+                   "stub", tmp_path / "vae")
+        return tmp_path / name
+
+    one = run("one", None)
+    assert _same_weights(one, run("same", states[rows.reshape(-1)]))  # the same words twice
+    assert not _same_weights(one, run("other", -states[rows.reshape(-1)]))
 
 
 @pytest.mark.parametrize("banners", [0, 6])
@@ -635,9 +671,8 @@ def test_tfidf_encoder_travels_with_the_unet_to_the_generator(tmp_path: Path) ->
                 for w in ("SALE", "NEW", "OPEN", "HOT", "BIG", "FREE", "CLUB", "SHOP")]
     cache = write_tiny_cache(tmp_path / "latents", n=len(captions), dim=4, encoder="tfidf")
     enc = TfidfTextEncoder.fit(captions, 4)
-    np.save(cache / "text.npy", enc.encode(captions).vectors)
-    np.save(cache / "text_attributes.npy", enc.encode([c.split(" reading")[0]
-                                                       for c in captions]).vectors)
+    save_captions(cache, enc.encode(captions).vectors,
+                  enc.encode([c.split(" reading")[0] for c in captions]).vectors)
     save_encoder(enc, cache / "text_encoder")
     vae = VAE(Vae(image_size=32, base_channels=8, channel_mult=[1, 2, 2]))
     save_vae(vae, vae.cfg, tmp_path / "vae")

@@ -13,7 +13,8 @@ from components.contracts import UserError
 from components.ingest.ocr import read_texts
 from components.judge.text import scores, text_cases
 from components.models.glyphs import glyph_map
-from components.models.layout import layout_of, parse_box
+from components.models.layout import parse_box
+from components.models.prompts import read_prompt
 from components.models.typeset import typeset
 
 PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
@@ -66,9 +67,12 @@ def test_typeset_writes_exactly_the_requested_words_in_the_models_ink(params) ->
 
 
 def test_prompt_layout_words_and_text_boxes() -> None:
+    def layout_of(prompt: str) -> str | None:
+        return read_prompt(prompt).fields.get("layout")
+
     assert layout_of('vivid red solid poster, text at the top, reading "LEFT OVERS"') == "top"
     assert layout_of("an orange flyer, headline centered") == "centre"
-    assert layout_of("a blue poster") == "centre"
+    assert layout_of("a blue poster") is None
     assert parse_box("0.1, 0.4,0.8,0.2") == (0.1, 0.4, 0.8, 0.2)
     with pytest.raises(UserError, match="x,y,w,h"):
         parse_box("0.1,0.4")
@@ -91,7 +95,7 @@ def test_a_prompt_without_a_layout_word_takes_the_trainings_usual_one() -> None:
     there, not at a centre the model never saw; a layout word still wins."""
     from types import SimpleNamespace
 
-    from components.models.generator import Generator
+    from components.models.generator import GREEKED, Generator
     from components.models.layout import fit_layouts
 
     top = [{"text": "SALE", "box": [0.2, 0.05, 0.8, 0.2], "words": []}]
@@ -100,9 +104,14 @@ def test_a_prompt_without_a_layout_word_takes_the_trainings_usual_one() -> None:
     gen.layout_stats = fit_layouts([("top", top), ("top", top), ("bottom", bottom)])
     gen.font_path, gen.latent_shape, gen.vae = FONT, (4, 16, 16), SimpleNamespace(down_factor=4)
     gen.formats = {}  # squares only
+    gen.vocabulary = None  # a model from before vocabulary.json
     plain, asked = gen.text_layouts(['a poster reading "SALE"',
                                      'a poster, text at the bottom, reading "SALE"'])
     assert plain[0]["box"][3] <= 0.5 and asked[0]["box"][1] >= 0.5
+    # a layout asked for without words: greeked lines there; neither: no text at all
+    greeked, bare = gen.text_layouts(["a poster, title along the bottom", "a blue poster"])
+    assert greeked[0]["box"][1] >= 0.5 and set(greeked[0]["text"]) <= {GREEKED[0], " "}
+    assert bare == []
 
 
 class _Perfect:

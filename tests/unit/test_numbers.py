@@ -7,6 +7,7 @@ import contextlib
 
 import pytest
 
+from components.config import Sampler
 from flows.cli import main
 from flows.fanout import TaskRunnerMapper
 
@@ -66,6 +67,7 @@ class _Recorder:
         self.gen = Generator.__new__(Generator)
         self.gen.text_encoder = object()  # no token limit to check
         self.gen.layout_stats = self.gen.font_path = None  # trained without glyph maps
+        self.gen.sampler_cfg, self.gen.vocabulary = Sampler(), None  # reads prompts as written
         self.calls: list[list[str]] = []
         self.gen.generate = lambda prompts, **kw: (self.calls.append(prompts) or
                                                    [Image.new("RGB", (8, 8))] * len(prompts))
@@ -93,4 +95,5 @@ def test_served_model_refuses_a_bad_request_as_invalid_parameter(prompts, params
     assert e.value.get_http_status_code() == 400
     assert rec.calls == []  # refused before any sampling
     out = model.predict(None, pd.DataFrame({"prompt": ["vivid red solid poster"]}), {})
-    assert rec.calls == [["vivid red solid poster"]] and list(out.columns) == ["image"]
+    assert rec.calls == [["vivid red solid poster"]]
+    assert list(out.columns) == ["image", "prompt_read"]
