@@ -156,10 +156,12 @@ def free_cases(params: Params) -> list[dict]:
     return params.evaluate.free_prompts
 
 
-def free_adherence(gen: Generator, params: Params) -> tuple[dict, list[list[Image.Image]]]:
+def free_adherence(gen: Generator, params: Params
+                   ) -> tuple[dict, list[list[Image.Image]], list[str]]:
     """Adherence to prompts in a user's own words (evaluate.free_prompts), per label field
-    a prompt asks for: prompt_adherence_free_<field>, beside the template prompts'; and
-    how many of them the prompt normaliser rewrote (sampler.normalise)."""
+    a prompt asks for: prompt_adherence_free_<field>, beside the template prompts'; how
+    many of them the prompt normaliser rewrote (sampler.normalise); the images; and each
+    prompt as the generator read it."""
     cfg, cases = params.evaluate, free_cases(params)
     hits: dict[str, list[bool]] = {}
     rows = []
@@ -170,10 +172,10 @@ def free_adherence(gen: Generator, params: Params) -> tuple[dict, list[list[Imag
             got = auto_labels(im, [], params.brand, params.labels)
             for f in case.keys() - {"prompt"}:
                 hits.setdefault(f, []).append(got[f] == case[f])
-    rewritten = sum(r != c["prompt"] for c, r in zip(
-        cases, gen.read_prompts([c["prompt"] for c in cases]), strict=True))
+    read = gen.read_prompts([c["prompt"] for c in cases])
+    rewritten = sum(r != c["prompt"] for c, r in zip(cases, read, strict=True))
     return {**{f"prompt_adherence_free_{f}": _share(v) for f, v in sorted(hits.items())},
-            "free_prompts_rewritten": rewritten}, rows
+            "free_prompts_rewritten": rewritten}, rows, read
 
 
 FORMATS = {"banner": (800, 400), "story": (450, 800)}  # output sizes measured besides square
@@ -329,7 +331,7 @@ def measure(params: Params, vae_dir: Path = VAE_DIR, unet_dir: Path = UNET_DIR,
     bar.set_postfix_str("prompt adherence")
     adherence, colour_rows = prompt_adherence(gen, params, caps[caps["split"] == "train"])
     formats, format_rows = format_adherence(gen, params)
-    free, free_rows = free_adherence(gen, params)
+    free, free_rows, read_free = free_adherence(gen, params)
     metrics |= adherence | free | formats | labeller_agreement(real, pairs, params)
     bar.update()
     bar.set_postfix_str("sample grids")
@@ -341,8 +343,7 @@ def measure(params: Params, vae_dir: Path = VAE_DIR, unet_dir: Path = UNET_DIR,
     bar.update()
     bar.close()
     return Evaluation(metrics, real, fake, pairs["caption"].tolist(), prompt_rows, colour_rows,
-                      text_grid, format_rows, free_rows,
-                      gen.read_prompts([c["prompt"] for c in cfg.free_prompts]))
+                      text_grid, format_rows, free_rows, read_free)
 
 
 def detail(gen: Generator, captions: list[str], real_paths: list[str], seed: int,
@@ -387,10 +388,8 @@ def evaluate(params: Params) -> dict:
     with atomic_dir(EVAL_GRIDS) as tmp:
         for name, (im, _caption) in grids.items():
             im.save(tmp / name)
-    free = params.evaluate.free_prompts  # each with what the normaliser read it as
-    read = ev.read_free or [c["prompt"] for c in free]
-    free = [c if r == c["prompt"] else {**c, "read as": r}
-            for c, r in zip(free, read, strict=True)]
+    free = [c if r == c["prompt"] else {**c, "read as": r}  # as the normaliser read it
+            for c, r in zip(cfg.free_prompts, ev.read_free or [], strict=True)]
     write_report(EVAL_REPORT, ev.metrics,
                  [(EVAL_GRIDS / n, c) for n, (_im, c) in grids.items()],
                  cases=adherence_cases(params), real_captions=ev.captions[:n_show],

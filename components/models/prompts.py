@@ -188,9 +188,8 @@ def read_prompt(prompt: str, vocab: Vocabulary | None = None) -> Reading:
             if any(taken[m.start():m.end()]):
                 continue
             taken[m.start():m.end()] = [True] * (m.end() - m.start())
-            if f == "logo" and NEGATION.search(rest[:m.start()]):
-                v = "no"
-            found.append((m.start(), f, v))
+            negated = f == "logo" and NEGATION.search(rest[:m.start()])
+            found.append((m.start(), f, "no" if negated else v))
     fields: dict[str, str] = {}
     for pos, f, v in sorted(found):
         if f == "colour":

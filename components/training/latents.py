@@ -172,7 +172,7 @@ def mirrored(caps: pd.DataFrame, template: str) -> pd.DataFrame:
 
 def variants(caps: pd.DataFrame, template: str, n: int) -> list[list[list[str]]]:
     """Each row's [with its text, without] x n captions: its caption as stored (or the
-    template's without the text), then other phrasings of its labels (captions.phrasings;
+    template's without the text), then other phrasings of its labels (prompts.phrasings;
     a mirrored row phrases its own labels with its own seed)."""
     out = []
     for r, text, i, flip in zip(caps[CAPTION_FIELDS].to_dict("records"), caps["caption"],

@@ -197,10 +197,10 @@ def test_free_prompts_are_scored_on_the_fields_each_asks_for() -> None:
         def read_prompts(self, prompts):  # the normaliser rewrites the blue one
             return [q.replace("blue, no logo", "blue, logo no.") for q in prompts]
 
-    metrics, rows = free_adherence(Red(), p)
+    metrics, rows, read = free_adherence(Red(), p)
     assert metrics == {"prompt_adherence_free_background": 0.5,
                        "prompt_adherence_free_logo": 1.0, "free_prompts_rewritten": 1}
-    assert [len(r) for r in rows] == [2, 2]
+    assert [len(r) for r in rows] == [2, 2] and read[1] == "blue, logo no."
     bad = load_params(PARAMS, overrides=[
         'evaluate.free_prompts=[{prompt: "mauve", background: mauve}]'])
     with pytest.raises(UserError, match="mauve"):

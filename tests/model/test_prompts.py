@@ -58,6 +58,7 @@ def test_each_phrasing_of_a_row_reads_back_as_its_labels(vocab: Vocabulary) -> N
                                                      "layout": "right", "logo": "no"}),
     ('a poster saying "RED SALE AT THE TOP"', {"format": "poster"}),  # quotes are not read
     ("don't add the logo, blue", {"logo": "no", "background": "blue"}),
+    ("blue, logo, no logo elsewhere, logo", {"logo": "yes", "background": "blue"}),
 ])
 def test_read_prompt_known_answers(prompt: str, want: dict, vocab: Vocabulary) -> None:
     assert read_prompt(prompt, vocab).fields == want
