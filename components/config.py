@@ -307,6 +307,7 @@ class Unet(Section):
     pool_queries: int = Field(4, ge=0, le=16)  # learned queries pooling the caption tokens
     full_res_context: bool = True  # the caption and time also at the latent's full size
     text_drop: float = Field(0.5, ge=0, le=1)  # share of captions trained without free text
+    template_share: float = Field(0.5, ge=0, le=1)  # steps on the template's caption
     glyph_channels: int = Field(32, ge=0, le=256)  # glyph map features at the input (0: off)
     bf16: bool | Literal["auto"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -115,7 +115,10 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
         idx = torch.randint(0, len(d.text_rows), (global_batch,), generator=gen)
         eps = torch.randn((global_batch, *d.mean.shape[1:]), generator=gen)
         drop = (torch.rand(global_batch, generator=gen) < cfg.text_drop).long()
-        variant = torch.randint(0, choices.shape[-1], (global_batch,), generator=gen)
+        # the template's phrasing (position 0) a template_share of steps, else another
+        other = torch.randint(1, max(choices.shape[-1], 2), (global_batch,), generator=gen)
+        template = torch.rand(global_batch, generator=gen) < cfg.template_share
+        variant = torch.where(template | (choices.shape[-1] == 1), 0, other)
         idx, eps, drop, variant = rt.shard(idx, eps, drop, variant)
         # a fresh posterior sample each time
         x0 = (d.mean[idx] + d.std[idx] * eps.to(rt.device)) * scale

@@ -567,8 +567,9 @@ def test_unet_draws_one_of_each_rows_phrasings_per_step(tmp_path: Path) -> None:
     save_vae(vae, vae.cfg, tmp_path / "vae")
     states, rows = np.load(cache / "captions.npy"), np.load(cache / "caption_rows.npy")
 
-    def run(name: str, second: np.ndarray | None) -> Path:
-        """Train with each row's one phrasing, or with a second one (states `second`)."""
+    def run(name: str, second: np.ndarray | None, share: float = 0.5) -> Path:
+        """Train with each row's one phrasing, or with a second one (states `second`) drawn
+        when the template's (the first) is not: 1 - share of the steps."""
         if second is None:
             np.save(cache / "caption_rows.npy", rows)
             np.save(cache / "captions.npy", states)
@@ -577,13 +578,14 @@ def test_unet_draws_one_of_each_rows_phrasings_per_step(tmp_path: Path) -> None:
             extra = len(states) + np.arange(len(second)).reshape(rows.shape)
             np.save(cache / "caption_rows.npy", np.concatenate([rows, extra], 2))
         train_unet(Unet(n_feat=8, steps=6, batch_size=4, warmup=1, bf16=False,
-                        checkpoint_every=0), Diffusion(timesteps=50), cache, tmp_path / name,
-                   "stub", tmp_path / "vae")
+                        template_share=share, checkpoint_every=0), Diffusion(timesteps=50),
+                   cache, tmp_path / name, "stub", tmp_path / "vae")
         return tmp_path / name
 
     one = run("one", None)
     assert _same_weights(one, run("same", states[rows.reshape(-1)]))  # the same words twice
     assert not _same_weights(one, run("other", -states[rows.reshape(-1)]))
+    assert _same_weights(one, run("template", -states[rows.reshape(-1)], share=1.0))
 
 
 @pytest.mark.parametrize("banners", [0, 6])
