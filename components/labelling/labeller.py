@@ -184,6 +184,8 @@ class Segmentation:
     lighter: np.ndarray  # luminance minus the background model's (signed)
     colourful: np.ndarray  # more colourful than the background: figures, not ink
     textured: bool = False  # the background is a texture (labels' test; segment's argument)
+    texture: float = 0.0  # how far the texture departs from the background model (95th
+    # percentile along the edges; 0 on a plain background): ink and figures must beat it
 
 
 def work_size(img: Image.Image) -> tuple[int, int]:
@@ -226,14 +228,14 @@ def segment(img: Image.Image, textured: bool = False) -> Segmentation:
     # ...and it is no more colourful than the background it mixes with: a green disk on
     # white departs toward black too, but it is a figure
     colourful = a.max(2) - a.min(2) > bg.max(2) - bg.min(2) + INK_CHROMA
-    floor = INK_DIFF
+    texture = 0.0
     if textured:
         edge = max(1, round(0.03 * a.shape[1]))
-        floor = max(floor, float(np.percentile(np.concatenate(
-            [residual[:, :edge], residual[:, -edge:]], axis=1), 95)) + INK_DIFF / 2)
-    ink = (residual > floor) & (toward > INK_COS) & ~colourful
+        texture = float(np.percentile(np.concatenate(
+            [residual[:, :edge], residual[:, -edge:]], axis=1), 95))
+    ink = (residual > max(INK_DIFF, texture + INK_DIFF / 2)) & (toward > INK_COS) & ~colourful
     lighter = diff @ np.array([0.299, 0.587, 0.114], np.float32)
-    return Segmentation(a, residual, ink, lighter, colourful, textured)
+    return Segmentation(a, residual, ink, lighter, colourful, textured, texture)
 
 
 @functools.lru_cache(maxsize=8)
@@ -395,7 +397,8 @@ def label_figures(seg: Segmentation, logo_box: tuple[int, int, int] | None
                   ) -> tuple[str, float]:
     """Size class of the largest figure: solid shapes that differ from the background, are
     one colour, and keep clear of the text and the logo. -> (class, confidence)."""
-    cand = cv2.morphologyEx((seg.residual > FIG_DIFF).astype(np.uint8), cv2.MORPH_OPEN,
+    floor = max(FIG_DIFF, seg.texture + FIG_DIFF / 2)  # on a texture: beyond what it reaches
+    cand = cv2.morphologyEx((seg.residual > floor).astype(np.uint8), cv2.MORPH_OPEN,
                             np.ones((3, 3), np.uint8))
     # a figure's soft rim mixes its colour with the background toward black or white (ink)
     rims = cv2.dilate(seg.colourful.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0

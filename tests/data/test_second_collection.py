@@ -53,7 +53,7 @@ def test_the_second_collection_is_its_own_and_deterministic() -> None:
 def test_labels_and_ocr_on_forty_images_of_the_second_collection(tmp_path, params,
                                                                   brand) -> None:
     """Measured on these 40 (seed 0): background, kind, gradient colour, saturation and
-    logo 1.0 (logo precision and recall 1.0), layout 0.95, figure size 0.80, OCR CER 0.136
+    logo 1.0 (logo precision and recall 1.0), layout 0.95, figure size 0.875, OCR CER 0.136
     (bench/bench_second_collection.py, 150 images of seed 1: docs/lab). The floors
     leave an image or two of slack."""
     rows = write_collection(tmp_path / "images", 40, 0)
@@ -64,7 +64,7 @@ def test_labels_and_ocr_on_forty_images_of_the_second_collection(tmp_path, param
     acc = {f: sum(g[f] == r[f] for g, r in zip(got, rows, strict=True)) / 40 for f in FIELDS}
     for f in ["background", "background_kind", "gradient_to", "saturation", "logo"]:
         assert acc[f] >= 0.95, (f, acc)
-    assert acc["layout"] >= 0.92 and acc["figure_size"] >= 0.75, acc
+    assert acc["layout"] >= 0.92 and acc["figure_size"] >= 0.82, acc
     said = Counter((r["logo"], g["logo"]) for g, r in zip(got, rows, strict=True))
     assert said[("no", "yes")] == 0 and said[("yes", "no")] <= 1, said
     errors = [cer(o["text"], r["text"]) for o, r in zip(reads, rows, strict=True)]
