@@ -55,8 +55,8 @@ from components.labelling.labeller import busy_share
 CACHE = Path(".cache") / "ocr"
 # How read_words turns Tesseract's output into a reading; bump it when that logic changes,
 # so cached readings of the old logic are not served as new ones.
-READER = 3  # 2: poor or large-type readings read again, the best kept; 3: busy images
-# also read median-filtered, unread text blocks read alone
+READER = 4  # 2: poor or large-type readings read again, the best kept; 3: busy images
+# also read median-filtered, unread text blocks read alone; 4: lone mark-like lines dropped
 DENOISE_BUSY = 0.03  # busy_share of the edges above which ocr.denoise applies (a texture)
 
 # Knobs that change what Tesseract reads; workers/timeout only change how fast.
@@ -197,6 +197,25 @@ def drop_tall_singles(words: list[dict], ratio: float) -> list[dict]:
     return [w for w in words if len(w["text"]) > 1 or w["box"][3] <= limit]
 
 
+def _mark_like(text: str) -> bool:
+    """One letter, or one letter twice in both cases ("oO"): how Tesseract reads a ring,
+    a dot or a triangle; no word of a text is written so ("US", "OO" are)."""
+    return text.isalpha() and (len(text) == 1 or (
+        len(text) == 2 and text[0].lower() == text[1].lower() and text[0] != text[1]))
+
+
+def drop_lone_marks(words: list[dict]) -> list[dict]:
+    """Drop a line that is one mark-like word (_mark_like) beside real words: a logo's ring
+    or triangle read as "oO", "O", "A" at text height (taller ones: drop_tall_singles)."""
+    lines: dict[tuple, list[dict]] = {}
+    for w in words:
+        lines.setdefault(tuple(w["line"]), []).append(w)
+    if not any(len(w["text"]) > 2 for w in words):
+        return words
+    lone = {k for k, ws in lines.items() if len(ws) == 1 and _mark_like(ws[0]["text"])}
+    return [w for w in words if tuple(w["line"]) not in lone]
+
+
 def _tesseract(prepared: Image.Image, scale: float, cfg: Ocr, psm: int) -> list[dict]:
     """One Tesseract pass -> its kept words, boxes in original pixels."""
     data = pytesseract.image_to_data(
@@ -211,7 +230,7 @@ def _tesseract(prepared: Image.Image, scale: float, cfg: Ocr, psm: int) -> list[
         box = [round(data[k][i] / scale) for k in ("left", "top", "width", "height")]
         line = [data["block_num"][i], data["par_num"][i], data["line_num"][i]]
         words.append({"text": word, "conf": round(conf, 2), "box": box, "line": line})
-    return drop_tall_singles(words, cfg.max_height_ratio)
+    return drop_lone_marks(drop_tall_singles(words, cfg.max_height_ratio))
 
 
 def _mean_conf(words: list[dict]) -> float:

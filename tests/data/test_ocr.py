@@ -9,7 +9,7 @@ import pytest
 
 from components.config import Params, load_params
 from components.contracts import OCR_TABLE, UserError, read_table
-from components.ingest.ocr import cer, ocr
+from components.ingest.ocr import cer, drop_lone_marks, ocr
 from components.ingest.scrape import scrape
 
 PARAMS = Path(__file__).parents[2] / "params.yaml"
@@ -35,6 +35,22 @@ def collected(workdir: Path) -> Params:
         "ocr.workers=2"])
     scrape(params)
     return params
+
+
+def test_a_lone_mark_like_line_beside_real_words_is_dropped() -> None:
+    def reading(*lines: str) -> list[dict]:
+        return [{"text": w, "line": [1, 1, i]} for i, ln in enumerate(lines) for w in ln.split()]
+
+    def kept(words: list[dict]) -> list[str]:
+        return [w["text"] for w in drop_lone_marks(words)]
+
+    assert kept(reading("oO", "WINE")) == ["WINE"]  # a ring logo above the word
+    assert kept(reading("TRUCK", "O")) == ["TRUCK"]
+    assert kept(reading("VINYL", "A")) == ["VINYL"]  # a triangle
+    assert kept(reading("STORE", "US", "WEEK EVENT")) == ["STORE", "US", "WEEK", "EVENT"]
+    assert kept(reading("OO", "ZOO")) == ["OO", "ZOO"]  # one case: written so
+    assert kept(reading("PLAN A")) == ["PLAN", "A"]  # not a line of its own
+    assert kept(reading("O")) == ["O"]  # nothing real beside it: left as read
 
 
 def test_ocr_reads_synthetic_text_and_caches(collected: Params) -> None:

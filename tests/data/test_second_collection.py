@@ -53,7 +53,7 @@ def test_the_second_collection_is_its_own_and_deterministic() -> None:
 def test_labels_and_ocr_on_forty_images_of_the_second_collection(tmp_path, params,
                                                                   brand) -> None:
     """Measured on these 40 (seed 0): background, kind, gradient colour, saturation and
-    logo 1.0 (logo precision and recall 1.0), layout 0.95, figure size 0.875, OCR CER 0.136
+    logo 1.0 (logo precision and recall 1.0), layout 0.95, figure size 0.875, OCR CER 0.089
     (bench/bench_second_collection.py, 150 images of seed 1: docs/lab). The floors
     leave an image or two of slack."""
     rows = write_collection(tmp_path / "images", 40, 0)
@@ -68,7 +68,7 @@ def test_labels_and_ocr_on_forty_images_of_the_second_collection(tmp_path, param
     said = Counter((r["logo"], g["logo"]) for g, r in zip(got, rows, strict=True))
     assert said[("no", "yes")] == 0 and said[("yes", "no")] <= 1, said
     errors = [cer(o["text"], r["text"]) for o, r in zip(reads, rows, strict=True)]
-    assert sum(errors) / 40 <= 0.16, errors
+    assert sum(errors) / 40 <= 0.11, errors
 
 
 def _poster(size: tuple[int, int], colour: str) -> Image.Image:
