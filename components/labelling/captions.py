@@ -5,7 +5,6 @@ tokens."""
 from __future__ import annotations
 
 import colorsys
-from dataclasses import asdict
 
 from PIL import ImageColor
 
@@ -68,10 +67,6 @@ def vocabulary(params: Params) -> Vocabulary:
     colours |= {n: n for n in params.brand.palette}  # its own names win
     return Vocabulary(colours, list(params.labels.saturation_levels),
                       list(params.formats.buckets))
-
-
-def vocabulary_json(params: Params) -> dict:
-    return asdict(vocabulary(params))
 
 
 def token_counts(params: Params, captions: list[str]) -> tuple[list[int], int | None]:

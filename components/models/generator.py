@@ -26,7 +26,7 @@ from components.models.diffusion import NoiseSchedule, make_sampler, sample
 from components.models.glyphs import glyph_batch
 from components.models.images import to_pil
 from components.models.layout import plan
-from components.models.prompts import Vocabulary, normalise, read_prompt
+from components.models.prompts import Reading, Vocabulary, normalise, read_prompt
 from components.models.typeset import typeset as text_typeset
 from components.models.unet import ContextUnet, load_unet, read_unet_config
 from components.models.upscaler import Upscaler, load_upscaler
@@ -124,7 +124,7 @@ class Generator:
         f = nearest(width, height, ratios)
         return f if stretch(width, height, ratios[f]) <= self.max_stretch else None
 
-    def reading(self, prompt: str):
+    def reading(self, prompt: str) -> Reading:
         """What a prompt asks for (prompts.read_prompt) in this model's vocabulary."""
         return read_prompt(prompt, self.vocabulary or Vocabulary(formats=list(self.formats)))
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,7 @@ from components.contracts import (
     write_table,
 )
 from components.labelling import text_boxes
-from components.labelling.captions import caption, vocabulary_json, without_text
+from components.labelling.captions import caption, vocabulary, without_text
 from components.models.buckets import format_sizes, groups
 from components.models.glyphs import REFERENCE_PX, font, glyph_map
 from components.models.images import load_batch
@@ -313,7 +314,7 @@ def latents(params: Params) -> dict:
         np.save(tmp / "captions.npy", states)
         np.save(tmp / "caption_rows.npy", caption_rows)
         write_json(tmp / "layout.json", layout_stats)
-        write_json(tmp / "vocabulary.json", vocabulary_json(params))
+        write_json(tmp / "vocabulary.json", asdict(vocabulary(params)))
         shutil.copyfile(params.brand.font, tmp / "font.ttf")
         write_table(index, tmp / "index.parquet", "latent_index")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
