@@ -238,6 +238,7 @@ class TextEncoder(Section):
     policy: Literal["truncate", "chunk", "error"] = "truncate"
     batch_size: int = Field(64, ge=1)
     dim: int = Field(128, ge=2, le=4096)  # tfidf only: SVD dimensions
+    bf16: bool | Literal["auto"] = "auto"  # transformer encoders only
 
 
 class Vae(Section):
@@ -293,6 +294,7 @@ class Sampler(Section):
     guidance: float = Field(2.0, ge=0, le=50)
     eta: float = Field(0.0, ge=0, le=1)
     normalise: bool = True  # prompts read into the captions' canonical words (models/prompts.py)
+    bf16: bool | Literal["auto"] = "auto"  # the U-Net samples in bf16 (auto: native bf16 CPUs)
 
 
 class Unet(Section):

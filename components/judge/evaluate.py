@@ -116,10 +116,9 @@ def prompt_adherence(gen: Generator, params: Params, train: pd.DataFrame
     cfg = params.evaluate
     seen = set(map(tuple, train[ADHERENCE_FIELDS].to_numpy().tolist()))
     hits: dict[str, list[bool]] = {}
-    rows = []
-    for case in adherence_cases(params):
-        ims = gen.generate([case["prompt"]] * cfg.adherence_seeds, seed=cfg.seed)
-        rows.append(ims)
+    cases = adherence_cases(params)
+    rows = generate_many(gen, [c["prompt"] for c in cases], cfg.seed, cfg.adherence_seeds)
+    for case, ims in zip(cases, rows, strict=True):
         unseen = tuple(case[f] for f in ADHERENCE_FIELDS) not in seen
         for im in ims:
             got = auto_labels(im, [], params.brand, params.labels)
@@ -164,10 +163,8 @@ def free_adherence(gen: Generator, params: Params
     prompt as the generator read it."""
     cfg, cases = params.evaluate, free_cases(params)
     hits: dict[str, list[bool]] = {}
-    rows = []
-    for case in cases:
-        ims = gen.generate([case["prompt"]] * cfg.adherence_seeds, seed=cfg.seed)
-        rows.append(ims)
+    rows = generate_many(gen, [c["prompt"] for c in cases], cfg.seed, cfg.adherence_seeds)
+    for case, ims in zip(cases, rows, strict=True):
         for im in ims:
             got = auto_labels(im, [], params.brand, params.labels)
             for f in case.keys() - {"prompt"}:
@@ -246,6 +243,16 @@ def _chunks(items: list, n: int) -> list[list]:
     return [items[i : i + n] for i in range(0, len(items), n)]
 
 
+def generate_many(gen: Generator, prompts: list[str], seed: int, per_prompt: int = 1,
+                  **size) -> list[list[Image.Image]]:
+    """`per_prompt` images of each prompt, sampled in batches of 32 (chunk k seeded
+    seed + k: a batch samples faster than a call per prompt)."""
+    wanted = [p for p in prompts for _ in range(per_prompt)]
+    ims = [im for k, chunk in enumerate(_chunks(wanted, 32))
+           for im in gen.generate(chunk, seed=seed + k, **size)]
+    return _chunks(ims, per_prompt)
+
+
 @dataclass
 class Evaluation:
     metrics: dict
@@ -286,9 +293,9 @@ def real_and_generated(gen: Generator, rows: pd.DataFrame, sizes: dict, seed: in
     real, fake = [], []
     for f, group in rows.groupby("format", sort=False):
         real += to_pil(load_batch(group["path"].tolist(), sizes[f]))
-        fake += [im for k, chunk in enumerate(_chunks(group["caption"].tolist(), 32))
-                 for im in gen.generate(chunk, seed=seed + k, width=sizes[f][0],
-                                        height=sizes[f][1])]
+        fake += [im for ims in generate_many(gen, group["caption"].tolist(), seed,
+                                             width=sizes[f][0], height=sizes[f][1])
+                 for im in ims]
     return rows, real, fake
 
 
@@ -335,8 +342,7 @@ def measure(params: Params, vae_dir: Path = VAE_DIR, unet_dir: Path = UNET_DIR,
     metrics |= adherence | free | formats | labeller_agreement(real, pairs, params)
     bar.update()
     bar.set_postfix_str("sample grids")
-    prompt_rows = [gen.generate([prompt] * cfg.prompt_seeds, seed=cfg.seed)
-                   for prompt in cfg.prompts]
+    prompt_rows = generate_many(gen, cfg.prompts, cfg.seed, cfg.prompt_seeds)
     metrics["diversity"] = diversity(prompt_rows)
     metrics["feature_space"] = feature_space
     metrics["eval_set"] = eval_set(params, val, feature_space)

@@ -9,8 +9,8 @@ compared with the requested text: word recall (share of requested words read), w
 exact share, and CER. The same OCR on real val images at the same size, against their own
 text (text_boxes), is the ceiling this OCR allows at that size: `text_recall_ratio` =
 generated / real. The same images through the VAE (encoded, decoded, upscaled) give
-`text_*_vae`: what any U-Net can reach through these decoders. `text_word_recall_native`
-and `_real_native` read the samples and the real images at the native size itself.
+`text_*_vae`: what any U-Net can reach through these decoders. (At the native size itself
+nothing the model draws reads: docs/lab/2026-12-glyph-conditioning.md.)
 `text_word_recall_map_only` is the control for an upscaler that reads glyph maps: the
 same prompts sampled with an empty glyph map (the U-Net puts no ink where the text goes),
 upscaled with the prompts' maps: the words the upscaler writes on its own.
@@ -115,15 +115,14 @@ def text_metrics(gen: Generator, params: Params, train: pd.DataFrame, val: pd.Da
     native = gen.native_size
     side = native * (gen.upscaler.factor if gen.upscaler is not None else 1)
     metrics: dict = {"text_side": side}
-    small: list[Image.Image] = []  # at the native size
     fake: list[Image.Image] = []  # at `side`, as generate delivers that size
     typeset_800: list[Image.Image] = []
     blind: list[Image.Image] = []  # the control below
     if cases:
         prompts = [c["prompt"] for c in cases]
         layouts = gen.text_layouts(prompts, params.evaluate.seed)
-        small = gen.generate(prompts, seed=params.evaluate.seed, layouts=layouts)
-        fake = gen.to_size(small, side, side, layouts)
+        fake = gen.to_size(gen.generate(prompts, seed=params.evaluate.seed, layouts=layouts),
+                           side, side, layouts)
         if gen.upscaler is not None and gen.upscaler.glyphs:  # the control: no map for the
             # U-Net (so no ink where the text goes), the map for the upscaler alone
             blind = gen.to_size(gen.generate(prompts, seed=params.evaluate.seed,
@@ -136,18 +135,15 @@ def text_metrics(gen: Generator, params: Params, train: pd.DataFrame, val: pd.Da
     square = val["format"] == nearest(1, 1, params.formats.buckets)  # as the prompts are
     with_text = val[square & val["text_boxes"].map(lambda b: bool(text_boxes.loads(b)))].head(n)
     lines = [text_boxes.loads(b) for b in with_text["text_boxes"]]
-    real, real_small, through_vae = [], [], []
+    real, through_vae = [], []
     if len(with_text):
         x = load_batch(with_text["path"].tolist(), native)
-        real_small = to_pil(x)
         real = to_pil(load_batch(with_text["path"].tolist(), side))
         with torch.no_grad():
             through_vae = gen.to_size(to_pil(gen.vae.decode(gen.vae.encode(x)[0])), side, side,
                                       lines)
-    if side == native:  # read once
-        small, real_small = [], []
     parts = {"fake": fake, "real": real, "vae": through_vae, "typeset": typeset_800,
-             "native": small, "real_native": real_small, "map_only": blind}
+             "map_only": blind}
     reads = iter(read_texts([im for ims in parts.values() for im in ims], params.ocr))
     read = {k: [next(reads) for _ in ims] for k, ims in parts.items()}
     wanted = [c["text"] for c in cases]
@@ -156,15 +152,9 @@ def text_metrics(gen: Generator, params: Params, train: pd.DataFrame, val: pd.Da
         got = scores([read["fake"][i] for i in pick], [wanted[i] for i in pick])
         suffix = "" if kind == "seen" else "_unseen"
         metrics |= {f"text_{k}{suffix}": v for k, v in got.items()}
-        if kind == "seen" and small and pick:  # the same images at the native size
-            metrics["text_word_recall_native"] = scores(
-                [read["native"][i] for i in pick], [wanted[i] for i in pick])["word_recall"]
     truth = [" ".join(ln["text"] for ln in ls) for ls in lines]
     for part in ("real", "vae"):
         metrics |= {f"text_{k}_{part}": v for k, v in scores(read[part], truth).items()}
-    if real_small:
-        metrics["text_word_recall_real_native"] = scores(read["real_native"],
-                                                         truth)["word_recall"]
     if typeset_800:
         metrics["text_exact_typeset"] = scores(read["typeset"], wanted)["exact"]
     if blind:

@@ -26,6 +26,7 @@ from components.models.diffusion import NoiseSchedule, make_sampler, sample
 from components.models.glyphs import glyph_batch
 from components.models.images import to_pil
 from components.models.layout import plan
+from components.models.precision import cpu_autocast
 from components.models.prompts import Reading, Vocabulary, normalise, read_prompt
 from components.models.typeset import typeset as text_typeset
 from components.models.unet import ContextUnet, load_unet, read_unet_config
@@ -256,9 +257,10 @@ class Generator:
                 for i in range(len(prompts))]
         sampler = make_sampler(cfg, self.schedule)
         df = self.vae.down_factor
-        z = sample(self.unet, self.schedule, sampler, context,
-                   (self.latent_shape[0], h // df, w // df), g, gens,
-                   self.glyph_maps(layouts, (w, h)))
+        with cpu_autocast(cfg.bf16):
+            z = sample(self.unet, self.schedule, sampler, context,
+                       (self.latent_shape[0], h // df, w // df), g, gens,
+                       self.glyph_maps(layouts, (w, h)))
         images = self.to_size(self.decode_latents(z), width, height, layouts)
         if typeset:
             if self.font_path is None:

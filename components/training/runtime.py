@@ -32,17 +32,9 @@ import torch
 import torch.distributed as dist
 
 from components.contracts import UserError, atomic_path, settings_hash
+from components.models.precision import bf16_enabled
 
 CHECKPOINTS = Path(".cache") / "checkpoints"
-
-
-def bf16_enabled(setting: bool | str) -> bool:
-    """`auto`: bf16 autocast only where the CPU computes bf16 natively (AVX512-BF16 or
-    AMX): 1.6-1.8x faster training steps there, 2-3x slower where it is emulated."""
-    if setting != "auto":
-        return bool(setting)
-    return any(getattr(torch.cpu, f, lambda: False)()
-               for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:

@@ -466,6 +466,17 @@ def test_generator_same_seed_same_image_and_size(trained) -> None:
     assert sized[0].size == (48, 40)
 
 
+@pytest.mark.parametrize("bf16", [True, False])
+def test_the_unet_samples_in_the_precision_sampler_bf16_sets(trained, bf16: bool) -> None:
+    vae_dir, unet_dir, _ = trained
+    gen = Generator.load(vae_dir, unet_dir, Sampler(steps=2, bf16=bf16),
+                         text_encoder=StubEncoder())
+    seen = []
+    gen.unet.register_forward_hook(lambda _m, _a, out: seen.append(out.dtype))
+    image = gen.generate(["red poster"], seed=1)[0]
+    assert set(seen) == {torch.bfloat16 if bf16 else torch.float32} and image.size == (32, 32)
+
+
 def test_other_formats_are_sampled_in_their_own_aspect(trained, capsys, monkeypatch) -> None:
     """A banner or story is sampled at its aspect (about the native pixel count, on the
     U-Net's grid), not as a square stretched into it; the output is exactly the size

@@ -63,6 +63,18 @@ def test_hf_encoder_from_a_local_folder(tiny_bert: str) -> None:
     _check(enc.encode(CAPTIONS).vectors, len(CAPTIONS), 32)
 
 
+def test_bf16_encoding_is_close_to_fp32_and_keyed_apart(tiny_bert: str) -> None:
+    """text_encoder.bf16: states within bf16 rounding of fp32's, under another identity (the
+    latent cache key), so a cache never mixes the two."""
+    fp32 = get_encoder(TextEncoder(name=f"hf:{tiny_bert}", max_tokens=64, bf16=False))
+    bf16 = get_encoder(TextEncoder(name=f"hf:{tiny_bert}", max_tokens=64, bf16=True))
+    assert fp32.identity != bf16.identity
+    a, b = fp32.encode(CAPTIONS), bf16.encode(CAPTIONS)
+    assert not np.array_equal(a.tokens, b.tokens)
+    assert np.abs(a.tokens - b.tokens).max() < 0.05 * np.abs(a.tokens).max()
+    _check(b.vectors, len(CAPTIONS), 32)
+
+
 def test_long_captions_are_counted_or_refused(tiny_bert: str) -> None:
     long = CAPTIONS[0] + " " + " ".join(["sale"] * 80)
     out = get_encoder(TextEncoder(name=f"hf:{tiny_bert}", max_tokens=16)).encode(
