@@ -82,8 +82,11 @@ class Generator:
         if text_encoder is None:
             from components.models.text_encoders import get_encoder
 
-            text_encoder = get_encoder(TextEncoderCfg(name=config["text_encoder"]),
-                                       saved=Path(unet_dir) / "text_encoder")
+            # as the latents stage encoded the training captions (a model from before
+            # text_encoder_config: its name, the other settings at their defaults)
+            text_encoder = get_encoder(TextEncoderCfg(**config.get(
+                "text_encoder_config", {"name": config["text_encoder"]})),
+                saved=Path(unet_dir) / "text_encoder")
         unet_dir = Path(unet_dir)
         layout, font = unet_dir / "layout.json", unet_dir / "font.ttf"
         vocab = unet_dir / "vocabulary.json"

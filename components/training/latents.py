@@ -302,6 +302,10 @@ def latents(params: Params) -> dict:
             "max_stretch": params.formats.max_stretch,
             "text_dim": int(states.shape[-1]), "text_tokens": int(states.shape[1])
             if states.ndim == 3 else 0, "text_encoder": encoder.name,
+            # the settings that made the states, bf16 resolved: generation encodes prompts
+            # the same way (the U-Net's config.json carries them)
+            "text_encoder_config": {**params.text_encoder.model_dump(mode="json"),
+                                    "bf16": bool(getattr(encoder, "bf16", False))},
             "caption_variants": params.labels.caption_variants,
             "vae_weights": vae_hash, "image_size": size,
             "glyphs": sha256_bytes(b"".join(a.tobytes() for a in glyph_arrays.values()))[:16],

@@ -154,6 +154,8 @@ def train_unet(cfg: UnetCfg, diff: DiffusionCfg, latents_dir: Path, out_dir: Pat
 
     config = {"diffusion": diff.model_dump(mode="json"), "scale_factor": scale,
               "latent_shape": list(latent_shape), "text_encoder": text_encoder_name,
+              "text_encoder_config": cache.meta.get("text_encoder_config",
+                                                    {"name": text_encoder_name}),
               "text_dim": int(captions.shape[-1]), "image_size": vae.cfg.image_size,
               # the formats it trained on (aspect buckets): what generation samples at
               "formats": {f: {**cache.meta["formats"][f], "train_images": n}

@@ -101,6 +101,8 @@ def test_rerun_encodes_only_what_changed(collected: Params, workdir) -> None:
     m = latents(load_params(overrides=[*TINY, "text_encoder.max_tokens=16"]))
     distinct = _distinct_captions(params)
     assert m["images_encoded"] == 0 and m["captions_encoded"] == len(distinct)
+    # what generation will encode prompts with (Generator.load reads it from the U-Net)
+    assert LatentCache(LATENTS).meta["text_encoder_config"]["max_tokens"] == 16
     store = workdir / ".cache" / "latents"  # stale entries are dropped, the store stays small
     assert len(list((store / "image").rglob("*.npy"))) == n
     assert len(list((store / "text").rglob("*.npy"))) == len(distinct)

@@ -137,3 +137,30 @@ def test_one_encoder_serves_concurrent_requests(tiny_bert: str) -> None:
         results = list(pool.map(work, range(200)))
     assert all(np.array_equal(r, alone) for r in results[::2])
     assert all(r == enc.count_tokens(texts) for r in results[1::2])
+
+
+def test_generation_encodes_prompts_as_the_training_captions_were(tiny_bert, tmp_path) -> None:
+    """The latents stage records its encoder's settings (bf16 resolved); the U-Net carries
+    them and Generator.load builds that encoder, not one at today's defaults (256 tokens,
+    truncate, bf16 auto): a prompt's states match the captions' the model trained on."""
+    import json
+
+    from test_models import write_tiny_cache
+
+    from components.config import Diffusion, Sampler, Unet, Vae
+    from components.models.generator import Generator
+    from components.models.vae import VAE, save_vae
+    from components.training.unet import train_unet
+
+    name = f"hf:{tiny_bert}"
+    cache = write_tiny_cache(tmp_path / "latents", dim=32, encoder=name)
+    meta = json.loads((cache / "meta.json").read_text())
+    settings = {**TextEncoder(name=name).model_dump(mode="json"),
+                "max_tokens": 16, "policy": "chunk", "bf16": True}
+    (cache / "meta.json").write_text(json.dumps({**meta, "text_encoder_config": settings}))
+    vae = VAE(Vae(image_size=32, base_channels=8, channel_mult=[1, 2, 2]))
+    save_vae(vae, vae.cfg, tmp_path / "vae")
+    train_unet(Unet(n_feat=8, steps=2, batch_size=4, warmup=1, bf16=False),
+               Diffusion(timesteps=50), cache, tmp_path / "unet", name, tmp_path / "vae")
+    enc = Generator.load(tmp_path / "vae", tmp_path / "unet", Sampler(steps=2)).text_encoder
+    assert (enc.max_tokens, enc.policy, enc.bf16) == (16, "chunk", True)
