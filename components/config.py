@@ -238,7 +238,7 @@ class TextEncoder(Section):
     policy: Literal["truncate", "chunk", "error"] = "truncate"
     batch_size: int = Field(64, ge=1)
     dim: int = Field(128, ge=2, le=4096)  # tfidf only: SVD dimensions
-    bf16: bool | Literal["auto"] = "auto"  # transformer encoders only
+    bf16: bool | Literal["auto"] = False  # transformer encoders only
 
 
 class Vae(Section):
