@@ -23,10 +23,10 @@ class OneColour:
     """A stand-in generator: solid images of one palette colour whatever the prompt."""
 
     def __init__(self, rgb: tuple[int, int, int], size: int = 64):
-        self.rgb, self.native_size, self.calls = rgb, size, 0
+        self.rgb, self.native_size, self.prompts = rgb, size, []
 
     def generate(self, prompts: list[str], seed: int = 0, **_kw) -> list[Image.Image]:
-        self.calls += 1
+        self.prompts += prompts
         return [Image.new("RGB", (self.native_size,) * 2, self.rgb) for _ in prompts]
 
 
@@ -41,7 +41,9 @@ def test_prompt_adherence_scores_a_one_colour_generator_by_the_cases_asking_for_
     metrics, rows = prompt_adherence(gen, p, train)
 
     n = len(cases)
-    assert gen.calls == n and [len(r) for r in rows] == [2] * n
+    # each case adherence_seeds times (in batches: evaluate.generate_many)
+    assert gen.prompts == [c["prompt"] for c in cases for _ in range(2)]
+    assert [len(r) for r in rows] == [2] * n
     assert metrics["adherence_images"] == 2 * n
     want = sum(c["background"] == colour for c in cases) / n
     assert 0 < want < 1
