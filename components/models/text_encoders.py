@@ -66,8 +66,8 @@ class HFTextEncoder:
         self.policy = policy
         self.batch_size = batch_size
         self.dim = int(self.model.config.hidden_size)
-        # bf16 where the CPU has it (text_encoder.bf16): 1.6x faster, states within 1% of
-        # fp32's (docs/lab/2026-12-run-time.md)
+        # text_encoder.bf16 (off by default): 1.6x faster, states within 1% of fp32's, yet
+        # the U-Net trained on them laid text out worse (docs/lab/2026-12-run-time.md)
         self.bf16 = bf16_enabled(bf16)
         # what decides a caption's vector: the model, how long captions are handled, precision
         self.identity = f"{name}|{self.max_tokens}|{policy}" + ("|bf16" if self.bf16 else "")
